@@ -1,0 +1,1065 @@
+#!/usr/bin/env python3
+"""zchunk agent: the part of zchunk that runs on a ZFS host.
+
+Standard library only (zstandard and xxhash are used when importable), and
+Python 3.9+, because it runs on the plain ``python3`` of a Debian, Proxmox or
+TrueNAS host. The coordinator uploads this single file into a private session
+directory and runs it in one of these roles:
+
+``install``  (bootstrap, source on stdin) create the session directory safely,
+             write ``agent.py`` and ``session.json`` into it.
+``probe``    (bootstrap) print what this host can do, as JSON.
+``start``    fork a detached daemon (sender or receiver, from session.json)
+             that outlives every SSH connection; print its pid.
+``serve``    speak the framed protocol (docs/protocol.md) on stdin/stdout for
+             one coordinator channel; lives as long as that channel.
+``sessions`` (bootstrap) list session directories under a base directory.
+
+Session directory layout (the spool; docs/chunk-format.md has the bytes)::
+
+    <base>/<session-id>/          mode 0700, created with mkdir (atomic)
+        agent.py                  this program
+        session.json              parameters, written once by ``install``
+        sender.json | receiver.json   daemon state, replaced atomically
+        end.json                  stream end as announced by the coordinator
+        heartbeat                 mtime = last coordinator contact
+        daemon.pid, daemon.log    the detached daemon
+        zfs.stderr                stderr of zfs send / zfs receive
+        chunks/00000000000000000042.chunk   a complete chunk (header + payload)
+        chunks/...42.part         a chunk being received (target only)
+        chunks/...42.tmp          a chunk being written (source only)
+
+Durable writes go temp file -> fsync -> rename; a ``.tmp``/``.part`` file is
+never taken for a chunk, and a ``.chunk`` is verified before any of its bytes
+reach ``zfs receive``.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
+
+try:  # pragma: no cover - depends on the host
+    import zstandard  # type: ignore
+except Exception:  # pragma: no cover
+    zstandard = None
+try:  # pragma: no cover - depends on the host
+    import xxhash  # type: ignore
+except Exception:  # pragma: no cover
+    xxhash = None
+
+AGENT_VERSION = "0.1.0"
+PROTOCOL_VERSION = 1
+
+# --------------------------------------------------------------------------
+# Capabilities: codecs and checksums
+# --------------------------------------------------------------------------
+
+CODEC_NONE, CODEC_ZLIB, CODEC_ZSTD = 0, 1, 2
+CODEC_IDS = {"none": CODEC_NONE, "zlib": CODEC_ZLIB, "zstd": CODEC_ZSTD}
+CODEC_CAPS = {"none": "none-v1", "zlib": "zlib-v1", "zstd": "zstd-v1"}
+HASH_BLAKE2B, HASH_XXH3 = 1, 2
+HASH_IDS = {"blake2b-128": HASH_BLAKE2B, "xxh3-128": HASH_XXH3}
+HASH_CAPS = {"blake2b-128": "blake2b-128-v1", "xxh3-128": "xxh3-128-v1"}
+BASE_CAPS = ["chunk-v1", "resume-offset-v1"]
+
+
+def capabilities() -> List[str]:
+    caps = list(BASE_CAPS) + ["none-v1", "zlib-v1", "blake2b-128-v1"]
+    if zstandard is not None:
+        caps.append("zstd-v1")
+    if xxhash is not None:
+        caps.append("xxh3-128-v1")
+    return caps
+
+
+def new_hasher(alg: int) -> Any:
+    if alg == HASH_XXH3:
+        if xxhash is None:
+            raise AgentError("unsupported", "xxh3-128 requested but xxhash is not importable")
+        return xxhash.xxh3_128()
+    if alg == HASH_BLAKE2B:
+        return hashlib.blake2b(digest_size=16)
+    raise AgentError("unsupported", "unknown checksum id %d" % alg)
+
+
+def digest(alg: int, data: bytes) -> bytes:
+    h = new_hasher(alg)
+    h.update(data)
+    return h.digest()
+
+
+def compress(codec: int, level: Optional[int], data: bytes) -> bytes:
+    if codec == CODEC_ZSTD:
+        if zstandard is None:
+            raise AgentError("unsupported", "zstd requested but zstandard is not importable")
+        return zstandard.ZstdCompressor(level=3 if level is None else level).compress(data)
+    if codec == CODEC_ZLIB:
+        return zlib.compress(data, 3 if level is None else level)
+    if codec == CODEC_NONE:
+        return data
+    raise AgentError("unsupported", "unknown codec id %d" % codec)
+
+
+def decompress(codec: int, data: bytes, raw_len: int) -> bytes:
+    if codec == CODEC_ZSTD:
+        if zstandard is None:
+            raise AgentError("unsupported", "chunk is zstd but zstandard is not importable")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+    if codec == CODEC_ZLIB:
+        d = zlib.decompressobj()
+        out = d.decompress(data, raw_len)
+        return out
+    if codec == CODEC_NONE:
+        return data
+    raise AgentError("unsupported", "unknown codec id %d" % codec)
+
+
+# --------------------------------------------------------------------------
+# Chunk format (docs/chunk-format.md)
+# --------------------------------------------------------------------------
+
+CHUNK_MAGIC = b"ZCHK"
+CHUNK_VERSION = 1
+# magic, version, codec, hash, flags, seq, raw_len, stored_len, raw_hash, stored_hash
+_CHUNK_BODY = struct.Struct(">4sBBBBQII16s16s")
+CHUNK_HEADER = struct.Struct(">56sI")  # body + crc32(body)
+CHUNK_HEADER_SIZE = CHUNK_HEADER.size  # 60
+MAX_CHUNK_RAW = 256 * 1024 * 1024
+
+
+class ChunkHeader:
+    __slots__ = ("codec", "hash_alg", "seq", "raw_len", "stored_len", "raw_hash", "stored_hash")
+
+    def __init__(self, codec: int, hash_alg: int, seq: int, raw_len: int, stored_len: int,
+                 raw_hash: bytes, stored_hash: bytes) -> None:
+        self.codec, self.hash_alg, self.seq = codec, hash_alg, seq
+        self.raw_len, self.stored_len = raw_len, stored_len
+        self.raw_hash, self.stored_hash = raw_hash, stored_hash
+
+    def pack(self) -> bytes:
+        body = _CHUNK_BODY.pack(CHUNK_MAGIC, CHUNK_VERSION, self.codec, self.hash_alg, 0, self.seq,
+                                self.raw_len, self.stored_len, self.raw_hash, self.stored_hash)
+        return CHUNK_HEADER.pack(body, zlib.crc32(body))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ChunkHeader":
+        if len(data) < CHUNK_HEADER_SIZE:
+            raise AgentError("chunk-corrupt", "chunk header truncated (%d bytes)" % len(data))
+        body, crc = CHUNK_HEADER.unpack(data[:CHUNK_HEADER_SIZE])
+        if zlib.crc32(body) != crc:
+            raise AgentError("chunk-corrupt", "chunk header checksum mismatch")
+        magic, version, codec, alg, _flags, seq, raw_len, stored_len, rh, sh = _CHUNK_BODY.unpack(body)
+        if magic != CHUNK_MAGIC or version != CHUNK_VERSION:
+            raise AgentError("chunk-corrupt", "not a zchunk v1 chunk")
+        if raw_len > MAX_CHUNK_RAW or stored_len > MAX_CHUNK_RAW + 65536:
+            raise AgentError("chunk-corrupt", "chunk sizes out of bounds")
+        return cls(codec, alg, seq, raw_len, stored_len, rh, sh)
+
+
+def encode_chunk(seq: int, raw: bytes, codec: int, level: Optional[int], hash_alg: int) -> bytes:
+    """Header + payload for one chunk; falls back to no compression when it doesn't help."""
+    stored = compress(codec, level, raw)
+    if len(stored) >= len(raw):
+        codec, stored = CODEC_NONE, raw
+    hdr = ChunkHeader(codec, hash_alg, seq, len(raw), len(stored), digest(hash_alg, raw),
+                      digest(hash_alg, stored))
+    return hdr.pack() + stored
+
+
+def check_stored(blob: bytes) -> ChunkHeader:
+    """Verify a whole chunk file's framing and stored-bytes checksum (cheap: no decompression)."""
+    hdr = ChunkHeader.unpack(blob)
+    payload = memoryview(blob)[CHUNK_HEADER_SIZE:]
+    if len(payload) != hdr.stored_len:
+        raise AgentError("chunk-corrupt", "chunk %d: payload is %d bytes, header says %d"
+                         % (hdr.seq, len(payload), hdr.stored_len))
+    if digest(hdr.hash_alg, payload) != hdr.stored_hash:
+        raise AgentError("chunk-corrupt", "chunk %d: stored bytes checksum mismatch" % hdr.seq)
+    return hdr
+
+
+def decode_chunk(blob: bytes, expect_seq: int) -> bytes:
+    """Verify a chunk end to end and return its raw bytes (those zfs send wrote)."""
+    hdr = check_stored(blob)
+    if hdr.seq != expect_seq:
+        raise AgentError("chunk-corrupt", "chunk file holds seq %d, expected %d" % (hdr.seq, expect_seq))
+    try:
+        raw = decompress(hdr.codec, bytes(memoryview(blob)[CHUNK_HEADER_SIZE:]), hdr.raw_len)
+    except AgentError:
+        raise
+    except Exception as e:
+        raise AgentError("chunk-corrupt", "chunk %d: decompression failed: %s" % (hdr.seq, e))
+    if len(raw) != hdr.raw_len or digest(hdr.hash_alg, raw) != hdr.raw_hash:
+        raise AgentError("chunk-corrupt", "chunk %d: raw bytes checksum mismatch" % hdr.seq)
+    return raw
+
+
+# --------------------------------------------------------------------------
+# Framing (docs/protocol.md)
+# --------------------------------------------------------------------------
+
+FRAME_MAGIC = b"ZC"
+FRAME_HEADER = struct.Struct(">2sBBII")  # magic, version, type, request id, payload length
+FRAME_HELLO, FRAME_REQUEST, FRAME_REPLY, FRAME_ERROR, FRAME_DATA = 1, 2, 3, 4, 5
+FRAME_TYPES = (FRAME_HELLO, FRAME_REQUEST, FRAME_REPLY, FRAME_ERROR, FRAME_DATA)
+MAX_JSON_FRAME = 1024 * 1024
+MAX_DATA_FRAME = 4 * 1024 * 1024
+DATA_PIECE = 1024 * 1024
+
+
+def encode_frame(ftype: int, req_id: int, payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, ftype, req_id, len(payload)) + payload
+
+
+def encode_message(ftype: int, req_id: int, msg: Dict[str, Any]) -> bytes:
+    return encode_frame(ftype, req_id, json.dumps(msg, separators=(",", ":")).encode())
+
+
+def parse_frame_header(hdr: bytes) -> Tuple[int, int, int]:
+    """Validate a frame header and return (type, id, length); bounds checked before allocating."""
+    magic, version, ftype, req_id, length = FRAME_HEADER.unpack(hdr)
+    if magic != FRAME_MAGIC:
+        raise AgentError("protocol", "bad frame magic %r" % magic)
+    if version != PROTOCOL_VERSION:
+        raise AgentError("protocol", "frame version %d, this side speaks %d" % (version, PROTOCOL_VERSION))
+    if ftype not in FRAME_TYPES:
+        raise AgentError("protocol", "unknown frame type %d" % ftype)
+    limit = MAX_DATA_FRAME if ftype == FRAME_DATA else MAX_JSON_FRAME
+    if length > limit:
+        raise AgentError("protocol", "frame of %d bytes exceeds the %d-byte limit" % (length, limit))
+    return ftype, req_id, length
+
+
+def decode_message(payload: bytes) -> Dict[str, Any]:
+    try:
+        msg = json.loads(payload.decode("utf-8"))
+    except Exception as e:
+        raise AgentError("protocol", "frame payload is not JSON: %s" % e)
+    if not isinstance(msg, dict):
+        raise AgentError("protocol", "message is not a JSON object")
+    return msg
+
+
+def read_exact(f: BinaryIO, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        piece = f.read(n - len(buf))
+        if not piece:
+            raise EOFError("peer closed the channel")
+        buf += piece
+    return bytes(buf)
+
+
+def read_frame(f: BinaryIO) -> Tuple[int, int, bytes]:
+    ftype, req_id, length = parse_frame_header(read_exact(f, FRAME_HEADER.size))
+    return ftype, req_id, read_exact(f, length)
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+class AgentError(Exception):
+    """An error with a code the coordinator maps back to its own error classes."""
+
+    def __init__(self, code: str, reason: str, **details: Any) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.details = code, reason, details
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"code": self.code, "reason": self.reason, "details": self.details}
+
+
+# --------------------------------------------------------------------------
+# Files: atomic and non-following
+# --------------------------------------------------------------------------
+
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """temp file (O_EXCL|O_NOFOLLOW) -> fsync -> rename -> fsync dir."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, obj: Dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(obj, sort_keys=True).encode())
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_JSON_FRAME + 1)
+    if len(data) > MAX_JSON_FRAME:
+        raise AgentError("state", "%s is larger than %d bytes" % (path, MAX_JSON_FRAME))
+    return json.loads(data.decode())
+
+
+def read_file_nofollow(path: str, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise AgentError("chunk-corrupt", "%s is larger than %d bytes" % (path, limit))
+    return data
+
+
+def check_private_dir(path: str, what: str) -> None:
+    """A directory we own, not a symlink, not writable by group or others."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise AgentError("session-dir", "%s %s does not exist" % (what, path))
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise AgentError("session-dir", "%s %s is not a directory (symlink or file in its place)"
+                         % (what, path))
+    if st.st_uid != os.geteuid():
+        raise AgentError("session-dir", "%s %s is owned by uid %d, not by uid %d"
+                         % (what, path, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o022:
+        raise AgentError("session-dir", "%s %s is writable by group or others (mode %o)"
+                         % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+# --------------------------------------------------------------------------
+# Session directory and spool
+# --------------------------------------------------------------------------
+
+
+def chunk_name(seq: int) -> str:
+    return "%020d" % seq
+
+
+class Session:
+    """One session directory on this host (see the module docstring for the layout)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        check_private_dir(self.path, "session directory")
+        self.chunks = os.path.join(self.path, "chunks")
+        cfg = read_json(os.path.join(self.path, "session.json"))
+        if cfg is None:
+            raise AgentError("session-dir", "%s has no session.json" % self.path)
+        self.cfg = cfg
+        self.role = cfg["role"]
+        self.codec = CODEC_IDS[cfg["codec"]]
+        self.level = cfg.get("level")
+        self.hash_alg = HASH_IDS[cfg["checksum"]]
+        self.chunk_size = int(cfg["chunk_size"])
+        self.spool_max = int(cfg["spool_max"])
+        self.idle_timeout = float(cfg.get("idle_timeout", 86400))
+        self.state_path = os.path.join(self.path, "sender.json" if self.role == "send" else "receiver.json")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def chunk_path(self, seq: int, suffix: str = ".chunk") -> str:
+        return os.path.join(self.chunks, chunk_name(seq) + suffix)
+
+    def spool_listing(self) -> Tuple[Dict[int, int], Dict[int, int], int]:
+        """({seq: size} of complete chunks, {seq: size} of partial ones, total bytes on disk)."""
+        done: Dict[int, int] = {}
+        parts: Dict[int, int] = {}
+        total = 0
+        with os.scandir(self.chunks) as it:
+            for e in it:
+                name, _, suffix = e.name.partition(".")
+                if not name.isdigit():
+                    continue
+                try:
+                    size = e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+                total += size
+                if suffix == "chunk":
+                    done[int(name)] = size
+                elif suffix == "part":
+                    parts[int(name)] = size
+        return done, parts, total
+
+    def state(self) -> Dict[str, Any]:
+        st = read_json(self.state_path) or {"state": "starting"}
+        pid = st.get("pid")
+        if st.get("state") in ("starting", "running") and pid and not pid_is_ours(pid, self.path):
+            st["state"] = "dead"
+        return st
+
+    def touch_heartbeat(self) -> None:
+        path = self.file("heartbeat")
+        try:
+            os.utime(path, None, follow_symlinks=False)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | O_NOFOLLOW, 0o600)
+            os.close(fd)
+
+    def idle_for(self) -> float:
+        try:
+            return time.time() - os.lstat(self.file("heartbeat")).st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+
+def pid_is_ours(pid: int, session_path: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return session_path.encode() in f.read()
+    except OSError:
+        return True  # no /proc: trust the pid
+
+
+# --------------------------------------------------------------------------
+# Daemons
+# --------------------------------------------------------------------------
+
+ALLOWED_SEND_FLAGS = {"-p", "-R", "-D", "-L", "-e", "-c", "-w", "-h", "-b"}
+ALLOWED_RECV_FLAGS = {"-F", "-u", "-s", "-v", "-e", "-d"}
+
+
+def valid_zfs_name(name: str) -> bool:
+    if not name or len(name) > 1024 or name.startswith("-"):
+        return False
+    for ch in name:
+        if not (ch.isascii() and (ch.isalnum() or ch in "_-.:/@# ")):
+            return False
+    return True
+
+
+def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
+    """The zfs command of this session, built from named fields and checked."""
+    zfs = cfg.get("zfs", "zfs")
+    if cfg["role"] == "send":
+        send = cfg["send"]
+        flags = [f for f in send.get("flags", [])]
+        bad = [f for f in flags if f not in ALLOWED_SEND_FLAGS]
+        names = [send["snapshot"]] + ([send["base"]] if send.get("base") else [])
+        if bad or not all(valid_zfs_name(n) for n in names):
+            raise AgentError("bad-request", "refusing zfs send arguments %r" % (flags + names))
+        argv = [zfs, "send"] + flags
+        if send.get("base"):
+            argv += ["-I" if send.get("intermediates", True) else "-i", send["base"]]
+        return argv + [send["snapshot"]]
+    recv = cfg["receive"]
+    flags = list(recv.get("flags", []))
+    bad = [f for f in flags if f not in ALLOWED_RECV_FLAGS]
+    if bad or not valid_zfs_name(recv["target"]):
+        raise AgentError("bad-request", "refusing zfs receive arguments %r" % (flags + [recv["target"]]))
+    return [zfs, "receive"] + flags + [recv["target"]]
+
+
+class Daemon:
+    """Common life cycle: state file, idle timeout, termination."""
+
+    def __init__(self, sess: Session) -> None:
+        self.sess = sess
+        self.proc: Optional[subprocess.Popen] = None
+        self.st: Dict[str, Any] = {"pid": os.getpid(), "state": "running", "started": time.time(),
+                                   "events": []}
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.save(state="aborted", reason="stopped by the coordinator")
+        os._exit(0)
+
+    def save(self, **changes: Any) -> None:
+        self.st.update(changes)
+        self.st["updated"] = time.time()
+        write_json(self.sess.state_path, self.st)
+
+    def event(self, kind: str, text: str) -> None:
+        ev = {"t": time.time(), "kind": kind, "text": text}
+        self.st["events"] = (self.st.get("events", []) + [ev])[-50:]
+        log(text)
+
+    def check_idle(self) -> None:
+        if self.sess.idle_for() > self.sess.idle_timeout:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+            self.save(state="aborted", reason="no coordinator contact for %ds" % self.sess.idle_timeout)
+            log("idle timeout: exiting")
+            os._exit(3)
+
+    def zfs_stderr(self) -> str:
+        try:
+            with open(self.sess.file("zfs.stderr"), "rb") as f:
+                return f.read(65536).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def spawn(self, argv: List[str], **kw: Any) -> subprocess.Popen:
+        err = os.open(self.sess.file("zfs.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW, 0o600)
+        try:
+            return subprocess.Popen(argv, stderr=err, close_fds=True, **kw)
+        finally:
+            os.close(err)
+
+
+class SenderDaemon(Daemon):
+    """Owns ``zfs send``: cuts its output into chunks, compresses, checksums, spools."""
+
+    def run(self) -> None:
+        sess = self.sess
+        argv = zfs_argv(sess.cfg)
+        self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False)
+        self.proc = self.spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        stream = new_hasher(sess.hash_alg)
+        seq, raw_total, stored_total = 0, 0, 0
+        src = self.proc.stdout
+        while True:
+            raw = read_up_to(src, sess.chunk_size)
+            if not raw:
+                break
+            stream.update(raw)
+            blob = encode_chunk(seq, raw, sess.codec, sess.level, sess.hash_alg)
+            self.wait_for_room(len(blob))
+            self.write_chunk(seq, blob)
+            seq += 1
+            raw_total += len(raw)
+            stored_total += len(blob)
+            self.save(chunks=seq, raw_bytes=raw_total, stored_bytes=stored_total, paused=None)
+        rc = self.proc.wait()
+        if rc != 0:
+            self.save(state="failed", zfs_exit=rc, zfs_stderr=self.zfs_stderr(),
+                      reason="zfs send exited with status %d" % rc)
+            return
+        self.save(state="done", eof=True, total_chunks=seq, raw_bytes=raw_total,
+                  stream_hash=stream.hexdigest(), zfs_exit=0, zfs_stderr=self.zfs_stderr())
+
+    def wait_for_room(self, need: int) -> None:
+        """Backpressure: while the spool is full we stop reading zfs send (it blocks, never fails)."""
+        while True:
+            done, _parts, used = self.sess.spool_listing()
+            if not done or used + need <= self.sess.spool_max:
+                return
+            if self.st.get("paused") != "spool-full":
+                self.save(paused="spool-full")
+            self.check_idle()
+            time.sleep(0.2)
+
+    def write_chunk(self, seq: int, blob: bytes) -> None:
+        """Atomically; a full spool filesystem pauses (with a warning) instead of failing."""
+        path = self.sess.chunk_path(seq)
+        warned = False
+        while True:
+            try:
+                write_atomic(path, blob)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not warned:
+                    self.event("spool-no-space", "spool filesystem full writing chunk %d; pausing" % seq)
+                    self.save(paused="no-space")
+                    warned = True
+                self.check_idle()
+                time.sleep(1.0)
+
+
+def read_up_to(f: BinaryIO, n: int) -> bytes:
+    """Read n bytes unless EOF comes first; large reads, one buffer."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            break
+        got += k
+    del view
+    if got < n:
+        del buf[got:]
+    return bytes(buf)
+
+
+class ReceiverDaemon(Daemon):
+    """Verifies each chunk and feeds ``zfs receive`` strictly in order."""
+
+    def run(self) -> None:
+        sess = self.sess
+        argv = zfs_argv(sess.cfg)
+        self.save(argv=argv, next_seq=0, raw_bytes=0)
+        self.proc = self.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        assert self.proc.stdin is not None
+        stream = new_hasher(sess.hash_alg)
+        seq, raw_total = 0, 0
+        while True:
+            end = read_json(sess.file("end.json"))
+            if end is not None and seq >= int(end["total_chunks"]):
+                break
+            path = sess.chunk_path(seq)
+            try:
+                blob = read_file_nofollow(path, MAX_CHUNK_RAW + 65536 + CHUNK_HEADER_SIZE)
+            except FileNotFoundError:
+                self.check_idle()
+                if self.proc.poll() is not None:
+                    return self.finish_failed(stream, seq, raw_total, "zfs receive exited early")
+                time.sleep(0.05)
+                continue
+            try:
+                raw = decode_chunk(blob, seq)
+            except AgentError as e:
+                self.discard(path, seq, e.reason)
+                continue
+            try:
+                self.proc.stdin.write(raw)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                return self.finish_failed(stream, seq, raw_total, "zfs receive closed its input")
+            stream.update(raw)
+            seq += 1
+            raw_total += len(raw)
+            os.unlink(path)
+            self.save(next_seq=seq, raw_bytes=raw_total)
+        self.finish(stream, seq, raw_total, end or {})
+
+    def discard(self, path: str, seq: int, why: str) -> None:
+        """A bad chunk never reaches zfs receive: drop it so the coordinator moves it again."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.event("chunk-discarded", "chunk %d discarded: %s" % (seq, why))
+        self.st["discarded"] = int(self.st.get("discarded", 0)) + 1
+        self.save()
+
+    def finish(self, stream: Any, seq: int, raw_total: int, end: Dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.close()
+        rc = self.proc.wait()
+        got = stream.hexdigest()
+        fields = dict(next_seq=seq, raw_bytes=raw_total, stream_hash=got, zfs_exit=rc,
+                      zfs_stderr=self.zfs_stderr())
+        if got != end.get("stream_hash") or raw_total != end.get("raw_bytes"):
+            self.save(state="failed", reason="whole-stream checksum mismatch: received %s (%d bytes), "
+                      "sender had %s (%s bytes)" % (got, raw_total, end.get("stream_hash"),
+                                                    end.get("raw_bytes")), **fields)
+        elif rc != 0:
+            self.save(state="failed", reason="zfs receive exited with status %d" % rc, **fields)
+        else:
+            self.save(state="done", **fields)
+
+    def finish_failed(self, stream: Any, seq: int, raw_total: int, why: str) -> None:
+        assert self.proc is not None
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        rc = self.proc.wait()
+        self.save(state="failed", reason="%s (status %d)" % (why, rc), next_seq=seq,
+                  raw_bytes=raw_total, zfs_exit=rc, zfs_stderr=self.zfs_stderr())
+
+
+def log(text: str) -> None:
+    sys.stderr.write("%s zchunk-agent[%d]: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                    os.getpid(), text))
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------
+# Protocol server: one per coordinator channel
+# --------------------------------------------------------------------------
+
+
+class Server:
+    """Answers the coordinator on stdin/stdout; all state lives in the session directory."""
+
+    def __init__(self, sess: Session, rfile: BinaryIO, wfile: BinaryIO) -> None:
+        self.sess, self.rfile, self.wfile = sess, rfile, wfile
+        common = {"status": self.status, "cleanup": self.cleanup, "abort": self.abort}
+        if sess.role == "send":
+            common.update({"get_chunk": self.get_chunk, "release": self.release})
+        else:
+            common.update({"put_chunk": self.put_chunk, "finish": self.finish})
+        self.handlers: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = common
+
+    def send(self, ftype: int, req_id: int, msg: Dict[str, Any]) -> None:
+        self.wfile.write(encode_message(ftype, req_id, msg))
+        self.wfile.flush()
+
+    def serve(self) -> None:
+        self.send(FRAME_HELLO, 0, {"protocol": PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
+                                   "capabilities": capabilities(), "role": self.sess.role,
+                                   "session": self.sess.cfg.get("id"), "host": socket.gethostname()})
+        ftype, _, payload = read_frame(self.rfile)
+        if ftype != FRAME_HELLO:
+            raise AgentError("protocol", "expected the coordinator's hello first")
+        hello = decode_message(payload)
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            raise AgentError("protocol", "coordinator speaks protocol %r, agent %d"
+                             % (hello.get("protocol"), PROTOCOL_VERSION))
+        while True:
+            try:
+                ftype, req_id, payload = read_frame(self.rfile)
+            except EOFError:
+                return
+            if ftype != FRAME_REQUEST:
+                raise AgentError("protocol", "unexpected frame type %d outside a request" % ftype)
+            msg = decode_message(payload)
+            self.sess.touch_heartbeat()
+            handler = self.handlers.get(str(msg.get("op")))
+            try:
+                if handler is None:
+                    raise AgentError("bad-request", "operation %r is not allowed for a %s agent"
+                                     % (msg.get("op"), self.sess.role))
+                reply = handler(req_id, msg)
+                if reply is not None:
+                    self.send(FRAME_REPLY, req_id, reply)
+            except AgentError as e:
+                self.send(FRAME_ERROR, req_id, e.to_dict())
+            if msg.get("op") in ("cleanup", "abort"):
+                return
+
+    # -- common -------------------------------------------------------------
+
+    def status(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        done, parts, used = self.sess.spool_listing()
+        return {"role": self.sess.role, "daemon": self.sess.state(), "chunks": sorted(done),
+                "parts": {str(k): v for k, v in parts.items()}, "spool_bytes": used,
+                "spool_max": self.sess.spool_max}
+
+    def stop_daemon(self) -> None:
+        st = self.sess.state()
+        pid = st.get("pid")
+        if pid and pid_is_ours(pid, self.sess.path):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            for _ in range(100):
+                if not pid_is_ours(pid, self.sess.path):
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+    def cleanup(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        self.stop_daemon()
+        if not msg.get("keep"):
+            remove_session_dir(self.sess.path)
+        return {"removed": not msg.get("keep")}
+
+    def abort(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        return self.cleanup(req_id, msg)
+
+    # -- sender -------------------------------------------------------------
+
+    def get_chunk(self, req_id: int, msg: Dict[str, Any]) -> None:
+        seq, offset = int(msg["seq"]), int(msg.get("offset", 0))
+        try:
+            fd = os.open(self.sess.chunk_path(seq), os.O_RDONLY | O_NOFOLLOW)
+        except FileNotFoundError:
+            raise AgentError("no-chunk", "chunk %d is not in the source spool" % seq)
+        with os.fdopen(fd, "rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            if offset > total:
+                raise AgentError("bad-request", "offset %d beyond chunk %d's %d bytes" % (offset, seq, total))
+            f.seek(offset)
+            self.send(FRAME_REPLY, req_id, {"seq": seq, "offset": offset, "length": total - offset,
+                                            "total": total})
+            while True:
+                piece = f.read(DATA_PIECE)
+                if not piece:
+                    break
+                self.wfile.write(encode_frame(FRAME_DATA, req_id, piece))
+            self.wfile.flush()
+        return None
+
+    def release(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        """Delete chunks below ``upto``: the receiver has fed them to zfs receive."""
+        upto = int(msg["upto"])
+        done, _parts, _used = self.sess.spool_listing()
+        freed = 0
+        for seq in done:
+            if seq < upto:
+                try:
+                    os.unlink(self.sess.chunk_path(seq))
+                    freed += 1
+                except FileNotFoundError:
+                    pass
+        return {"released": freed}
+
+    # -- receiver -----------------------------------------------------------
+
+    def put_chunk(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        seq, offset, length, total = (int(msg[k]) for k in ("seq", "offset", "length", "total"))
+        limit = MAX_CHUNK_RAW + 65536 + CHUNK_HEADER_SIZE
+        if total > limit or offset + length > total or offset < 0 or length < 0:
+            raise AgentError("bad-request", "chunk %d: bad sizes offset=%d length=%d total=%d"
+                             % (seq, offset, length, total))
+        part = self.sess.chunk_path(seq, ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | O_NOFOLLOW, 0o600)
+        error: Optional[AgentError] = None
+        with os.fdopen(fd, "wb") as f:
+            have = os.fstat(f.fileno()).st_size
+            if offset > have:
+                error = AgentError("bad-offset", "chunk %d: offset %d but only %d bytes held"
+                                   % (seq, offset, have), have=have)
+            else:
+                f.truncate(offset)
+                f.seek(offset)
+            got = 0
+            while got < length:  # always drain the data frames, even when refusing
+                ftype, rid, payload = read_frame(self.rfile)
+                if ftype != FRAME_DATA or rid != req_id:
+                    raise AgentError("protocol", "expected data for request %d" % req_id)
+                got += len(payload)
+                if got > length:
+                    raise AgentError("protocol", "more data than announced for chunk %d" % seq)
+                if error is None:
+                    try:
+                        f.write(payload)
+                    except OSError as e:
+                        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        error = AgentError("spool-no-space", "target spool filesystem is full")
+            if error is None:
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    error = AgentError("spool-no-space", "target spool filesystem is full")
+        if error is not None:
+            if error.code == "spool-no-space":
+                os.unlink(part)
+            raise error
+        if offset + length < total:
+            return {"stored": False, "have": offset + length}
+        blob = read_file_nofollow(part, limit)
+        try:
+            check_stored(blob)
+            if ChunkHeader.unpack(blob).seq != seq:
+                raise AgentError("chunk-corrupt", "chunk %d arrived holding another seq" % seq)
+        except AgentError:
+            os.unlink(part)
+            raise
+        os.rename(part, self.sess.chunk_path(seq))
+        fsync_dir(self.sess.chunks)
+        return {"stored": True}
+
+    def finish(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        end = {k: msg[k] for k in ("total_chunks", "raw_bytes", "stream_hash")}
+        write_json(self.sess.file("end.json"), end)
+        return {"ok": True}
+
+
+def remove_session_dir(path: str) -> None:
+    """rm -r of our own session directory only: never follows symlinks."""
+    check_private_dir(path, "session directory")
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                os.unlink(full)
+            else:
+                os.rmdir(full)
+    os.rmdir(path)
+
+
+# --------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------
+
+AGENT_SOURCE: Optional[bytes] = None  # set by the bootstrap when run from stdin
+
+
+def cmd_probe(args: List[str]) -> Dict[str, Any]:
+    import shutil
+    return {"python": list(sys.version_info[:3]), "capabilities": capabilities(),
+            "agent_version": AGENT_VERSION, "protocol": PROTOCOL_VERSION,
+            "zfs": shutil.which("zfs"), "uid": os.geteuid(), "host": socket.gethostname()}
+
+
+def ensure_base(base: str) -> None:
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(base, "spool base directory")
+
+
+def cmd_install(args: List[str]) -> Dict[str, Any]:
+    """install BASE ID  (session.json on stdin after the agent source, see bootstrap)."""
+    base, sid = args[0], args[1]
+    cfg = json.loads(args[2])
+    if AGENT_SOURCE is None:
+        raise AgentError("bad-request", "install must be run through the bootstrap")
+    if not sid or "/" in sid or sid.startswith("."):
+        raise AgentError("bad-request", "bad session id %r" % sid)
+    ensure_base(base)
+    path = os.path.join(base, sid)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        raise AgentError("session-dir", "session directory %s already exists: refusing to reuse it" % path)
+    check_private_dir(path, "session directory")
+    os.mkdir(os.path.join(path, "chunks"), 0o700)
+    write_atomic(os.path.join(path, "agent.py"), AGENT_SOURCE)
+    write_json(os.path.join(path, "session.json"), cfg)
+    Session(path).touch_heartbeat()
+    return {"path": path}
+
+
+def cmd_start(args: List[str]) -> Dict[str, Any]:
+    """Fork the detached daemon of this session (double fork, setsid, stdio to daemon.log)."""
+    sess = Session(args[0])
+    zfs_argv(sess.cfg)  # refuse bad arguments before forking
+    st = sess.state()
+    if st.get("state") in ("running",):
+        return {"pid": st["pid"], "already": True}
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            data = r.read()
+        os.waitpid(pid, 0)
+        return {"pid": int(data or b"0")}
+    os.close(rfd)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(sess.file("daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(devnull)
+    os.close(logfd)
+    os.write(wfd, str(os.getpid()).encode())
+    os.close(wfd)
+    code = 0
+    try:
+        daemon = SenderDaemon(sess) if sess.role == "send" else ReceiverDaemon(sess)
+        daemon.save()
+        log("%s daemon started: %s" % (sess.role, " ".join(zfs_argv(sess.cfg))))
+        daemon.run()
+        log("%s daemon finished: %s" % (sess.role, daemon.st.get("state")))
+    except BaseException as e:  # the daemon must leave a reason behind
+        log("daemon crashed: %r" % (e,))
+        try:
+            write_json(sess.state_path, {"pid": os.getpid(), "state": "failed",
+                                         "reason": "agent error: %s" % (e,)})
+        except Exception:
+            pass
+        code = 1
+    os._exit(code)
+
+
+def cmd_serve(args: List[str]) -> None:
+    sess = Session(args[0])
+    Server(sess, sys.stdin.buffer, sys.stdout.buffer).serve()
+
+
+def cmd_sessions(args: List[str]) -> Dict[str, Any]:
+    """Session directories under BASE with their daemon state (for stale-session cleanup)."""
+    base = args[0]
+    out = []
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            sess = Session(path)
+            st = sess.state()
+            out.append({"id": name, "path": path, "role": sess.role, "state": st.get("state"),
+                        "pid": st.get("pid"), "idle": sess.idle_for()})
+        except Exception as e:
+            out.append({"id": name, "path": path, "error": str(e)})
+    return {"sessions": out}
+
+
+def cmd_remove(args: List[str]) -> Dict[str, Any]:
+    """Stop the daemon of a session and remove its directory (abort/cleanup without a channel)."""
+    sess = Session(args[0])
+    srv = Server(sess, sys.stdin.buffer, sys.stdout.buffer)
+    keep = len(args) > 1 and args[1] == "keep"
+    return srv.cleanup(0, {"keep": keep})
+
+
+COMMANDS: Dict[str, Callable[[List[str]], Any]] = {
+    "probe": cmd_probe, "install": cmd_install, "start": cmd_start, "serve": cmd_serve,
+    "sessions": cmd_sessions, "remove": cmd_remove,
+}
+
+
+def main(argv: List[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        sys.stderr.write("usage: agent.py {%s} ...\n" % ",".join(sorted(COMMANDS)))
+        return 2
+    try:
+        result = COMMANDS[argv[0]](argv[1:])
+    except AgentError as e:
+        sys.stdout.write(json.dumps({"error": e.to_dict()}) + "\n")
+        sys.stdout.flush()
+        return 1
+    if result is not None:
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+# The coordinator runs one-shot commands without installing anything first:
+#   python3 -c BOOTSTRAP CMD ARGS...   with this file's source on stdin.
+BOOTSTRAP = (
+    "import sys;s=sys.stdin.buffer.read();g={'__name__':'zchunk_agent'};"
+    "exec(compile(s,'zchunk_agent','exec'),g);g['AGENT_SOURCE']=s;"
+    "sys.exit(g['main'](sys.argv[1:]))"
+)
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

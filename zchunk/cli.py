@@ -1,0 +1,255 @@
+"""The ``zchunk`` command: parse, call one library function, render. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from . import __version__
+from . import errors as E
+from . import sync as lib
+from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
+from .session import default_state_dir
+from .transport import SshOptions
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Replicate ZFS datasets over flaky links: the zfs send stream is spooled as checksummed, "
+    "compressed chunks by agents on both hosts, so an outage costs only its own duration.",
+)
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$", re.I)
+_DUR = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def parse_size(text: str, what: str) -> int:
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise E.UsageError(reason=f"{what} {text!r}: expected a size like 32M, 2G or 1048576")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_duration(text: str, what: str) -> float:
+    m = _DUR.match(text.strip())
+    if not m:
+        raise E.UsageError(reason=f"{what} {text!r}: expected a duration like 90s, 30m, 24h or 2d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _run(coro: Any, json_out: bool) -> Any:
+    try:
+        return asyncio.run(coro)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: the agents keep their spools; continue with `zchunk resume ID` "
+                         "(see `zchunk sessions`)\n")
+        raise typer.Exit(130)
+
+
+def _fail(e: E.ZchunkError, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps({"event": "error", "error": type(e).__name__, "message": str(e),
+                          "hint": e.hint, "exit_code": e.exit_code}))
+    sys.stderr.write(f"zchunk: error: {e}\n")
+    if e.hint:
+        sys.stderr.write(f"zchunk: fix: {e.hint}\n")
+    raise typer.Exit(e.exit_code)
+
+
+def _options(**kw: Any) -> lib.SyncOptions:
+    ssh = SshOptions.from_cli(kw.pop("ssh_config"), kw.pop("ssh_key"), kw.pop("ssh_port"),
+                              kw.pop("ssh_option") or [])
+    chunk = parse_size(kw.pop("chunk_size"), "--chunk-size")
+    if not (64 << 10) <= chunk <= (256 << 20):
+        raise E.UsageError(reason=f"--chunk-size {human_bytes(chunk)}: must be between 64K and 256M")
+    spool_max = parse_size(kw.pop("spool_max"), "--spool-max")
+    if spool_max < chunk:
+        raise E.UsageError(reason="--spool-max must hold at least one chunk (--chunk-size)")
+    parallel = kw.pop("parallel")
+    if not 1 <= parallel <= 64:
+        raise E.UsageError(reason="--parallel must be between 1 and 64")
+    compress = kw.pop("compress")
+    if compress.split(":")[0] not in ("auto", "zstd", "zlib", "none"):
+        raise E.UsageError(reason=f"--compress {compress!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
+    return lib.SyncOptions(
+        spool_dir=kw.pop("spool_dir"), chunk_size=chunk, compress=compress, spool_max=spool_max,
+        parallel=parallel, patience=parse_duration(kw.pop("patience"), "--patience"),
+        agent_idle_timeout=parse_duration(kw.pop("agent_idle_timeout"), "--agent-idle-timeout"),
+        state_dir=kw.pop("state_dir") or default_state_dir(), ssh=ssh, keep=kw.pop("keep"),
+        verbose=kw.pop("verbose"), python=kw.pop("python"))
+
+
+# Options shared by the commands that talk to hosts.
+SpoolDir = typer.Option("/var/tmp/zchunk", "--spool-dir", help="Base directory for session directories "
+                        "(spools) on each host; created 0700, must not be group/world-writable.")
+ChunkSize = typer.Option("32M", "--chunk-size", help="Raw bytes of zfs send stream per chunk (64K-256M).")
+Compress = typer.Option("auto", "--compress", help="Chunk compression: zstd[:LEVEL] (default when both "
+                        "agents can), zlib[:LEVEL] or none.")
+SpoolMax = typer.Option("2G", "--spool-max", help="Spool cap per host; a full spool pauses zfs send.")
+Parallel = typer.Option(4, "--parallel", help="Chunks in flight at once.")
+Patience = typer.Option("24h", "--patience", help="Keep retrying through outages until this long passes "
+                        "without progress (e.g. 90s, 30m, 24h, 2d).")
+IdleTimeout = typer.Option("24h", "--agent-idle-timeout", help="Agents exit after this long without "
+                           "hearing from the coordinator.")
+StateDir = typer.Option(None, "--state-dir", help="Where the coordinator keeps session records "
+                        "(default $XDG_STATE_HOME/zchunk).")
+SshConfig = typer.Option(None, "--ssh-config", help="OpenSSH client config file (Host aliases, HostName, "
+                         "User, Port, IdentityFile, UserKnownHostsFile, StrictHostKeyChecking).")
+SshKey = typer.Option(None, "--ssh-key", help="Private key file for SSH.")
+SshPort = typer.Option(None, "--ssh-port", help="SSH port.")
+SshOption = typer.Option(None, "-o", "--ssh-option", help="SSH option KEY=VALUE, e.g. "
+                         "StrictHostKeyChecking=accept-new (repeatable).")
+Keep = typer.Option(False, "--keep", help="Keep the session directories at the end, for inspection.")
+Json = typer.Option(False, "--json", help="Print JSON lines: one per event, progress at most once a second.")
+Verbose = typer.Option(False, "-v", "--verbose", help="Show host features, retries and chunk details.")
+Python = typer.Option("python3", "--python", help="Python interpreter on the hosts for the agent.")
+
+
+def _renderer(json_out: bool, verbose: bool) -> Any:
+    return JsonRenderer() if json_out else TextRenderer(verbose=verbose)
+
+
+def _finish(result: lib.SyncResult, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps({"event": "result", **result.to_json()}, default=str))
+        return
+    if result.up_to_date or result.transfer is None:
+        return
+    t = result.transfer
+    sys.stderr.write(
+        f"done: {result.target_snapshot} ({human_bytes(t.raw_bytes)} in {t.total_chunks} chunks, "
+        f"{human_bytes(t.wire_bytes)} on the wire, {human_duration(t.elapsed)}"
+        + (f", {t.outages} outages {human_duration(t.outage_seconds)}" if t.outages else "")
+        + (f", {t.discarded_chunks} damaged chunks moved again" if t.discarded_chunks else "") + ")\n")
+
+
+@app.command()
+def sync(
+    source: str = typer.Argument(..., help="pool/dataset or [user@]host:pool/dataset"),
+    target: str = typer.Argument(..., help="pool/dataset or [user@]host:pool/dataset"),
+    spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
+    spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
+    agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
+    ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
+    ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
+    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: str = Python,
+) -> None:
+    """Replicate the newest snapshot of SOURCE to TARGET.
+
+    A full stream when TARGET does not exist, else an incremental (-I) from the
+    newest snapshot both sides share (matched by guid). Survives any outage
+    shorter than --patience; if the coordinator dies, run the same command
+    again (or `zchunk resume ID`) to continue where it stopped.
+    """
+    try:
+        opts = _options(**{k: v for k, v in locals().items() if k not in ("source", "target", "json_out")})
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    _setup_logging(verbose)
+    result = _run(lib.sync(source, target, opts, _renderer(json_out, verbose)), json_out)
+    _finish(result, json_out)
+
+
+@app.command()
+def resume(
+    session: str = typer.Argument(..., help="Session id (see `zchunk sessions`)."),
+    spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
+    spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
+    agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
+    ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
+    ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
+    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: str = Python,
+) -> None:
+    """Reattach to a session's live agents and continue it (no acknowledged chunk moves twice)."""
+    try:
+        opts = _options(**{k: v for k, v in locals().items() if k not in ("session", "json_out")})
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    _setup_logging(verbose)
+    _finish(_run(lib.resume(session, opts, _renderer(json_out, verbose)), json_out), json_out)
+
+
+@app.command()
+def abort(
+    session: str = typer.Argument(..., help="Session id (see `zchunk sessions`)."),
+    state_dir: Optional[Path] = StateDir, ssh_config: Optional[Path] = SshConfig,
+    ssh_key: Optional[Path] = SshKey, ssh_port: Optional[int] = SshPort,
+    ssh_option: Optional[list[str]] = SshOption, json_out: bool = Json, python: str = Python,
+) -> None:
+    """Stop a session's agents (the partial zfs receive is aborted) and remove both session directories."""
+    try:
+        opts = _options(state_dir=state_dir, ssh_config=ssh_config, ssh_key=ssh_key, ssh_port=ssh_port,
+                        ssh_option=ssh_option, spool_dir="/var/tmp/zchunk", chunk_size="32M",
+                        compress="auto", spool_max="2G", parallel=1, patience="1m",
+                        agent_idle_timeout="24h", keep=False, verbose=False, python=python)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    rec = _run(lib.abort(session, opts, _renderer(json_out, False)), json_out)
+    if json_out:
+        print(json.dumps({"event": "result", "session": rec.id, "state": rec.state}))
+    else:
+        sys.stderr.write(f"aborted {rec.id}\n")
+
+
+@app.command()
+def sessions(
+    state_dir: Optional[Path] = StateDir,
+    json_out: bool = Json,
+) -> None:
+    """List sessions: id, hosts, datasets, state, bytes done/estimated, chunks, age."""
+    recs = lib.list_sessions(lib.SyncOptions(state_dir=state_dir or default_state_dir()))
+    if json_out:
+        print(json.dumps([r.to_json() for r in recs], indent=1))
+        return
+    if not recs:
+        print("no sessions")
+        return
+    now = time.time()
+    rows = [("ID", "STATE", "SOURCE", "TARGET", "DONE/ESTIMATE", "CHUNKS", "AGE")]
+    for r in recs:
+        chunks = f"{r.chunks_received}/{r.total_chunks}" if r.total_chunks else f"{r.chunks_received}/?"
+        rows.append((r.id, r.state, r.snapshot if r.source.count(":") == 0 else r.source, r.target,
+                     f"{human_bytes(r.raw_bytes)}/{human_bytes(r.estimate)}", chunks,
+                     human_duration(now - r.created)))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@app.command()
+def version() -> None:
+    """Print the zchunk version."""
+    print(f"zchunk {__version__}")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception:  # an unexpected failure: say so, with the traceback, and a distinct code
+        traceback.print_exc()
+        sys.stderr.write("zchunk: internal error (this is a bug; please report it with the traceback above)\n")
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""The transfer engine: moves spooled chunks from the source agent to the target agent.
+
+Scheduling is state-based: every decision is derived from what the two
+agents report (chunks in the source spool, chunks and partial chunks in the
+target spool, how far ``zfs receive`` got), so a reconnect, a coordinator
+restart or a discarded chunk needs no special case — the next status simply
+shows what is missing. ``parallel`` workers each own one channel to each
+agent and move the lowest missing chunk inside the target's spool window.
+Transport failures (``LinkDown``) are retried with exponential backoff and
+jitter until ``patience`` passes without progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from .errors import (
+    AgentDied,
+    IntegrityError,
+    PatienceExhausted,
+    RemoteError,
+    ZchunkError,
+    ZfsReceiveFailed,
+    ZfsSendFailed,
+)
+from .protocol import AgentChannel, relay_chunk
+from .transport import Host, LinkDown
+
+log = logging.getLogger("zchunk.engine")
+
+Emit = Callable[..., None]
+
+
+@dataclass
+class EngineOptions:
+    parallel: int = 4
+    patience: float = 24 * 3600.0
+    stall_timeout: float = 60.0
+    poll_interval: float = 0.25
+    python: str = "python3"
+    max_corrupt_retries: int = 5
+
+
+@dataclass
+class AgentSide:
+    """One host's agent of this session."""
+
+    host: Host
+    session_dir: str
+    role: str  # "send" | "receive"
+    needs: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    async def open_channel(self, opts: EngineOptions) -> AgentChannel:
+        argv = [opts.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
+        pipe = await self.host.open_pipe(argv)
+        ch = AgentChannel(pipe, self.host.name, opts.stall_timeout)
+        try:
+            await ch.handshake(self.needs)
+        except BaseException:
+            await ch.close()
+            raise
+        return ch
+
+
+@dataclass
+class TransferResult:
+    raw_bytes: int
+    wire_bytes: int
+    total_chunks: int
+    stream_hash: str
+    elapsed: float
+    outages: int
+    outage_seconds: float
+    discarded_chunks: int
+    receiver: dict[str, Any] = field(default_factory=dict)
+
+
+class _Outage:
+    def __init__(self) -> None:
+        self.since: dict[str, float] = {}
+        self.count = 0
+        self.total = 0.0
+
+
+class Transfer:
+    def __init__(self, src: AgentSide, dst: AgentSide, *, session_id: str, chunk_size: int,
+                 spool_max: int, estimate: int, opts: EngineOptions, emit: Emit) -> None:
+        self.src, self.dst, self.sid = src, dst, session_id
+        self.opts, self.emit = opts, emit
+        self.window = max(1, spool_max // max(1, chunk_size))
+        self.estimate = estimate
+        # what the agents last reported
+        self.src_chunks: set[int] = set()
+        self.src_daemon: dict[str, Any] = {}
+        self.dst_stored: set[int] = set()
+        self.dst_parts: dict[int, int] = {}
+        self.dst_next = 0
+        self.dst_daemon: dict[str, Any] = {}
+        self.in_flight: set[int] = set()
+        self.finish_sent = False
+        self.wire_bytes = 0
+        self.seen_events = 0
+        self.corrupt_retries: dict[int, int] = {}
+        self.changed = asyncio.Event()
+        self.done = asyncio.Event()
+        self.error: BaseException | None = None
+        self.last_progress = time.monotonic()
+        self.outage = _Outage()
+        self.started = time.monotonic()
+        self._rate_mark = (time.monotonic(), 0)
+        self.rate = 0.0
+        self._last_progress_event = 0.0
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def progressed(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def _fail(self, err: BaseException) -> None:
+        if self.error is None:
+            self.error = err
+        self.done.set()
+        self.changed.set()
+
+    def _link_trouble(self, host: str, reason: str) -> None:
+        if host not in self.outage.since:
+            self.outage.since[host] = time.monotonic()
+            self.outage.count += 1
+            self.emit("link_down", host=host, reason=reason)
+
+    def _link_ok(self, host: str) -> None:
+        since = self.outage.since.pop(host, None)
+        if since is not None:
+            took = time.monotonic() - since
+            self.outage.total += took
+            self.emit("link_up", host=host, outage=round(took, 1))
+
+    def _retrying(self, host_hint: str) -> AsyncRetrying:
+        def stop(rs: RetryCallState) -> bool:
+            return self.done.is_set() or time.monotonic() - self.last_progress > self.opts.patience
+
+        def before_sleep(rs: RetryCallState) -> None:
+            exc = rs.outcome.exception() if rs.outcome else None
+            host = exc.host if isinstance(exc, LinkDown) else host_hint
+            since = self.outage.since.get(host, time.monotonic())
+            sleep = rs.next_action.sleep if rs.next_action else 0.0
+            self.emit("retrying", host=host, delay=round(sleep, 1),
+                      outage=round(time.monotonic() - since, 1), reason=str(exc) if exc else "")
+
+        return AsyncRetrying(retry=retry_if_exception_type(LinkDown),
+                             wait=wait_exponential_jitter(initial=0.5, max=15, jitter=1),
+                             stop=stop, before_sleep=before_sleep, reraise=True)
+
+    async def _with_retries(self, host_hint: str, fn: Callable[[], Any]) -> Any:
+        try:
+            async for attempt in self._retrying(host_hint):
+                with attempt:
+                    try:
+                        return await fn()
+                    except LinkDown as e:
+                        self._link_trouble(e.host, e.reason)
+                        raise
+        except LinkDown as e:
+            if self.done.is_set():
+                return None
+            raise PatienceExhausted(waited=_fmt_duration(time.monotonic() - self.last_progress),
+                                    patience=_fmt_duration(self.opts.patience), reason=str(e),
+                                    session=self.sid) from e
+        return None
+
+    # -- the main loop -------------------------------------------------------
+
+    async def run(self) -> TransferResult:
+        poller = asyncio.create_task(self._guard(self._poll_loop()))
+        workers = [asyncio.create_task(self._guard(self._worker(i))) for i in range(self.opts.parallel)]
+        try:
+            await self.done.wait()
+        finally:
+            for t in [poller, *workers]:
+                t.cancel()
+            await asyncio.gather(poller, *workers, return_exceptions=True)
+        if self.error is not None:
+            raise self.error
+        return TransferResult(
+            raw_bytes=int(self.dst_daemon.get("raw_bytes", 0)), wire_bytes=self.wire_bytes,
+            total_chunks=int(self.src_daemon.get("total_chunks", 0)),
+            stream_hash=str(self.dst_daemon.get("stream_hash", "")),
+            elapsed=time.monotonic() - self.started, outages=self.outage.count,
+            outage_seconds=self.outage.total, discarded_chunks=int(self.dst_daemon.get("discarded", 0)),
+            receiver=self.dst_daemon)
+
+    async def _guard(self, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # any component's failure ends the transfer
+            self._fail(e)
+
+    # -- status polling ------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        channels: dict[str, AgentChannel | None] = {"send": None, "receive": None}
+
+        async def channel(side: AgentSide) -> AgentChannel:
+            ch = channels[side.role]
+            if ch is None:
+                ch = channels[side.role] = await side.open_channel(self.opts)
+            return ch
+
+        async def poll_side(side: AgentSide) -> dict[str, Any]:
+            try:
+                st = await (await channel(side)).request("status")
+            except LinkDown:
+                old, channels[side.role] = channels[side.role], None
+                if old is not None:
+                    old.pipe.drop_connection()
+                    await _quietly(old.close())
+                raise
+            self._link_ok(side.name)
+            return st
+
+        async def once() -> None:
+            src_st = await poll_side(self.src)
+            dst_st = await poll_side(self.dst)
+            self._absorb(src_st, dst_st)
+            src_ch = await channel(self.src)
+            if self.dst_next > 0 and any(s < self.dst_next for s in self.src_chunks):
+                await src_ch.request("release", upto=self.dst_next)
+            if self.src_daemon.get("state") == "done" and not self.finish_sent:
+                dst_ch = await channel(self.dst)
+                await dst_ch.request("finish", total_chunks=self.src_daemon["total_chunks"],
+                                     raw_bytes=self.src_daemon["raw_bytes"],
+                                     stream_hash=self.src_daemon["stream_hash"])
+                self.finish_sent = True
+                self.emit("stream_end", chunks=self.src_daemon["total_chunks"],
+                          raw_bytes=self.src_daemon["raw_bytes"])
+
+        try:
+            while not self.done.is_set():
+                await self._with_retries(self.dst.name, once)
+                self._check_daemons()
+                self._emit_progress()
+                if self.done.is_set():
+                    break
+                if time.monotonic() - self.last_progress > self.opts.patience:
+                    raise PatienceExhausted(waited=_fmt_duration(time.monotonic() - self.last_progress),
+                                            patience=_fmt_duration(self.opts.patience),
+                                            reason="the agents report no progress", session=self.sid)
+                await asyncio.sleep(self.opts.poll_interval)
+        finally:
+            for ch in channels.values():
+                if ch is not None:
+                    await _quietly(ch.close())
+
+    def _absorb(self, src_st: dict[str, Any], dst_st: dict[str, Any]) -> None:
+        before = (len(self.src_chunks), self.dst_next, int(self.src_daemon.get("chunks", 0)))
+        self.src_chunks = set(int(s) for s in src_st.get("chunks", []))
+        self.src_daemon = dict(src_st.get("daemon") or {})
+        self.dst_stored = set(int(s) for s in dst_st.get("chunks", []))
+        self.dst_parts = {int(k): int(v) for k, v in (dst_st.get("parts") or {}).items()}
+        self.dst_daemon = dict(dst_st.get("daemon") or {})
+        self.dst_next = int(self.dst_daemon.get("next_seq", 0))
+        if self.src_daemon.get("eof"):
+            self.estimate = int(self.src_daemon.get("raw_bytes", self.estimate))
+        events = self.dst_daemon.get("events") or []
+        total_discarded = int(self.dst_daemon.get("discarded", 0))
+        if total_discarded > self.seen_events:
+            for ev in events[-(total_discarded - self.seen_events):]:
+                if ev.get("kind") == "chunk-discarded":
+                    self.emit("chunk_discarded", host=self.dst.name, detail=ev.get("text"))
+            self.seen_events = total_discarded
+        after = (len(self.src_chunks), self.dst_next, int(self.src_daemon.get("chunks", 0)))
+        if after != before:
+            self.progressed()
+        self.changed.set()
+
+    def _check_daemons(self) -> None:
+        src, dst = self.src_daemon, self.dst_daemon
+        if src.get("state") == "failed":
+            raise ZfsSendFailed(host=self.src.name, status=src.get("zfs_exit"),
+                                stderr=src.get("zfs_stderr") or src.get("reason"))
+        if dst.get("state") == "failed":
+            reason = str(dst.get("reason", ""))
+            if "checksum" in reason:
+                raise IntegrityError(reason=f"{self.dst.name}: {reason}")
+            raise ZfsReceiveFailed(host=self.dst.name, status=dst.get("zfs_exit"),
+                                   stderr=dst.get("zfs_stderr") or reason)
+        for side, st in ((self.src, src), (self.dst, dst)):
+            if st.get("state") in ("dead", "aborted"):
+                raise AgentDied(host=side.name, role=side.role, session=self.sid,
+                                state=st.get("reason") or st.get("state"))
+        if dst.get("state") == "done":
+            if src.get("stream_hash") and dst.get("stream_hash") != src.get("stream_hash"):
+                raise IntegrityError(reason=f"whole-stream checksum: sender {src.get('stream_hash')}, "
+                                     f"receiver {dst.get('stream_hash')}")
+            self.done.set()
+            self.changed.set()
+
+    def _emit_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress_event < 1.0:
+            return
+        self._last_progress_event = now
+        raw = int(self.dst_daemon.get("raw_bytes", 0))
+        t0, b0 = self._rate_mark
+        if now - t0 >= 3.0:
+            inst = (raw - b0) / (now - t0)
+            self.rate = inst if self.rate == 0 else 0.6 * self.rate + 0.4 * inst
+            self._rate_mark = (now, raw)
+        est = max(self.estimate, raw)
+        eta = (est - raw) / self.rate if self.rate > 0 else None
+        self.emit("progress", raw_bytes=raw, estimate=est, exact=bool(self.src_daemon.get("eof")),
+                  wire_bytes=self.wire_bytes, rate=round(self.rate),
+                  eta=round(eta) if eta is not None else None,
+                  chunks_spooled=int(self.src_daemon.get("chunks", 0)),
+                  chunks_moved=self.dst_next + len(self.dst_stored), chunks_received=self.dst_next,
+                  total_chunks=self.src_daemon.get("total_chunks"),
+                  paused=self.src_daemon.get("paused"),
+                  link_down=sorted(self.outage.since))
+
+    # -- workers -------------------------------------------------------------
+
+    def _pick(self) -> int | None:
+        limit = self.dst_next + self.window
+        for seq in sorted(self.src_chunks):
+            if seq >= limit:
+                break
+            if seq >= self.dst_next and seq not in self.dst_stored and seq not in self.in_flight:
+                return seq
+        return None
+
+    async def _worker(self, wid: int) -> None:
+        chans: dict[str, AgentChannel | None] = {"send": None, "receive": None}
+
+        async def close_all(failed_host: str | None = None) -> None:
+            for role in ("send", "receive"):
+                ch, chans[role] = chans[role], None
+                if ch is not None:
+                    if ch.host == failed_host:
+                        ch.pipe.drop_connection()
+                    await _quietly(ch.close())
+
+        async def move(seq: int) -> None:
+            try:
+                if chans["send"] is None:
+                    chans["send"] = await self.src.open_channel(self.opts)
+                if chans["receive"] is None:
+                    chans["receive"] = await self.dst.open_channel(self.opts)
+                src_ch, dst_ch = chans["send"], chans["receive"]
+                st = await dst_ch.request("status")
+                have = {int(k): int(v) for k, v in (st.get("parts") or {}).items()}.get(seq, 0)
+                if seq in set(int(s) for s in st.get("chunks", [])) or seq < int(
+                        (st.get("daemon") or {}).get("next_seq", 0)):
+                    return
+                if have:
+                    self.emit("chunk_resume", seq=seq, offset=have)
+
+                def moved(n: int) -> None:
+                    self.wire_bytes += n
+                    self.progressed()
+
+                stored = await relay_chunk(src_ch, dst_ch, seq, have, moved)
+                if stored:
+                    self.dst_stored.add(seq)
+            except LinkDown as e:
+                await close_all(e.host)
+                raise
+
+        try:
+            while not self.done.is_set():
+                seq = self._pick()
+                if seq is None:
+                    self.changed.clear()
+                    await self.changed.wait()
+                    continue
+                self.in_flight.add(seq)
+                try:
+                    await self._with_retries(self.dst.name, lambda: move(seq))
+                except RemoteError as e:
+                    await close_all()
+                    self._on_remote_error(seq, e)
+                finally:
+                    self.in_flight.discard(seq)
+                    self.changed.set()
+        finally:
+            await close_all()
+
+    def _on_remote_error(self, seq: int, e: RemoteError) -> None:
+        code = e.fields.get("code")
+        if code == "chunk-corrupt":
+            n = self.corrupt_retries[seq] = self.corrupt_retries.get(seq, 0) + 1
+            self.emit("chunk_discarded", host=self.dst.name, detail=f"chunk {seq} arrived damaged: "
+                      f"{e.fields.get('reason')}; moving it again")
+            if n > self.opts.max_corrupt_retries:
+                raise IntegrityError(reason=f"chunk {seq} arrived damaged {n} times in a row") from e
+        elif code == "no-chunk":
+            return  # already consumed and released; the next status shows it
+        elif code == "spool-no-space":
+            self.emit("warning", host=self.dst.name, detail="target spool filesystem full; waiting")
+        else:
+            raise e
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await asyncio.wait_for(coro, 5)
+    except (Exception, asyncio.TimeoutError):
+        pass
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+__all__ = ["AgentSide", "EngineOptions", "Transfer", "TransferResult", "ZchunkError"]

@@ -1,0 +1,250 @@
+"""Every error a user can see. Each class's docstring is its message template.
+
+Only the CLI turns these into text and an exit code (``docs/errors.md`` is
+generated from this module by ``python -m zchunk.errors``). Errors from an
+agent arrive as ``{code, reason, details}`` and are rebuilt by ``from_remote``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+
+class ZchunkError(Exception):
+    """{reason}"""
+
+    exit_code = 1
+    fix = ""
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        template = (type(self).__doc__ or "{reason}").strip().splitlines()[0]
+        try:
+            text = template.format(**fields)
+        except (KeyError, IndexError):
+            text = f"{template} {fields}"
+        super().__init__(text)
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    @property
+    def hint(self) -> str:
+        return self.fix.format(**self.fields) if self.fix else ""
+
+
+class UsageError(ZchunkError):
+    """{reason}"""
+
+    exit_code = 2
+
+
+class BadDatasetName(ZchunkError):
+    """invalid dataset name {name!r}: {reason}"""
+
+    exit_code = 2
+    fix = "ZFS names use letters, digits and _ - . : space; write pool/dataset or [user@]host:pool/dataset"
+
+
+class UnknownDataset(ZchunkError):
+    """{host}: dataset {dataset} does not exist"""
+
+    exit_code = 3
+    fix = "check the name with `zfs list -r {dataset_parent}` on {host}"
+
+
+class NoSnapshot(ZchunkError):
+    """{host}: {dataset} has no snapshot to send"""
+
+    exit_code = 3
+    fix = "take one first: zfs snapshot {dataset}@NAME"
+
+
+class NoCommonSnapshot(ZchunkError):
+    """{target} exists but shares no snapshot with {source} (matched by guid)"""
+
+    exit_code = 4
+    fix = ("nothing was changed. To re-seed, rename or destroy the target yourself "
+           "(zfs rename {target_ds} {target_ds}.old) and run the same command again")
+
+
+class TargetDiverged(ZchunkError):
+    """{target} has changed since the common snapshot {common}: {reason}"""
+
+    exit_code = 4
+    fix = "nothing was changed. Inspect the target; `zfs rollback -r {common_full}` on the target discards its changes"
+
+
+class TypeMismatch(ZchunkError):
+    """{source} is a {source_type} but {target} is a {target_type}"""
+
+    exit_code = 4
+    fix = "pick a target of the same type or a new name"
+
+
+class UpToDate(ZchunkError):
+    """{target} already has {snapshot}: nothing to send"""
+
+    exit_code = 0
+
+
+class HostUnreachable(ZchunkError):
+    """cannot reach {host}: {reason}"""
+
+    exit_code = 5
+    fix = "check the host name, port and network; zchunk retries for --patience once a session has started"
+
+
+class HostKeyError(ZchunkError):
+    """{host}: host key verification failed: {reason}"""
+
+    exit_code = 5
+    fix = ("if the key is known to be right, add it: ssh-keyscan -p {port} {hostname} >> ~/.ssh/known_hosts, "
+           "or pass -o StrictHostKeyChecking=accept-new")
+
+
+class AuthError(ZchunkError):
+    """{host}: SSH authentication failed for user {user}: {reason}"""
+
+    exit_code = 5
+    fix = "give a key with --ssh-key or an IdentityFile in --ssh-config; zchunk never prompts for passwords"
+
+
+class MissingPython(ZchunkError):
+    """{host}: python3 not found (the zchunk agent needs python3 >= 3.9)"""
+
+    exit_code = 6
+    fix = "install it on {host}: apt-get install python3 (Debian/Proxmox)"
+
+
+class OldPython(ZchunkError):
+    """{host}: python3 is {version}, the zchunk agent needs >= 3.9"""
+
+    exit_code = 6
+    fix = "install a newer python3 on {host}"
+
+
+class MissingZfs(ZchunkError):
+    """{host}: zfs command not found"""
+
+    exit_code = 6
+    fix = "install ZFS on {host} (apt-get install zfsutils-linux) or put zfs on the PATH of the SSH user"
+
+
+class PermissionDenied(ZchunkError):
+    """{host}: not allowed to {action} {dataset}: {reason}"""
+
+    exit_code = 7
+    fix = "run as root or delegate: zfs allow -u USER {perms} {dataset}"
+
+
+class SessionDirError(ZchunkError):
+    """{host}: unsafe session directory: {reason}"""
+
+    exit_code = 8
+    fix = "remove or fix it by hand (it must be owned by the SSH user, mode 0700), or pick --spool-dir"
+
+
+class SessionNotFound(ZchunkError):
+    """no session {session} in {state_dir}"""
+
+    exit_code = 9
+    fix = "list sessions with: zchunk sessions"
+
+
+class AlreadyRunning(ZchunkError):
+    """{target} is already being replicated by session {session} (pid {pid} on {host})"""
+
+    exit_code = 9
+    fix = "wait for it, or stop it with: zchunk abort {session}"
+
+
+class ProtocolError(ZchunkError):
+    """{host}: protocol error talking to the agent: {reason}"""
+
+    exit_code = 10
+
+
+class CapabilityMismatch(ZchunkError):
+    """no common {what}: coordinator offers {ours}, {host} agent offers {theirs}"""
+
+    exit_code = 10
+
+
+class PatienceExhausted(ZchunkError):
+    """no progress for {waited} (patience {patience}): {reason}"""
+
+    exit_code = 11
+    fix = "the agents are still there; continue later with: zchunk resume {session}"
+
+
+class ZfsSendFailed(ZchunkError):
+    """{host}: zfs send failed (status {status}): {stderr}"""
+
+    exit_code = 12
+
+
+class ZfsReceiveFailed(ZchunkError):
+    """{host}: zfs receive failed (status {status}): {stderr}"""
+
+    exit_code = 12
+
+
+class AgentDied(ZchunkError):
+    """{host}: the {role} agent of session {session} is gone ({state})"""
+
+    exit_code = 12
+    fix = "nothing on the target was changed by the partial stream; abort it (zchunk abort {session}) and run again"
+
+
+class IntegrityError(ZchunkError):
+    """integrity check failed: {reason}"""
+
+    exit_code = 13
+
+
+class RemoteError(ZchunkError):
+    """{host}: agent error [{code}]: {reason}"""
+
+    exit_code = 14
+
+
+class CommandFailed(ZchunkError):
+    """{host}: `{command}` failed (status {status}): {stderr}"""
+
+    exit_code = 14
+
+
+_REMOTE_CODES: dict[str, type[ZchunkError]] = {
+    "session-dir": SessionDirError,
+    "protocol": ProtocolError,
+}
+
+
+def from_remote(host: str, err: dict[str, Any]) -> ZchunkError:
+    """Rebuild an agent's ``{code, reason, details}`` into our error classes."""
+    code = str(err.get("code", "unknown"))
+    reason = str(err.get("reason", "no reason given"))
+    cls = _REMOTE_CODES.get(code)
+    if cls is not None:
+        return cls(host=host, reason=reason, **(err.get("details") or {}))
+    return RemoteError(host=host, code=code, reason=reason)
+
+
+def error_table() -> str:
+    """Markdown table of every error class, for docs/errors.md."""
+    rows = ["| exit | error | message |", "|---:|---|---|"]
+    classes = [c for _, c in inspect.getmembers(sys.modules[__name__], inspect.isclass)
+               if issubclass(c, ZchunkError)]
+    for cls in sorted(classes, key=lambda c: (c.exit_code, c.__name__)):
+        msg = (cls.__doc__ or "").strip().splitlines()[0]
+        rows.append(f"| {cls.exit_code} | {cls.__name__} | {msg} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print("# zchunk errors and exit codes\n\nGenerated by `python -m zchunk.errors`.\n")
+    print(error_table())

@@ -1,0 +1,140 @@
+"""Showing engine events: a live bar on a TTY, JSON lines with ``--json``, plain lines otherwise."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def percent(done: int, estimate: int, exact: bool) -> float:
+    """Never above 100, and never 100 until the total is known to be exact."""
+    if estimate <= 0:
+        return 0.0
+    p = 100.0 * done / estimate
+    return min(p, 100.0 if exact else 99.9)
+
+
+class JsonRenderer:
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+
+    def __call__(self, kind: str, fields: dict[str, Any]) -> None:
+        self.out.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}, default=str) + "\n")
+        self.out.flush()
+
+
+class TextRenderer:
+    """Human output; on a TTY the progress line is redrawn in place."""
+
+    def __init__(self, out: TextIO = sys.stderr, verbose: bool = False) -> None:
+        self.out, self.verbose = out, verbose
+        self.tty = out.isatty()
+        self.last: dict[str, Any] = {}
+        self.down: dict[str, str] = {}
+        self._bar_shown = False
+
+    def _line(self, text: str) -> None:
+        if self._bar_shown:
+            self.out.write("\r\033[K")
+            self._bar_shown = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _bar(self, text: str) -> None:
+        if self.tty:
+            self.out.write("\r\033[K" + text)
+            self._bar_shown = True
+            self.out.flush()
+
+    def __call__(self, kind: str, f: dict[str, Any]) -> None:
+        handler = getattr(self, "on_" + kind, None)
+        if handler is not None:
+            handler(f)
+
+    def on_preflight(self, f: dict[str, Any]) -> None:
+        if self.verbose:
+            for side in ("source", "target"):
+                r = f[side]
+                self._line(f"{side} {r['host']}: python {r['python']}, zfs {r['zfs']}, "
+                           f"agent capabilities {' '.join(r['capabilities'])}")
+
+    def on_plan(self, f: dict[str, Any]) -> None:
+        self._line(f"plan: {f['plan']} (about {human_bytes(f['estimate'])}, {f['codec']}, {f['checksum']})")
+
+    def on_up_to_date(self, f: dict[str, Any]) -> None:
+        self._line(f["detail"])
+
+    def on_session(self, f: dict[str, Any]) -> None:
+        verb = "resuming" if f.get("resumed") else "session"
+        self._line(f"{verb} {f['session']}")
+
+    def on_reattach(self, f: dict[str, Any]) -> None:
+        self._line(f"an unfinished session for these datasets exists: reattaching to {f['session']}")
+
+    def on_link_down(self, f: dict[str, Any]) -> None:
+        self.down[f["host"]] = f.get("reason", "")
+        self._line(f"link to {f['host']} down: {f.get('reason', '')}")
+
+    def on_retrying(self, f: dict[str, Any]) -> None:
+        text = (f"link down, retrying in {f['delay']:.0f}s "
+                f"(outage {human_duration(f['outage'])} so far) [{f['host']}]")
+        if self.tty:
+            self._bar(text)
+        elif self.verbose:
+            self._line(text)
+
+    def on_link_up(self, f: dict[str, Any]) -> None:
+        self.down.pop(f["host"], None)
+        self._line(f"link to {f['host']} back after {human_duration(f['outage'])}")
+
+    def on_chunk_discarded(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['host']}: {f['detail']}")
+
+    def on_chunk_resume(self, f: dict[str, Any]) -> None:
+        if self.verbose:
+            self._line(f"chunk {f['seq']}: resuming at byte {f['offset']}")
+
+    def on_warning(self, f: dict[str, Any]) -> None:
+        self._line(f"warning: {f.get('host', '')}: {f['detail']}")
+
+    def on_progress(self, f: dict[str, Any]) -> None:
+        self.last = f
+        p = percent(f["raw_bytes"], f["estimate"], f["exact"])
+        state = "link down, retrying" if f.get("link_down") else ("spool full" if f.get("paused") else "")
+        text = (f"{p:5.1f}% {human_bytes(f['raw_bytes'])} of {'' if f['exact'] else '~'}"
+                f"{human_bytes(f['estimate'])}  {human_bytes(f['rate'])}/s  ETA {human_duration(f['eta'])}  "
+                f"chunks {f['chunks_spooled']} spooled/{f['chunks_moved']} moved/{f['chunks_received']} received"
+                + (f"  [{state}]" if state else ""))
+        if self.tty:
+            self._bar(text)
+
+    def on_verified(self, f: dict[str, Any]) -> None:
+        self._line(f"verified: {f['snapshot']} guid {f['guid']} matches on the target")
+
+    def on_stream_end(self, f: dict[str, Any]) -> None:
+        if self.verbose:
+            self._line(f"zfs send finished: {f['chunks']} chunks, {human_bytes(f['raw_bytes'])}")
+
+    def on_removed(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['host']}: removed {f['path']}")

@@ -1,0 +1,110 @@
+"""Coordinator session records: what a rerun or ``zchunk resume`` needs to reattach.
+
+One JSON file per session under the state directory (default
+``$XDG_STATE_HOME/zchunk/sessions``), replaced atomically (temp -> fsync ->
+rename) at every state change, so ``kill -9`` of the coordinator loses at most
+the chunk in flight: everything else is on the hosts' spools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SessionNotFound
+
+ACTIVE_STATES = ("starting", "running")
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "zchunk"
+
+
+def new_session_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    source: str  # endpoint as given: [user@]host:pool/ds
+    target: str
+    snapshot: str  # source snapshot being sent
+    snapshot_guid: int
+    base: str | None  # incremental base (source name), None for a full stream
+    target_dataset: str
+    source_dir: str  # session directory on the source host
+    target_dir: str
+    spool_base: str
+    codec: str
+    checksum: str
+    chunk_size: int
+    spool_max: int
+    estimate: int
+    ssh: dict[str, Any] = field(default_factory=dict)  # how to reconnect (config, key, port, options)
+    state: str = "starting"
+    reason: str = ""
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    raw_bytes: int = 0
+    chunks_received: int = 0
+    total_chunks: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "sessions"
+
+    def _path(self, sid: str) -> Path:
+        return self.dir / f"{sid}.json"
+
+    def save(self, rec: SessionRecord) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rec.updated = time.time()
+        path = self._path(rec.id)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec.to_json(), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, sid: str) -> SessionRecord:
+        path = self._path(sid)
+        if "/" in sid or not path.is_file():
+            raise SessionNotFound(session=sid, state_dir=str(self.dir))
+        return SessionRecord(**json.loads(path.read_text()))
+
+    def all(self) -> list[SessionRecord]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(SessionRecord(**json.loads(p.read_text())))
+            except (ValueError, TypeError):
+                continue  # a foreign or damaged file is not ours to interpret
+        return out
+
+    def find_active(self, source: str, target: str) -> SessionRecord | None:
+        for rec in reversed(self.all()):
+            if rec.active and rec.source == source and rec.target == target:
+                return rec
+        return None
+
+    def remove(self, sid: str) -> None:
+        self._path(sid).unlink(missing_ok=True)

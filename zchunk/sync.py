@@ -1,0 +1,377 @@
+"""``zchunk sync``, ``resume``, ``abort``, ``sessions``: the library calls behind the CLI.
+
+A sync is: connect -> preflight both hosts -> plan -> negotiate codec and
+checksum -> install the agents into fresh session directories -> start the
+detached daemons -> run the transfer engine -> verify the target snapshot's
+guid -> remove the session directories. Every step before the install
+changes nothing on either host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers import zchunk_agent as agent_mod
+
+from . import errors as E
+from .endpoint import Endpoint, parse_endpoint
+from .engine import AgentSide, EngineOptions, Transfer, TransferResult
+from .plan import SendPlan, plan_send
+from .session import SessionRecord, StateStore, default_state_dir, new_session_id
+from .transport import Host, LinkDown, SshOptions, first_contact, make_host
+from .zfs import Dataset, Features, Zfs
+
+AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()
+MIN_PYTHON = (3, 9)
+
+
+@dataclass
+class SyncOptions:
+    spool_dir: str = "/var/tmp/zchunk"
+    chunk_size: int = 32 << 20
+    compress: str = "auto"
+    spool_max: int = 2 << 30
+    parallel: int = 4
+    patience: float = 24 * 3600.0
+    agent_idle_timeout: float = 24 * 3600.0
+    stall_timeout: float = 60.0
+    state_dir: Path = field(default_factory=default_state_dir)
+    ssh: SshOptions = field(default_factory=SshOptions)
+    keep: bool = False
+    python: str = "python3"
+    verbose: bool = False
+
+
+@dataclass
+class HostReport:
+    """What preflight learned about one host."""
+
+    name: str
+    python: tuple[int, ...]
+    capabilities: list[str]
+    features: Features
+    uid: int
+
+
+@dataclass
+class SyncResult:
+    session: str | None
+    plan: str
+    up_to_date: bool = False
+    transfer: TransferResult | None = None
+    target_snapshot: str = ""
+    guid: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+
+class Emitter:
+    """Callback wrapper: the library reports events; the CLI decides how to show them."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        if self.fn is not None:
+            self.fn(kind, fields)
+
+
+# -- preflight ----------------------------------------------------------------
+
+
+async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
+    """python3 and zfs present and usable; nothing is written."""
+    res = await host.run([opts.python, "-c", agent_mod.BOOTSTRAP, "probe"], stdin=AGENT_SOURCE)
+    if res.status == 127:
+        raise E.MissingPython(host=host.name)
+    try:
+        info = json.loads(res.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        version = res.err_text.splitlines()[-1] if res.err_text else f"status {res.status}"
+        raise E.OldPython(host=host.name, version=version) from None
+    py = tuple(info.get("python", [0]))
+    if py < MIN_PYTHON:
+        raise E.OldPython(host=host.name, version=".".join(map(str, py)))
+    features = await Zfs(host).features()
+    return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)))
+
+
+def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int | None, str]:
+    """Pick codec (+level) and checksum both agents support; a failure names both lists."""
+    both = set(src.capabilities) & set(dst.capabilities)
+    name, _, level_s = compress.partition(":")
+    level = int(level_s) if level_s.isdigit() else None
+    if name == "auto":
+        name = "zstd" if "zstd-v1" in both else "zlib"
+    if name not in agent_mod.CODEC_CAPS:
+        raise E.UsageError(reason=f"--compress {compress!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
+    if agent_mod.CODEC_CAPS[name] not in both:
+        raise E.CapabilityMismatch(what=f"codec {name}", ours=src.capabilities, theirs=dst.capabilities,
+                                   host=f"{src.name}/{dst.name}")
+    checksum = "xxh3-128" if "xxh3-128-v1" in both else "blake2b-128"
+    return name, level, checksum
+
+
+async def load_sides(source: Endpoint, target: Endpoint, src_host: Host,
+                     dst_host: Host) -> tuple[Dataset, Dataset | None]:
+    src_zfs, dst_zfs = Zfs(src_host), Zfs(dst_host)
+    src_ds = await src_zfs.require(source.dataset)
+    dst_ds = await dst_zfs.dataset(target.dataset)
+    if dst_ds is None and "/" in target.dataset:
+        parent = target.dataset.rsplit("/", 1)[0]
+        if await dst_zfs.dataset(parent) is None:
+            raise E.UnknownDataset(host=dst_host.name, dataset=parent, dataset_parent=parent.split("/")[0])
+    return src_ds, dst_ds
+
+
+# -- session set-up -----------------------------------------------------------
+
+
+def agent_config(rec: SessionRecord, role: str, level: int | None, plan: SendPlan | None,
+                 recv_flags: list[str], idle: float) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"id": rec.id, "role": role, "codec": rec.codec, "level": level,
+                           "checksum": rec.checksum, "chunk_size": rec.chunk_size,
+                           "spool_max": rec.spool_max, "idle_timeout": idle}
+    if role == "send":
+        assert plan is not None
+        cfg["send"] = {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
+                       "intermediates": plan.intermediates, "flags": []}
+    else:
+        cfg["receive"] = {"target": rec.target_dataset, "flags": recv_flags}
+    return cfg
+
+
+async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, Any]) -> str:
+    """Create ``<spool-dir>/<session>-<role>`` (both may be on one host) holding the agent."""
+    dirname = f"{sid}-{cfg['role']}"
+    argv = [opts.python, "-c", agent_mod.BOOTSTRAP, "install", opts.spool_dir, dirname, json.dumps(cfg)]
+    res = await host.run(argv, stdin=AGENT_SOURCE)
+    reply = _agent_reply(host, res.stdout, res.err_text)
+    return str(reply["path"])
+
+
+async def agent_command(host: Host, opts: SyncOptions, session_dir: str, *args: str) -> dict[str, Any]:
+    res = await host.run([opts.python, f"{session_dir}/agent.py", *args])
+    return _agent_reply(host, res.stdout, res.err_text)
+
+
+def _agent_reply(host: Host, stdout: bytes, stderr: str) -> dict[str, Any]:
+    try:
+        reply = json.loads(stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise E.RemoteError(host=host.name, code="agent-crashed", reason=stderr[-2000:] or "no output") from None
+    if "error" in reply:
+        raise E.from_remote(host.name, reply["error"])
+    return dict(reply)
+
+
+def record_ssh(opts: SyncOptions) -> dict[str, Any]:
+    s = opts.ssh
+    return {"config": str(s.config) if s.config else None, "key": str(s.key) if s.key else None,
+            "port": s.port, "options": s.options}
+
+
+def ssh_from_record(rec: SessionRecord, fallback: SshOptions) -> SshOptions:
+    d = rec.ssh or {}
+    if not d:
+        return fallback
+    return SshOptions(config=Path(d["config"]) if d.get("config") else None,
+                      key=Path(d["key"]) if d.get("key") else None, port=d.get("port"),
+                      options=dict(d.get("options") or {}))
+
+
+# -- the commands -------------------------------------------------------------
+
+
+async def sync(source_spec: str, target_spec: str, opts: SyncOptions, on_event: Any = None) -> SyncResult:
+    emit = Emitter(on_event)
+    source, target = parse_endpoint(source_spec), parse_endpoint(target_spec)
+    if source == target:
+        raise E.UsageError(reason="SOURCE and TARGET are the same dataset")
+    store = StateStore(opts.state_dir)
+    active = store.find_active(str(source), str(target))
+    if active is not None:
+        emit("reattach", session=active.id)
+        return await resume(active.id, opts, on_event)
+    src_host, dst_host = make_host(source, opts.ssh), make_host(target, opts.ssh)
+    try:
+        await first_contact(src_host)
+        await first_contact(dst_host)
+        src_rep, dst_rep = await probe_host(src_host, opts), await probe_host(dst_host, opts)
+        emit("preflight", source=_report(src_rep), target=_report(dst_rep))
+        src_ds, dst_ds = await load_sides(source, target, src_host, dst_host)
+        try:
+            plan = plan_send(src_ds, dst_ds, target.dataset, str(source), str(target))
+        except E.UpToDate as e:
+            emit("up_to_date", detail=str(e))
+            return SyncResult(None, str(e), up_to_date=True)
+        codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
+        estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features)
+        emit("plan", plan=plan.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
+             base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
+        sid = new_session_id()
+        recv_flags = ["-u"] if dst_rep.features.receive_unmounted else []
+        rec = SessionRecord(
+            id=sid, source=str(source), target=str(target), snapshot=plan.snapshot.name,
+            snapshot_guid=plan.snapshot.guid, base=plan.base.name if plan.base else None,
+            target_dataset=target.dataset, source_dir="", target_dir="", spool_base=opts.spool_dir,
+            codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
+            estimate=estimate, ssh=record_ssh(opts))
+        store.save(rec)
+        try:
+            await _start_agents(rec, plan, level, recv_flags, src_host, dst_host, opts, store)
+        except (E.ZchunkError, LinkDown) as e:
+            rec.state, rec.reason = "failed", f"could not start the agents: {e}"
+            store.save(rec)
+            await _remove_dirs(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), emit)
+            if isinstance(e, LinkDown):
+                raise E.HostUnreachable(host=e.host, reason=e.reason) from e
+            raise
+        emit("session", session=sid, source_dir=rec.source_dir, target_dir=rec.target_dir)
+        return await _run_session(rec, src_host, dst_host, opts, store, emit)
+    finally:
+        await src_host.close()
+        await dst_host.close()
+
+
+async def _start_agents(rec: SessionRecord, plan: SendPlan, level: int | None, recv_flags: list[str],
+                        src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore) -> None:
+    rec.target_dir = await install_agent(dst_host, opts, rec.id, agent_config(
+        rec, "receive", level, None, recv_flags, opts.agent_idle_timeout))
+    store.save(rec)
+    rec.source_dir = await install_agent(src_host, opts, rec.id, agent_config(
+        rec, "send", level, plan, [], opts.agent_idle_timeout))
+    store.save(rec)
+    await agent_command(dst_host, opts, rec.target_dir, "start", rec.target_dir)
+    await agent_command(src_host, opts, rec.source_dir, "start", rec.source_dir)
+    rec.state = "running"
+    store.save(rec)
+
+
+async def resume(session_id: str, opts: SyncOptions, on_event: Any = None) -> SyncResult:
+    emit = Emitter(on_event)
+    store = StateStore(opts.state_dir)
+    rec = store.load(session_id)
+    if not rec.active:
+        raise E.UsageError(reason=f"session {rec.id} is {rec.state}, not resumable"
+                           + (f" ({rec.reason})" if rec.reason else ""))
+    ssh = ssh_from_record(rec, opts.ssh)
+    src_host = make_host(parse_endpoint(rec.source), ssh)
+    dst_host = make_host(parse_endpoint(rec.target), ssh)
+    try:
+        await first_contact(src_host)
+        await first_contact(dst_host)
+        if not rec.source_dir or not rec.target_dir or rec.state == "starting":
+            rec.state, rec.reason = "failed", "the session never finished starting"
+            store.save(rec)
+            await _remove_dirs(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), emit)
+            raise E.AgentDied(host=src_host.name, role="send", session=rec.id,
+                              state="the session never finished starting")
+        emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir, resumed=True)
+        return await _run_session(rec, src_host, dst_host, opts, store, emit)
+    finally:
+        await src_host.close()
+        await dst_host.close()
+
+
+async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
+                       store: StateStore, emit: Emitter) -> SyncResult:
+    needs = ["chunk-v1", agent_mod.CODEC_CAPS[rec.codec], agent_mod.HASH_CAPS[rec.checksum]]
+    src = AgentSide(src_host, rec.source_dir, "send", needs)
+    dst = AgentSide(dst_host, rec.target_dir, "receive", needs)
+    eopts = EngineOptions(parallel=opts.parallel, patience=opts.patience, stall_timeout=opts.stall_timeout,
+                          python=opts.python)
+
+    def on_event(kind: str, **fields: Any) -> None:
+        if kind == "progress":
+            rec.raw_bytes = int(fields["raw_bytes"])
+            rec.chunks_received = int(fields["chunks_received"])
+            rec.total_chunks = fields.get("total_chunks")
+        emit(kind, **fields)
+
+    transfer = Transfer(src, dst, session_id=rec.id, chunk_size=rec.chunk_size, spool_max=rec.spool_max,
+                        estimate=rec.estimate, opts=eopts, emit=on_event)
+    try:
+        result = await transfer.run()
+    except (E.PatienceExhausted, asyncio.CancelledError, KeyboardInterrupt) as e:
+        rec.reason = str(e) or "interrupted"
+        store.save(rec)
+        raise
+    except E.ZchunkError as e:
+        rec.state, rec.reason = "failed", str(e)
+        store.save(rec)
+        await _remove_dirs(rec, src_host, dst_host, opts, emit)
+        raise
+    guid = await Zfs(dst_host).guid(f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}")
+    if guid != rec.snapshot_guid:
+        rec.state, rec.reason = "failed", "guid mismatch"
+        store.save(rec)
+        raise E.IntegrityError(reason=f"target snapshot guid {guid} != source guid {rec.snapshot_guid}")
+    emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
+    await _remove_dirs(rec, src_host, dst_host, opts, emit)
+    rec.state, rec.raw_bytes, rec.total_chunks = "done", result.raw_bytes, result.total_chunks
+    store.save(rec)
+    return SyncResult(rec.id, f"{rec.snapshot} -> {rec.target_dataset}", transfer=result,
+                      target_snapshot=f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}", guid=guid)
+
+
+async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
+                       emit: Emitter) -> None:
+    """Stop both agents and remove both session directories (kept with --keep)."""
+    for host, path in ((src_host, rec.source_dir), (dst_host, rec.target_dir)):
+        if not path:
+            continue
+        args = ["remove", path] + (["keep"] if opts.keep else [])
+        try:
+            await agent_command(host, opts, path, *args)
+        except (E.ZchunkError, LinkDown) as e:
+            emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
+    emit("cleaned", kept=opts.keep)
+
+
+async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> SessionRecord:
+    emit = Emitter(on_event)
+    store = StateStore(opts.state_dir)
+    rec = store.load(session_id)
+    ssh = ssh_from_record(rec, opts.ssh)
+    src_host = make_host(parse_endpoint(rec.source), ssh)
+    dst_host = make_host(parse_endpoint(rec.target), ssh)
+    try:
+        await first_contact(src_host)
+        await first_contact(dst_host)
+        for host, path in ((dst_host, rec.target_dir), (src_host, rec.source_dir)):
+            if not path:
+                continue
+            res = await host.run(["test", "-d", path])
+            if res.status != 0:
+                emit("warning", host=host.name, detail=f"{path} is already gone")
+                continue
+            await agent_command(host, opts, path, "remove", path)
+            emit("removed", host=host.name, path=path)
+        rec.state, rec.reason = "aborted", "aborted by the user"
+        store.save(rec)
+        return rec
+    finally:
+        await src_host.close()
+        await dst_host.close()
+
+
+def list_sessions(opts: SyncOptions) -> list[SessionRecord]:
+    return StateStore(opts.state_dir).all()
+
+
+def _report(rep: HostReport) -> dict[str, Any]:
+    return {"host": rep.name, "python": ".".join(map(str, rep.python)), "capabilities": rep.capabilities,
+            "zfs": rep.features.summary(), "uid": rep.uid}
+
+
+def quote(argv: list[str]) -> str:
+    return shlex.join(argv)

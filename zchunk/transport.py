@@ -1,0 +1,345 @@
+"""How the coordinator reaches a host: a local subprocess or one SSH connection.
+
+The only module that imports asyncssh. A ``Host`` runs one-shot commands and
+opens long-lived byte streams to agent processes; an SSH host keeps one
+connection and reconnects on demand. Connection trouble is raised as
+``LinkDown`` (retryable: the caller decides how long to be patient); host key
+and authentication failures are final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+
+from .endpoint import Endpoint
+from .errors import AuthError, HostKeyError, HostUnreachable, UsageError
+
+
+class LinkDown(Exception):
+    """A retryable transport failure (reset, refused, timeout, unreachable, name lookup)."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(f"{host}: {reason}")
+        self.host, self.reason = host, reason
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def err_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace").strip()
+
+
+@dataclass
+class SshOptions:
+    """Client settings from the CLI: ``--ssh-config``, ``--ssh-key``, ``--ssh-port``, ``-o``."""
+
+    config: Path | None = None
+    key: Path | None = None
+    port: int | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    keepalive: float = 5.0
+    keepalive_count: int = 3
+    connect_timeout: float = 20.0
+
+    @classmethod
+    def from_cli(cls, config: Path | None, key: Path | None, port: int | None,
+                 options: list[str]) -> SshOptions:
+        opts: dict[str, str] = {}
+        for item in options:
+            key_, sep, value = item.partition("=")
+            if not sep or not key_.strip():
+                raise UsageError(reason=f"-o {item!r}: expected KEY=VALUE, e.g. -o StrictHostKeyChecking=accept-new")
+            opts[key_.strip().lower()] = value.strip()
+        if config is not None and not config.is_file():
+            raise UsageError(reason=f"--ssh-config {config}: no such file")
+        if key is not None and not key.is_file():
+            raise UsageError(reason=f"--ssh-key {key}: no such file")
+        return cls(config=config, key=key, port=port, options=opts)
+
+
+class ByteStream(Protocol):
+    """Both asyncio subprocess pipes and asyncssh process streams fit this."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class AgentPipe:
+    """A running agent process seen as a duplex byte stream."""
+
+    def __init__(self, reader: Any, writer: Any, closer: Any, host: str,
+                 drop: Any = None) -> None:
+        self.reader, self.writer, self._closer = reader, writer, closer
+        self.host = host
+        self._drop = drop
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return bytes(await self.reader.readexactly(n))
+        except asyncio.IncompleteReadError as e:
+            raise LinkDown(self.host, "the agent channel closed") from e
+        except _TRANSIENT as e:
+            raise LinkDown(self.host, _describe(e)) from e
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+        except _TRANSIENT as e:
+            raise LinkDown(self.host, _describe(e)) from e
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except _TRANSIENT as e:
+            raise LinkDown(self.host, _describe(e)) from e
+
+    def drop_connection(self) -> None:
+        """The link under this pipe failed: make the host reconnect (only if still the same link)."""
+        if self._drop is not None:
+            self._drop()
+
+    async def close(self) -> None:
+        await self._closer()
+
+
+class Host:
+    """Common interface; ``name`` is how messages refer to the host."""
+
+    name: str
+
+    async def run(self, argv: list[str], stdin: bytes | None = None,
+                  timeout: float | None = 120.0) -> CommandResult:
+        raise NotImplementedError
+
+    async def open_pipe(self, argv: list[str]) -> AgentPipe:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalHost(Host):
+    def __init__(self) -> None:
+        self.name = "localhost"
+
+    async def run(self, argv: list[str], stdin: bytes | None = None,
+                  timeout: float | None = 120.0) -> CommandResult:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except FileNotFoundError:
+            return CommandResult(127, b"", f"{argv[0]}: command not found".encode())
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        return CommandResult(proc.returncode or 0, out, err)
+
+    async def open_pipe(self, argv: list[str]) -> AgentPipe:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 22)
+
+        async def closer() -> None:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+        return AgentPipe(proc.stdout, proc.stdin, closer, self.name)
+
+
+_TRANSIENT = (OSError, asyncio.TimeoutError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
+              asyncssh.ChannelOpenError, socket.gaierror, EOFError, asyncssh.BreakReceived)
+
+
+class SshHost(Host):
+    """One asyncssh connection, reopened on demand after a failure."""
+
+    def __init__(self, endpoint: Endpoint, opts: SshOptions) -> None:
+        assert endpoint.host is not None
+        self.endpoint, self.opts = endpoint, opts
+        self.name = endpoint.host_label
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = asyncio.Lock()
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "keepalive_interval": self.opts.keepalive,
+            "keepalive_count_max": self.opts.keepalive_count,
+            "connect_timeout": self.opts.connect_timeout,
+            "login_timeout": self.opts.connect_timeout,
+            # never prompt: keys only
+            "password": None, "kbdint_auth": False, "passphrase": None, "agent_path": None,
+        }
+        if self.opts.config is not None:
+            kw["config"] = [str(self.opts.config)]
+        if self.endpoint.user:
+            kw["username"] = self.endpoint.user
+        if self.opts.port is not None:
+            kw["port"] = self.opts.port
+        if self.opts.key is not None:
+            kw["client_keys"] = [str(self.opts.key)]
+        o = self.opts.options
+        if "port" in o and self.opts.port is None:
+            kw["port"] = int(o["port"])
+        if "user" in o and not self.endpoint.user:
+            kw["username"] = o["user"]
+        if "identityfile" in o and self.opts.key is None:
+            kw["client_keys"] = [os.path.expanduser(o["identityfile"])]
+        if "userknownhostsfile" in o:
+            kw["known_hosts"] = os.path.expanduser(o["userknownhostsfile"])
+        strict = self._strict_host_key_checking()
+        if strict == "no":
+            kw["known_hosts"] = None
+        return kw
+
+    def _strict_host_key_checking(self) -> str:
+        if "stricthostkeychecking" in self.opts.options:
+            return self.opts.options["stricthostkeychecking"].lower()
+        if self.opts.config is not None:
+            return _config_value(self.opts.config, self.endpoint.host or "", "stricthostkeychecking") or "yes"
+        return "yes"
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return self._conn
+            self._conn = await self._open()
+            return self._conn
+
+    async def _open(self) -> asyncssh.SSHClientConnection:
+        host = self.endpoint.host or ""
+        kw = self._connect_kwargs()
+        try:
+            return await asyncssh.connect(host, **kw)
+        except asyncssh.HostKeyNotVerifiable as e:
+            if self._strict_host_key_checking() == "accept-new":
+                return await self._accept_new(host, kw)
+            raise HostKeyError(host=self.name, reason=str(e), port=kw.get("port", 22),
+                               hostname=host) from e
+        except asyncssh.PermissionDenied as e:
+            raise AuthError(host=self.name, user=kw.get("username", "(default)"), reason=str(e)) from e
+        except _TRANSIENT as e:
+            raise LinkDown(self.name, _describe(e)) from e
+
+    async def _accept_new(self, host: str, kw: dict[str, Any]) -> asyncssh.SSHClientConnection:
+        """OpenSSH's accept-new: trust a host with no entry yet, and record its key."""
+        known = Path(kw.get("known_hosts") or os.path.expanduser("~/.ssh/known_hosts"))
+        port = int(kw.get("port", 22))
+        key = await asyncssh.get_server_host_key(host, port)
+        if key is None:
+            raise HostKeyError(host=self.name, reason="server sent no host key", port=port, hostname=host)
+        entry = host if port == 22 else f"[{host}]:{port}"
+        if known.exists() and any(line.split(" ", 1)[0] == entry for line in known.read_text().splitlines()):
+            raise HostKeyError(host=self.name, reason="the host key CHANGED", port=port, hostname=host)
+        known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with known.open("a") as f:
+            f.write(f"{entry} {key.export_public_key().decode().strip()}\n")
+        kw = dict(kw, known_hosts=str(known))
+        return await asyncssh.connect(host, **kw)
+
+    def drop(self, conn: asyncssh.SSHClientConnection | None = None) -> None:
+        """Forget a connection that failed, so the next use reconnects.
+
+        With ``conn``, only if that is still the current connection: a channel
+        of an old, already replaced connection must not drop the new one.
+        """
+        if self._conn is not None and (conn is None or conn is self._conn):
+            self._conn.abort()
+            self._conn = None
+
+    async def run(self, argv: list[str], stdin: bytes | None = None,
+                  timeout: float | None = 120.0) -> CommandResult:
+        conn = await self.connection()
+        try:
+            res = await asyncio.wait_for(
+                conn.run(shlex.join(argv), input=stdin, encoding=None, check=False), timeout)
+        except _TRANSIENT as e:
+            self.drop(conn)
+            raise LinkDown(self.name, _describe(e)) from e
+        status = res.exit_status if res.exit_status is not None else 255
+        return CommandResult(status, bytes(res.stdout or b""), bytes(res.stderr or b""))
+
+    async def open_pipe(self, argv: list[str]) -> AgentPipe:
+        conn = await self.connection()
+        try:
+            proc = await conn.create_process(shlex.join(argv), encoding=None, window=8 << 20,
+                                             max_pktsize=256 << 10, stderr=asyncssh.DEVNULL)
+        except _TRANSIENT as e:
+            self.drop(conn)
+            raise LinkDown(self.name, _describe(e)) from e
+
+        async def closer() -> None:
+            proc.stdin.write_eof() if not proc.stdin.is_closing() else None
+            proc.close()
+            try:
+                await asyncio.wait_for(proc.wait_closed(), 5)
+            except (asyncio.TimeoutError, *_TRANSIENT):
+                pass
+
+        return AgentPipe(proc.stdout, proc.stdin, closer, self.name, lambda: self.drop(conn))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            try:
+                await asyncio.wait_for(self._conn.wait_closed(), 5)
+            except (asyncio.TimeoutError, *_TRANSIENT):
+                pass
+            self._conn = None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, socket.gaierror):
+        return f"name resolution failed ({e})"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
+
+
+def _config_value(path: Path, host: str, key: str) -> str | None:
+    """The first value of ``key`` in Host blocks matching ``host`` (for options asyncssh ignores)."""
+    import fnmatch
+
+    active = True
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.replace("=", " ", 1).split(None, 1)
+        if len(parts) < 2:
+            continue
+        k, v = parts[0].lower(), parts[1].strip()
+        if k == "host":
+            active = any(fnmatch.fnmatch(host, pat) for pat in v.split())
+        elif k == "match":
+            active = False
+        elif active and k == key:
+            return v
+    return None
+
+
+def make_host(endpoint: Endpoint, opts: SshOptions) -> Host:
+    return LocalHost() if endpoint.is_local else SshHost(endpoint, opts)
+
+
+async def first_contact(host: Host) -> None:
+    """Connect once before anything else; an unreachable host here is a plain error, not a retry."""
+    if isinstance(host, SshHost):
+        try:
+            await host.connection()
+        except LinkDown as e:
+            raise HostUnreachable(host=host.name, reason=e.reason) from e

@@ -1,0 +1,185 @@
+"""zfs commands on a host: building them, running them, parsing their output.
+
+Works with old ZFS (zfs-fuse, pool v23: no ``list -p``, no ``send -nP``, no
+resume tokens, no ``receive -u``) and current OpenZFS alike; what a host can
+do is read from its own usage text once per session (``Features``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import CommandFailed, MissingZfs, PermissionDenied, UnknownDataset
+from .transport import CommandResult, Host
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str  # full name, pool/ds@snap
+    guid: int
+    createtxg: int
+    referenced: int = 0
+
+    @property
+    def short(self) -> str:
+        return self.name.split("@", 1)[1]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    type: str  # filesystem | volume
+    guid: int
+    referenced: int
+    snapshots: tuple[Snapshot, ...] = ()  # oldest first (createtxg)
+
+    @property
+    def newest(self) -> Snapshot | None:
+        return self.snapshots[-1] if self.snapshots else None
+
+    def by_guid(self) -> dict[int, Snapshot]:
+        return {s.guid: s for s in self.snapshots}
+
+
+@dataclass(frozen=True)
+class Features:
+    """What one host's zfs can do, read from its usage text."""
+
+    send_flags: frozenset[str] = field(default_factory=frozenset)
+    recv_flags: frozenset[str] = field(default_factory=frozenset)
+    version: str = "unknown"
+
+    @property
+    def resume_tokens(self) -> bool:
+        return "t" in self.send_flags and "s" in self.recv_flags
+
+    @property
+    def send_estimate(self) -> bool:
+        return {"n", "P"} <= self.send_flags
+
+    @property
+    def receive_unmounted(self) -> bool:
+        return "u" in self.recv_flags
+
+    def summary(self) -> dict[str, object]:
+        return {"version": self.version, "resume_tokens": self.resume_tokens,
+                "send_estimate": self.send_estimate, "receive_u": self.receive_unmounted,
+                "raw": "w" in self.send_flags, "compressed": "c" in self.send_flags,
+                "large_blocks": "L" in self.send_flags, "embedded": "e" in self.send_flags}
+
+
+_FLAG_GROUP = re.compile(r"\[-([A-Za-z]+)\]")
+_FLAG_SINGLE = re.compile(r"(?:^|[\s\[|])-([A-Za-z])\b")
+
+
+def parse_usage_flags(text: str, subcommand: str) -> frozenset[str]:
+    """Option letters shown for ``subcommand`` in zfs's usage text."""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not (stripped.startswith(subcommand + " ") or stripped.startswith("[") or stripped.startswith("-")):
+            continue
+        for group in _FLAG_GROUP.findall(stripped):
+            flags.update(group)
+        flags.update(_FLAG_SINGLE.findall(stripped))
+    flags.discard("[")
+    return frozenset(flags)
+
+
+def parse_get_output(text: str) -> dict[str, dict[str, str]]:
+    """``zfs get -H -p -o name,property,value`` -> {name: {property: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        out.setdefault(parts[0], {})[parts[1]] = parts[2]
+    return out
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def dataset_from_props(name: str, props: dict[str, dict[str, str]]) -> Dataset | None:
+    mine = props.get(name)
+    if mine is None:
+        return None
+    snaps = [
+        Snapshot(n, _int(p.get("guid")), _int(p.get("createtxg")), _int(p.get("referenced")))
+        for n, p in props.items()
+        if n.startswith(name + "@")
+    ]
+    snaps.sort(key=lambda s: s.createtxg)
+    return Dataset(name, mine.get("type", "filesystem"), _int(mine.get("guid")),
+                   _int(mine.get("referenced")), tuple(snaps))
+
+
+class Zfs:
+    """zfs on one host."""
+
+    def __init__(self, host: Host, command: str = "zfs") -> None:
+        self.host, self.command = host, command
+
+    async def run(self, *args: str, check: bool = True, dataset: str = "", action: str = "") -> CommandResult:
+        argv = [self.command, *args]
+        res = await self.host.run(argv)
+        if res.status == 127:
+            raise MissingZfs(host=self.host.name)
+        if check and res.status != 0:
+            err = res.err_text
+            if "permission denied" in err.lower():
+                raise PermissionDenied(host=self.host.name, action=action or args[0], dataset=dataset,
+                                       reason=err, perms="send,snapshot,hold" if action == "send"
+                                       else "receive,create,mount")
+            raise CommandFailed(host=self.host.name, command=" ".join(argv), status=res.status, stderr=err)
+        return res
+
+    async def dataset(self, name: str) -> Dataset | None:
+        """The dataset and its snapshots, or None when it does not exist."""
+        res = await self.run("get", "-H", "-p", "-o", "name,property,value", "-d", "1",
+                             "type,guid,createtxg,referenced", name, check=False, dataset=name)
+        if res.status != 0:
+            if "does not exist" in res.err_text or "no such" in res.err_text.lower():
+                return None
+            raise CommandFailed(host=self.host.name, command=f"zfs get ... {name}", status=res.status,
+                                stderr=res.err_text)
+        return dataset_from_props(name, parse_get_output(res.stdout.decode()))
+
+    async def require(self, name: str) -> Dataset:
+        ds = await self.dataset(name)
+        if ds is None:
+            raise UnknownDataset(host=self.host.name, dataset=name, dataset_parent=name.split("/")[0])
+        return ds
+
+    async def features(self) -> Features:
+        send = await self.run("send", "-?", check=False)
+        recv = await self.run("receive", "-?", check=False)
+        ver = await self.run("version", check=False)
+        version = ver.stdout.decode().split("\n")[0].strip() if ver.status == 0 else "legacy zfs (no `zfs version`)"
+        return Features(parse_usage_flags((send.stdout + send.stderr).decode(), "send"),
+                        parse_usage_flags((recv.stdout + recv.stderr).decode(), "receive"), version)
+
+    async def estimate(self, snapshot: Snapshot, base: Snapshot | None, features: Features) -> int:
+        """Stream size: ``zfs send -nP`` where supported, else referenced sizes."""
+        if features.send_estimate:
+            args = ["send", "-nP"] + (["-I", base.name] if base else []) + [snapshot.name]
+            res = await self.run(*args, check=False)
+            for line in reversed((res.stdout + res.stderr).decode().splitlines()):
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "size" and parts[1].isdigit():
+                    return int(parts[1])
+        if base is None:
+            return snapshot.referenced
+        return max(abs(snapshot.referenced - base.referenced), 1 << 20)
+
+    async def snapshot(self, name: str) -> None:
+        await self.run("snapshot", name, dataset=name, action="snapshot")
+
+    async def guid(self, name: str) -> int | None:
+        res = await self.run("get", "-H", "-p", "-o", "value", "guid", name, check=False)
+        return _int(res.stdout.decode().strip()) if res.status == 0 else None
