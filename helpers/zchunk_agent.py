@@ -22,6 +22,7 @@ Session directory layout (the spool; docs/chunk-format.md has the bytes)::
         session.json              parameters, written once by ``install``
         sender.json | receiver.json   daemon state, replaced atomically
         end.json                  stream end as announced by the coordinator
+        chunks.log                target: one line per chunk stored ("stored SEQ BYTES")
         heartbeat                 mtime = last coordinator contact
         daemon.pid, daemon.log    the detached daemon
         zfs.stderr                stderr of zfs send / zfs receive
@@ -885,7 +886,16 @@ class Server:
             raise
         os.rename(part, self.sess.chunk_path(seq))
         fsync_dir(self.sess.chunks)
+        self.journal("stored %d %d" % (seq, total))
         return {"stored": True}
+
+    def journal(self, line: str) -> None:
+        """Append-only record of completed moves (``chunks.log``): evidence that none moved twice."""
+        fd = os.open(self.sess.file("chunks.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
     def finish(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
         end = {k: msg[k] for k in ("total_chunks", "raw_bytes", "stream_hash")}
