@@ -1,0 +1,122 @@
+"""zchunk sync on real zfs-fuse pools, in every mode: local, push and pull over a
+real sshd on loopback, relay between two namespaced hosts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.zc import Zchunk, kill_matching
+from tests.zfsutil import add_change, assert_replica, exists, make_source, quiet_target_pool, snapshots
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def zc(tmp_path: Path) -> Iterator[Zchunk]:
+    z = Zchunk(tmp_path)
+    yield z
+    reap_agents(z)
+
+
+def reap_agents(z: Zchunk) -> None:
+    """Teardown: no agent of this test may outlive it (by pid, from the session state)."""
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
+    src, dst = pool_factory(size="1G"), pool_factory(size="1G")
+    quiet_target_pool(dst)
+    return src, dst
+
+
+def combined_config(tmp_path: Path, *servers: lab.Sshd) -> Path:
+    cfg = tmp_path / "ssh_config_all"
+    cfg.write_text("".join(s.ssh_config.read_text() for s in servers))
+    return cfg
+
+
+@pytest.fixture(params=["local", "push", "pull"])
+def route(request: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """How SOURCE and TARGET are written for each mode, given dataset names."""
+    mode = request.param
+    if mode == "local":
+        yield {"mode": mode, "src": lambda d: d, "dst": lambda d: d, "args": []}
+        return
+    sshd = request.getfixturevalue("sshd_local")
+    remote = lambda d: f"{sshd.alias}:{d}"  # noqa: E731
+    yield {"mode": mode, "src": remote if mode == "pull" else (lambda d: d),
+           "dst": remote if mode == "push" else (lambda d: d),
+           "args": ["--ssh-config", str(sshd.ssh_config)]}
+
+
+def test_full_then_incremental(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], route: dict[str, Any]) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 6 * MiB, seed=3)
+    dst = f"{dst_pool.name}/replica"
+    args = ["--chunk-size", "1M", *route["args"]]
+
+    run = zc.run("sync", route["src"](src), route["dst"](dst), *args)
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    res = run.result()
+    assert res["transfer"]["total_chunks"] >= 6
+    assert run.of("plan")[0]["send_kind"] == "full"
+    assert run.of("verified")[0]["guid"] == res["guid"]
+    assert zc.session_dirs() == [], "session directories must be removed"
+
+    add_change(src, 2 * MiB, seed=4, snap="s2")
+    add_change(src, 1 * MiB, seed=5, snap="s3")
+    run = zc.run("sync", route["src"](src), route["dst"](dst), *args)
+    assert run.returncode == 0, run.explain()
+    plan = run.of("plan")[0]
+    assert plan["send_kind"] == "incremental" and plan["base"] == f"{src}@s1"
+    assert_replica(src, dst, "s3")
+    assert [s.split("@")[1] for s in snapshots(dst)] == ["s1", "s2", "s3"], "-I sends intermediates"
+
+    run = zc.run("sync", route["src"](src), route["dst"](dst), *args)
+    assert run.returncode == 0 and run.of("up_to_date"), run.explain()
+    sessions = json.loads(zc.run("sessions", json_out=True).stdout)
+    assert [s["state"] for s in sessions] == ["done", "done"]
+
+
+def test_relay_between_two_remote_hosts(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], sshd_src: lab.Sshd,
+                                        sshd_dst: lab.Sshd, tmp_path: Path) -> None:
+    """Both hosts remote (two namespaced sshds): the data passes through the coordinator."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 5 * MiB, seed=7)
+    dst = f"{dst_pool.name}/relayed"
+    cfg = combined_config(tmp_path, sshd_src, sshd_dst)
+    run = zc.run("sync", f"src:{src}", f"dst:{dst}", "--chunk-size", "1M", "--ssh-config", str(cfg))
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    pre = run.of("preflight")[0]
+    assert pre["source"]["host"] == "src" and pre["target"]["host"] == "dst"
+
+
+def test_refusals_change_nothing(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=9)
+    # unknown source dataset
+    run = zc.run("sync", f"{src_pool.name}/nope", f"{dst_pool.name}/x")
+    assert run.returncode == 3 and "does not exist" in run.stderr, run.explain()
+    # target parent missing
+    run = zc.run("sync", src, f"{dst_pool.name}/no/such/parent")
+    assert run.returncode == 3 and "does not exist" in run.stderr, run.explain()
+    # target exists with no common snapshot
+    other = make_source(dst_pool, 1 * MiB, seed=10, name="other")
+    run = zc.run("sync", src, other)
+    assert run.returncode == 4 and "shares no snapshot" in run.stderr, run.explain()
+    assert snapshots(other) == [f"{other}@s1"]
+    # a hostile name never reaches a shell
+    run = zc.run("sync", src, f"{dst_pool.name}/x;touch /tmp/zchunk-canary")
+    assert run.returncode == 2 and not Path("/tmp/zchunk-canary").exists(), run.explain()
+    assert not exists(f"{dst_pool.name}/x")
+    assert zc.session_dirs() == [] and not (zc.state_dir / "sessions").exists()

@@ -1,0 +1,71 @@
+"""Small helpers for tests on real zfs-fuse pools."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from zchunk import lab
+
+
+def zfs(*args: str) -> str:
+    p = subprocess.run(["zfs", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"zfs {' '.join(args)}: {p.stderr}"
+    return p.stdout
+
+
+def guid(name: str) -> int:
+    return int(zfs("get", "-H", "-p", "-o", "value", "guid", name).strip())
+
+
+def exists(name: str) -> bool:
+    return subprocess.run(["zfs", "list", name], capture_output=True).returncode == 0
+
+
+def snapshots(dataset: str) -> list[str]:
+    out = zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", dataset) if exists(dataset) else ""
+    return [line for line in out.splitlines() if line.startswith(dataset + "@")]
+
+
+def mountpoint(dataset: str) -> Path:
+    return Path(zfs("get", "-H", "-o", "value", "mountpoint", dataset).strip())
+
+
+def make_source(pool: lab.Pool, size: int, seed: int = 1, name: str = "ds",
+                compressible: float = 0.2) -> str:
+    """pool/name with ``size`` bytes of reproducible data and a first snapshot @s1."""
+    ds = f"{pool.name}/{name}"
+    zfs("create", ds)
+    lab.write_dataset(mountpoint(ds) / "data", size, seed=seed, compressible_fraction=compressible)
+    zfs("snapshot", f"{ds}@s1")
+    return ds
+
+
+def add_change(ds: str, size: int, seed: int, snap: str) -> None:
+    lab.write_dataset(mountpoint(ds) / f"more-{seed}", size, seed=seed, compressible_fraction=0.2)
+    zfs("snapshot", f"{ds}@{snap}")
+
+
+def quiet_target_pool(pool: lab.Pool) -> None:
+    """Replicas on zfs-fuse are mounted (no receive -u): atime=off keeps reads from changing them."""
+    zfs("set", "atime=off", pool.name)
+
+
+def same_content(src: str, dst: str) -> bool:
+    return lab.tree_digest(mountpoint(src)) == lab.tree_digest(mountpoint(dst))
+
+
+def assert_replica(src: str, dst: str, snap: str) -> None:
+    assert exists(f"{dst}@{snap}"), f"{dst}@{snap} missing; target has {snapshots(dst)}"
+    assert guid(f"{dst}@{snap}") == guid(f"{src}@{snap}")
+    assert same_content(src, dst), "file content differs between source and replica"
+
+
+def wait_until(pred, timeout: float = 60, what: str = "condition", step: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
