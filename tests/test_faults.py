@@ -1,0 +1,245 @@
+"""Faults on real parts: zfs-fuse pools, a real sshd in a namespace behind a
+rate-limited veth (the WAN), connection resets, an unplugged NIC, a killed
+coordinator, a corrupted chunk, a small spool, hosts missing python3 or zfs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.zc import Zchunk, kill_matching
+from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool, wait_until
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs, pytest.mark.netns]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def zc(tmp_path: Path) -> Iterator[Zchunk]:
+    z = Zchunk(tmp_path)
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
+    src, dst = pool_factory(size="1G"), pool_factory(size="1G")
+    quiet_target_pool(dst)
+    return src, dst
+
+
+def received(zc: Zchunk) -> int:
+    st = zc.agent_state("receive") or {}
+    return int(st.get("raw_bytes", 0))
+
+
+def chunks_received(zc: Zchunk) -> int:
+    st = zc.agent_state("receive") or {}
+    return int(st.get("next_seq", 0))
+
+
+def in_thread(fn: Any, *args: Any) -> threading.Thread:
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def push_args(sshd: lab.Sshd, *extra: str) -> list[str]:
+    return ["--chunk-size", "1M", "--ssh-config", str(sshd.ssh_config), "--patience", "10m", *extra]
+
+
+@pytest.mark.slow
+def test_survives_three_connection_killing_outages(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                   sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 40 * MiB, seed=21, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 24)
+    bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst))
+    try:
+        for i in range(3):
+            bg.wait_for(lambda: received(zc) >= (i + 1) * 8 * MiB, timeout=180, what=f"{(i + 1) * 8} MiB")
+            wan.outage("dst", 22, 4)  # tcp-reset on the sshd port: live connections die too
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    downs, ups = run.of("link_down"), run.of("link_up")
+    assert len(downs) >= 3 and len(ups) >= 3, run.kinds()
+    assert run.of("retrying"), "a visible retrying state is reported"
+    assert run.result()["transfer"]["outages"] >= 3
+
+
+@pytest.mark.slow
+def test_survives_unplugged_nic_for_60s(zc: Zchunk, pools: Any, wan: lab.Wan, sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 24 * MiB, seed=22, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 24)
+    bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst))
+    try:
+        bg.wait_for(lambda: received(zc) >= 6 * MiB, timeout=120, what="6 MiB received")
+        at = received(zc)
+        t = in_thread(wan.unplug, "dst", 60)
+        time.sleep(30)
+        assert received(zc) - at < 4 * MiB, "nothing much can arrive while the NIC is down"
+        t.join()
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    outage = sum(e["outage"] for e in run.of("link_up"))
+    assert outage >= 30, f"outage reported {outage}s: {run.of('link_up')}"
+
+
+def test_coordinator_kill9_then_rerun_and_resume(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                 sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 24 * MiB, seed=23, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 24)
+    args = ["sync", src, f"dst:{dst}", *push_args(sshd_dst)]
+    bg = zc.start(*args)
+    bg.wait_for(lambda: chunks_received(zc) >= 4, timeout=120, what="4 chunks received")
+    bg.kill9()
+    sid = json.loads(zc.run("sessions").stdout)[0]["id"]
+    assert len(zc.session_dirs()) == 2, "the agents and their spools outlive the coordinator"
+    # 1. the same command again reattaches
+    bg = zc.start(*args)
+    try:
+        bg.wait_for(lambda: any(e["event"] == "reattach" for e in bg.events_so_far()), timeout=60,
+                    what="reattach")
+        at = chunks_received(zc)
+        bg.wait_for(lambda: chunks_received(zc) >= at + 4, timeout=120, what="4 more chunks")
+        bg.kill9()
+    finally:
+        bg.stop()
+    # 2. zchunk resume ID (keeping the directories to read the target's journal)
+    run = zc.run("resume", sid, "--ssh-config", str(sshd_dst.ssh_config), "--keep")
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    target_dir = next(d for d in zc.session_dirs() if d.name.endswith("-receive"))
+    stored = [int(line.split()[1]) for line in (target_dir / "chunks.log").read_text().splitlines()]
+    assert len(stored) == len(set(stored)), f"a chunk moved twice: {sorted(stored)}"
+    assert sorted(stored) == list(range(run.result()["transfer"]["total_chunks"]))
+    sessions = json.loads(zc.run("sessions").stdout)
+    assert [s["state"] for s in sessions] == ["done"]
+
+
+def test_corrupted_chunk_on_target_spool_is_moved_again(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=24, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    bg = zc.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--ssh-config", str(sshd_local.ssh_config))
+    try:
+        wait_until(lambda: (zc.agent_state("receive") or {}).get("pid"), 60, "receiver daemon")
+        pid = int(zc.agent_state("receive")["pid"])  # type: ignore[index]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            chunks = lambda: sorted(next(d for d in zc.session_dirs() if d.name.endswith("-receive"))  # noqa: E731
+                                    .joinpath("chunks").glob("*.chunk"))
+            wait_until(lambda: len(chunks()) >= 2, 60, "two chunks in the target spool")
+            victim = chunks()[0]
+            data = bytearray(victim.read_bytes())
+            data[200] ^= 0xFF
+            victim.write_bytes(bytes(data))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    discarded = run.of("chunk_discarded")
+    assert discarded and int(victim.name.split(".")[0]) == int(
+        discarded[0]["detail"].split()[1]), discarded
+    assert run.result()["transfer"]["discarded_chunks"] == 1
+
+
+def test_spool_cap_smaller_than_stream(zc: Zchunk, pools: Any, wan: lab.Wan, sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 20 * MiB, seed=25, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 40)
+    cap = 3 * MiB
+    peak = {"send": 0, "receive": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for d in zc.session_dirs():
+                role = d.name.rsplit("-", 1)[-1]
+                try:
+                    size = sum(f.stat().st_size for f in (d / "chunks").iterdir())
+                except OSError:
+                    continue
+                peak[role] = max(peak.get(role, 0), size)
+            time.sleep(0.01)
+
+    t = in_thread(sample)
+    try:
+        run = zc.run("sync", src, f"dst:{dst}", *push_args(sshd_dst, "--spool-max", "3M"))
+    finally:
+        stop.set()
+        t.join()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    assert run.result()["transfer"]["total_chunks"] >= 20
+    assert 2 * MiB <= peak["send"] <= cap, f"source spool peak {peak['send']} (cap {cap})"
+    assert peak["receive"] <= cap, f"target spool peak {peak['receive']} (cap {cap})"
+
+
+@pytest.mark.parametrize("missing,code,text", [("python3", 6, "python3 not found"),
+                                               ("zfs", 6, "zfs command not found")])
+def test_host_missing_a_program(zc: Zchunk, pools: Any, sshd_local: lab.Sshd, missing: str, code: int,
+                                text: str) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=26)
+    path = sshd_local.path_without(missing)
+    sshd_local.add_key("no" + missing.replace("3", ""), options=f'environment="PATH={path}"')
+    alias = sshd_local.key_alias("no" + missing.replace("3", ""))
+    for source, target in ((src, f"{alias}:{dst_pool.name}/r"), (f"{alias}:{src}", f"{dst_pool.name}/r")):
+        run = zc.run("sync", source, target, "--ssh-config", str(sshd_local.ssh_config))
+        assert run.returncode == code, run.explain()
+        assert text in run.stderr and alias in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 2, "one line of error, one of fix"
+        assert not exists(f"{dst_pool.name}/r")
+        assert zc.session_dirs() == [] and not (zc.state_dir / "sessions").exists()
+
+
+def test_unreachable_host_is_a_clear_error(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=27)
+    port = lab.free_port()
+    run = zc.run("sync", src, f"127.0.0.1:{dst_pool.name}/r", "--ssh-port", str(port))
+    assert run.returncode == 5 and "cannot reach 127.0.0.1" in run.stderr, run.explain()
+    assert zc.session_dirs() == []
+
+
+def test_abort_stops_agents_and_removes_everything(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                   sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 16 * MiB, seed=28, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 16)
+    bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst))
+    bg.wait_for(lambda: chunks_received(zc) >= 2, timeout=120, what="2 chunks")
+    bg.kill9()
+    sid = json.loads(zc.run("sessions").stdout)[0]["id"]
+    run = zc.run("abort", sid, "--ssh-config", str(sshd_dst.ssh_config))
+    assert run.returncode == 0, run.explain()
+    assert zc.session_dirs() == []
+    assert kill_matching(str(zc.spool_dir)) == [], "no agent process may survive an abort"
+    wait_until(lambda: not exists(dst), 30, "the partial receive to go away")
+    assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == ["aborted"]
