@@ -52,12 +52,12 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 try:  # pragma: no cover - depends on the host
     import zstandard  # type: ignore
-except Exception:  # pragma: no cover
-    zstandard = None
+except ImportError:  # pragma: no cover
+    zstandard = None  # type: ignore[assignment]
 try:  # pragma: no cover - depends on the host
     import xxhash  # type: ignore
-except Exception:  # pragma: no cover
-    xxhash = None
+except ImportError:  # pragma: no cover
+    xxhash = None  # type: ignore[assignment]
 
 AGENT_VERSION = "0.1.0"
 PROTOCOL_VERSION = 1
@@ -94,7 +94,7 @@ def new_hasher(alg: int) -> Any:
     raise AgentError("unsupported", "unknown checksum id %d" % alg)
 
 
-def digest(alg: int, data: bytes) -> bytes:
+def digest(alg: int, data: Any) -> bytes:
     h = new_hasher(alg)
     h.update(data)
     return h.digest()
@@ -200,7 +200,7 @@ def decode_chunk(blob: bytes, expect_seq: int) -> bytes:
     except AgentError:
         raise
     except Exception as e:
-        raise AgentError("chunk-corrupt", "chunk %d: decompression failed: %s" % (hdr.seq, e))
+        raise AgentError("chunk-corrupt", "chunk %d: decompression failed: %s" % (hdr.seq, e)) from e
     if len(raw) != hdr.raw_len or digest(hdr.hash_alg, raw) != hdr.raw_hash:
         raise AgentError("chunk-corrupt", "chunk %d: raw bytes checksum mismatch" % hdr.seq)
     return raw
@@ -246,7 +246,7 @@ def decode_message(payload: bytes) -> Dict[str, Any]:
     try:
         msg = json.loads(payload.decode("utf-8"))
     except Exception as e:
-        raise AgentError("protocol", "frame payload is not JSON: %s" % e)
+        raise AgentError("protocol", "frame payload is not JSON: %s" % e) from e
     if not isinstance(msg, dict):
         raise AgentError("protocol", "message is not a JSON object")
     return msg
@@ -347,7 +347,7 @@ def check_private_dir(path: str, what: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise AgentError("session-dir", "%s %s does not exist" % (what, path))
+        raise AgentError("session-dir", "%s %s does not exist" % (what, path)) from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise AgentError("session-dir", "%s %s is not a directory (symlink or file in its place)"
                          % (what, path))
@@ -604,7 +604,7 @@ class SenderDaemon(Daemon):
                 time.sleep(1.0)
 
 
-def read_up_to(f: BinaryIO, n: int) -> bytes:
+def read_up_to(f: Any, n: int) -> bytes:
     """Read n bytes unless EOF comes first; large reads, one buffer."""
     buf = bytearray(n)
     view = memoryview(buf)
@@ -715,12 +715,13 @@ class Server:
 
     def __init__(self, sess: Session, rfile: BinaryIO, wfile: BinaryIO) -> None:
         self.sess, self.rfile, self.wfile = sess, rfile, wfile
-        common = {"status": self.status, "cleanup": self.cleanup, "abort": self.abort}
+        common: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = {
+            "status": self.status, "cleanup": self.cleanup, "abort": self.abort}
         if sess.role == "send":
             common.update({"get_chunk": self.get_chunk, "release": self.release})
         else:
             common.update({"put_chunk": self.put_chunk, "finish": self.finish})
-        self.handlers: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = common
+        self.handlers = common
 
     def send(self, ftype: int, req_id: int, msg: Dict[str, Any]) -> None:
         self.wfile.write(encode_message(ftype, req_id, msg))
@@ -798,7 +799,7 @@ class Server:
         try:
             fd = os.open(self.sess.chunk_path(seq), os.O_RDONLY | O_NOFOLLOW)
         except FileNotFoundError:
-            raise AgentError("no-chunk", "chunk %d is not in the source spool" % seq)
+            raise AgentError("no-chunk", "chunk %d is not in the source spool" % seq) from None
         with os.fdopen(fd, "rb") as f:
             total = os.fstat(f.fileno()).st_size
             if offset > total:
@@ -953,7 +954,8 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        raise AgentError("session-dir", "session directory %s already exists: refusing to reuse it" % path)
+        raise AgentError("session-dir", "session directory %s already exists: refusing to reuse it"
+                         % path) from None
     check_private_dir(path, "session directory")
     os.mkdir(os.path.join(path, "chunks"), 0o700)
     write_atomic(os.path.join(path, "agent.py"), AGENT_SOURCE)

@@ -66,8 +66,8 @@ def test_survives_three_connection_killing_outages(zc: Zchunk, pools: Any, wan: 
     wan.rate("dst", 24)
     bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst))
     try:
-        for i in range(3):
-            bg.wait_for(lambda: received(zc) >= (i + 1) * 8 * MiB, timeout=180, what=f"{(i + 1) * 8} MiB")
+        for i in range(1, 4):
+            bg.wait_for(lambda n=i * 8 * MiB: received(zc) >= n, timeout=180, what=f"{i * 8} MiB")
             wan.outage("dst", 22, 4)  # tcp-reset on the sshd port: live connections die too
         run = bg.finish()
     finally:

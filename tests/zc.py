@@ -35,7 +35,8 @@ class Run:
         return res[-1]
 
     def explain(self) -> str:
-        return f"$ {' '.join(self.argv)}\nexit {self.returncode}\nstdout:\n{self.stdout[-4000:]}\nstderr:\n{self.stderr[-4000:]}"
+        return (f"$ {' '.join(self.argv)}\nexit {self.returncode}\n"
+                f"stdout:\n{self.stdout[-4000:]}\nstderr:\n{self.stderr[-4000:]}")
 
 
 def parse_events(stdout: str) -> list[dict[str, Any]]:

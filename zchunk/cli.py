@@ -55,7 +55,7 @@ def _run(coro: Any, json_out: bool) -> Any:
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: the agents keep their spools; continue with `zchunk resume ID` "
                          "(see `zchunk sessions`)\n")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 def _fail(e: E.ZchunkError, json_out: bool) -> None:
@@ -73,7 +73,7 @@ def _options(**kw: Any) -> lib.SyncOptions:
                               kw.pop("ssh_option") or [])
     chunk = parse_size(kw.pop("chunk_size"), "--chunk-size")
     if not (64 << 10) <= chunk <= (256 << 20):
-        raise E.UsageError(reason=f"--chunk-size {human_bytes(chunk)}: must be between 64K and 256M")
+        raise E.UsageError(reason=f"--chunk-size {human_bytes(chunk)}: must be 64K to 256M")
     spool_max = parse_size(kw.pop("spool_max"), "--spool-max")
     if spool_max < chunk:
         raise E.UsageError(reason="--spool-max must hold at least one chunk (--chunk-size)")

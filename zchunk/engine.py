@@ -13,6 +13,7 @@ jitter until ``patience`` passes without progress.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -359,6 +360,7 @@ class Transfer:
                 if chans["receive"] is None:
                     chans["receive"] = await self.dst.open_channel(self.opts)
                 src_ch, dst_ch = chans["send"], chans["receive"]
+                assert src_ch is not None and dst_ch is not None
                 st = await dst_ch.request("status")
                 have = {int(k): int(v) for k, v in (st.get("parts") or {}).items()}.get(seq, 0)
                 if seq in set(int(s) for s in st.get("chunks", [])) or seq < int(
@@ -387,7 +389,7 @@ class Transfer:
                     continue
                 self.in_flight.add(seq)
                 try:
-                    await self._with_retries(self.dst.name, lambda: move(seq))
+                    await self._with_retries(self.dst.name, functools.partial(move, seq))
                 except RemoteError as e:
                     await close_all()
                     self._on_remote_error(seq, e)

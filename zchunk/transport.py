@@ -271,7 +271,7 @@ class SshHost(Host):
             self.drop(conn)
             raise LinkDown(self.name, _describe(e)) from e
         status = res.exit_status if res.exit_status is not None else 255
-        return CommandResult(status, bytes(res.stdout or b""), bytes(res.stderr or b""))
+        return CommandResult(status, _as_bytes(res.stdout), _as_bytes(res.stderr))
 
     async def open_pipe(self, argv: list[str]) -> AgentPipe:
         conn = await self.connection()
@@ -300,6 +300,12 @@ class SshHost(Host):
             except (asyncio.TimeoutError, *_TRANSIENT):
                 pass
             self._conn = None
+
+
+def _as_bytes(data: bytes | str | None) -> bytes:
+    if data is None:
+        return b""
+    return data.encode() if isinstance(data, str) else bytes(data)
 
 
 def _describe(e: BaseException) -> str:

@@ -78,7 +78,7 @@ def parse_usage_flags(text: str, subcommand: str) -> frozenset[str]:
     flags: set[str] = set()
     for line in text.splitlines():
         stripped = line.strip()
-        if not (stripped.startswith(subcommand + " ") or stripped.startswith("[") or stripped.startswith("-")):
+        if not stripped.startswith((subcommand + " ", "[", "-")):
             continue
         for group in _FLAG_GROUP.findall(stripped):
             flags.update(group)
@@ -160,7 +160,8 @@ class Zfs:
         send = await self.run("send", "-?", check=False)
         recv = await self.run("receive", "-?", check=False)
         ver = await self.run("version", check=False)
-        version = ver.stdout.decode().split("\n")[0].strip() if ver.status == 0 else "legacy zfs (no `zfs version`)"
+        version = (ver.stdout.decode().split("\n")[0].strip() if ver.status == 0
+                   else "legacy zfs (no `zfs version`)")
         return Features(parse_usage_flags((send.stdout + send.stderr).decode(), "send"),
                         parse_usage_flags((recv.stdout + recv.stderr).decode(), "receive"), version)
 
