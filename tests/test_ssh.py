@@ -1,0 +1,108 @@
+"""SSH options against a real sshd: --ssh-key, --ssh-port, -o, host key checking, TTY progress."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.zc import REPO, Zchunk, kill_matching
+from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def zc(tmp_path: Path) -> Iterator[Zchunk]:
+    z = Zchunk(tmp_path)
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
+    src, dst = pool_factory(size="512M"), pool_factory(size="512M")
+    quiet_target_pool(dst)
+    return src, dst
+
+
+def test_host_key_checked_by_default_accept_new_on_request(zc: Zchunk, pools: Any, sshd_local: lab.Sshd,
+                                                           tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=31)
+    dst = f"{dst_pool.name}/r"
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    base = ["--ssh-key", str(sshd_local.user_key), "--ssh-port", str(sshd_local.port),
+            "-o", f"UserKnownHostsFile={known}", "--chunk-size", "1M"]
+    run = zc.run("sync", src, f"root@127.0.0.1:{dst}", *base)
+    assert run.returncode == 5 and "host key verification failed" in run.stderr, run.explain()
+    assert "known_hosts" in run.stderr or "accept-new" in run.stderr, "the fix is named"
+    assert not exists(dst) and known.read_text() == ""
+
+    run = zc.run("sync", src, f"root@127.0.0.1:{dst}", *base, "-o", "StrictHostKeyChecking=accept-new")
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    assert f"[127.0.0.1]:{sshd_local.port}" in known.read_text()
+
+    # a changed key is refused even with accept-new
+    known.write_text(f"[127.0.0.1]:{sshd_local.port} ssh-ed25519 "
+                     "AAAAC3NzaC1lZDI1NTE5AAAAIDy4xkBzl1lS4WzwvS3tq6b7o0mR2o6Pp2V1gx0z0b9b\n")
+    run = zc.run("sync", src, f"root@127.0.0.1:{dst_pool.name}/other", *base,
+                 "-o", "StrictHostKeyChecking=accept-new")
+    assert run.returncode == 5 and "CHANGED" in run.stderr, run.explain()
+
+
+def test_wrong_key_is_an_auth_error_without_prompting(zc: Zchunk, pools: Any, sshd_local: lab.Sshd,
+                                                      tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=32)
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    run = zc.run("sync", src, f"root@127.0.0.1:{dst_pool.name}/r", "--ssh-key", str(stranger),
+                 "--ssh-port", str(sshd_local.port), "-o", f"UserKnownHostsFile={sshd_local.known_hosts}",
+                 timeout=60)
+    assert run.returncode == 5 and "authentication failed" in run.stderr, run.explain()
+
+
+def test_progress_bar_on_a_tty(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> None:
+    """On a terminal: a live line with percent, bytes, rate, ETA and chunk counts, never above 100%."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 8 * MiB, seed=33, compressible=0.0)
+    argv = [sys.executable, "-m", "zchunk", "sync", src, f"local:{dst_pool.name}/r", "--chunk-size", "256K",
+            "--parallel", "1", "--ssh-config", str(sshd_local.ssh_config), "--state-dir", str(zc.state_dir),
+            "--spool-dir", str(zc.spool_dir)]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: becomes zchunk with the pty as its terminal
+        os.chdir(REPO)
+        os.execv(argv[0], argv)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 1)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "\r\x1b[K" in text and "ETA" in text and "chunks" in text and "spooled" in text, text
+    percents = [float(tok[:-1]) for tok in text.replace("\r", " ").split() if tok.endswith("%")
+                and tok[:-1].replace(".", "").isdigit()]
+    assert percents and max(percents) <= 100.0, percents
+    assert "verified:" in text and "done:" in text
