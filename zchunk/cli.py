@@ -229,6 +229,37 @@ def sessions(
 
 
 @app.command()
+def demo(
+    size: str = typer.Option("160M", "--size", help="Size of the seeded dataset."),
+    rate: float = typer.Option(60.0, "--rate", help="WAN rate limit in Mbit/s."),
+    outages: int = typer.Option(3, "--outages", help="How many times the link is cut."),
+    outage_seconds: float = typer.Option(5.0, "--outage-seconds", help="How long each cut lasts."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the lab (pools, namespace, sshd) up to explore."),
+) -> None:
+    """Replicate a throwaway dataset to a namespaced "host" over a flaky simulated WAN (needs root).
+
+    Creates zfs-fuse pools on sparse files, a target host in a network
+    namespace with its own sshd behind a rate-limited link, seeds a dataset,
+    replicates it while the link is cut several times, verifies the replica by
+    guid and content, and cleans everything up.
+    """
+    from .demo import DemoOptions, run_demo
+
+    try:
+        opts = DemoOptions(size=parse_size(size, "--size"), rate_mbit=rate, outages=outages,
+                           outage_seconds=outage_seconds, keep=keep)
+        renderer = TextRenderer(verbose=False)
+        res = run_demo(opts, renderer)
+    except E.ZchunkError as e:
+        _fail(e, False)
+    t = res.result.transfer
+    if t is not None:
+        sys.stderr.write(f"\ndemo done: {res.target} is a verified replica of {res.source} "
+                         f"({human_bytes(t.raw_bytes)} in {human_duration(t.elapsed)}, "
+                         f"{t.outages} link outages ridden through, {human_duration(t.outage_seconds)} down)\n")
+
+
+@app.command()
 def version() -> None:
     """Print the zchunk version."""
     print(f"zchunk {__version__}")

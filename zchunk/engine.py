@@ -47,6 +47,9 @@ class EngineOptions:
     poll_interval: float = 0.25
     python: str = "python3"
     max_corrupt_retries: int = 5
+    # Short enough that a 5 s outage costs little more than 5 s; one SSH connect
+    # attempt per few seconds is cheap even over a 24 h outage.
+    max_backoff: float = 5.0
 
 
 @dataclass
@@ -160,7 +163,7 @@ class Transfer:
                       outage=round(time.monotonic() - since, 1), reason=str(exc) if exc else "")
 
         return AsyncRetrying(retry=retry_if_exception_type(LinkDown),
-                             wait=wait_exponential_jitter(initial=0.5, max=15, jitter=1),
+                             wait=wait_exponential_jitter(initial=0.25, max=self.opts.max_backoff, jitter=1),
                              stop=stop, before_sleep=before_sleep, reraise=True)
 
     async def _with_retries(self, host_hint: str, fn: Callable[[], Any]) -> Any:
@@ -374,6 +377,8 @@ class Transfer:
                     self.progressed()
 
                 stored = await relay_chunk(src_ch, dst_ch, seq, have, moved)
+                self._link_ok(self.src.name)
+                self._link_ok(self.dst.name)
                 if stored:
                     self.dst_stored.add(seq)
             except LinkDown as e:

@@ -136,5 +136,8 @@ class TextRenderer:
         if self.verbose:
             self._line(f"zfs send finished: {f['chunks']} chunks, {human_bytes(f['raw_bytes'])}")
 
+    def on_demo_step(self, f: dict[str, Any]) -> None:
+        self._line(f"==> {f['text']}")
+
     def on_removed(self, f: dict[str, Any]) -> None:
         self._line(f"{f['host']}: removed {f['path']}")
