@@ -1,0 +1,127 @@
+"""Replication planning from hand-built snapshot lists: matched by guid, never by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from zchunk.errors import NoCommonSnapshot, NoSnapshot, TargetDiverged, TypeMismatch, UpToDate
+from zchunk.plan import SendPlan, common_snapshot, plan_send
+from zchunk.zfs import Dataset, Snapshot
+
+SRC, DST = "tank/data", "backup/data"
+
+
+def snap(ds: str, name: str, guid: int, txg: int) -> Snapshot:
+    return Snapshot(f"{ds}@{name}", guid, txg)
+
+
+def dataset(name: str, *snaps: Snapshot, type_: str = "filesystem") -> Dataset:
+    return Dataset(name, type_, guid=hash(name) & 0xFFFF, referenced=0,
+                   snapshots=tuple(sorted(snaps, key=lambda s: s.createtxg)))
+
+
+# source: a(guid 11) -> b(12) -> c(13); txgs differ on the target (received later)
+A, B, C = snap(SRC, "a", 11, 100), snap(SRC, "b", 12, 200), snap(SRC, "c", 13, 300)
+SOURCE = dataset(SRC, A, B, C)
+
+
+def plan(source: Dataset, target: Dataset | None, **kw: bool) -> SendPlan:
+    return plan_send(source, target, DST, f"src:{source.name}", f"dst:{DST}", **kw)
+
+
+def test_full_when_the_target_does_not_exist() -> None:
+    p = plan(SOURCE, None)
+    assert p.kind == "full" and p.base is None
+    assert p.snapshot == C
+    assert p.target_snapshot == f"{DST}@c"
+    assert "full" in p.describe() and f"{SRC}@c" in p.describe()
+
+
+def test_incremental_from_the_newest_common_snapshot() -> None:
+    target = dataset(DST, snap(DST, "a", 11, 5), snap(DST, "b", 12, 9))
+    p = plan(SOURCE, target)
+    assert p.kind == "incremental"
+    assert p.base == B and p.snapshot == C
+    assert p.describe() == f"incremental -I b -> c of {SRC} -> {DST}"
+    assert "-i b" in plan(SOURCE, target, intermediates=False).describe()
+
+
+def test_common_snapshot_is_matched_by_guid_not_by_name() -> None:
+    # The target has a "c" that is NOT the source's c (another guid: e.g. taken on the
+    # target by hand), and an older "b" that IS the source's b under another name.
+    target = dataset(DST, snap(DST, "renamed-b", 12, 9), snap(DST, "c", 999, 10))
+    pair = common_snapshot(SOURCE, target)
+    assert pair is not None
+    src_common, tgt_common = pair
+    assert src_common == B and tgt_common.name == f"{DST}@renamed-b"
+    # ...and a same-name snapshot that is newer than the real common one means divergence
+    with pytest.raises(TargetDiverged) as e:
+        plan(SOURCE, target)
+    assert "c" in e.value.fields["reason"]
+
+
+def test_same_names_different_guids_share_nothing() -> None:
+    target = dataset(DST, snap(DST, "a", 21, 5), snap(DST, "b", 22, 9), snap(DST, "c", 23, 12))
+    assert common_snapshot(SOURCE, target) is None
+    with pytest.raises(NoCommonSnapshot) as e:
+        plan(SOURCE, target)
+    assert e.value.exit_code == 4
+    assert "guid" in str(e.value)
+    assert DST in e.value.hint  # the fix names the target dataset
+
+
+def test_newest_common_wins_by_source_createtxg() -> None:
+    target = dataset(DST, snap(DST, "a", 11, 5), snap(DST, "b", 12, 9))
+    assert common_snapshot(SOURCE, target) == (B, target.snapshots[1])
+
+
+def test_up_to_date_when_the_newest_is_common() -> None:
+    target = dataset(DST, snap(DST, "a", 11, 5), snap(DST, "c", 13, 9))
+    with pytest.raises(UpToDate) as e:
+        plan(SOURCE, target)
+    assert e.value.exit_code == 0
+    assert "c" in str(e.value)
+
+
+def test_target_diverged_lists_the_newer_target_snapshots() -> None:
+    target = dataset(DST, snap(DST, "a", 11, 5), snap(DST, "local-1", 41, 7), snap(DST, "local-2", 42, 8))
+    with pytest.raises(TargetDiverged) as e:
+        plan(SOURCE, target)
+    err = e.value
+    assert err.exit_code == 4
+    assert "local-1" in str(err) and "local-2" in str(err)
+    assert err.fields["common"] == "a"
+    assert f"zfs rollback -r {DST}@a" in err.hint
+
+
+def test_no_snapshot_on_the_source() -> None:
+    with pytest.raises(NoSnapshot) as e:
+        plan(dataset(SRC), None)
+    assert e.value.exit_code == 3
+    assert SRC in str(e.value)
+
+
+def test_no_snapshot_is_checked_before_the_target() -> None:
+    with pytest.raises(NoSnapshot):
+        plan(dataset(SRC), dataset(DST, snap(DST, "a", 11, 5)))
+
+
+@pytest.mark.parametrize("src_type,dst_type", [("filesystem", "volume"), ("volume", "filesystem")])
+def test_type_mismatch(src_type: str, dst_type: str) -> None:
+    source = dataset(SRC, A, B, C, type_=src_type)
+    target = dataset(DST, snap(DST, "a", 11, 5), type_=dst_type)
+    with pytest.raises(TypeMismatch) as e:
+        plan(source, target)
+    assert e.value.exit_code == 4
+    assert src_type in str(e.value) and dst_type in str(e.value)
+
+
+def test_volume_to_volume_is_fine() -> None:
+    source = dataset(SRC, A, B, type_="volume")
+    target = dataset(DST, snap(DST, "a", 11, 5), type_="volume")
+    assert plan(source, target).base == A
+
+
+def test_empty_target_dataset_has_no_common_snapshot() -> None:
+    with pytest.raises(NoCommonSnapshot):
+        plan(SOURCE, dataset(DST))
