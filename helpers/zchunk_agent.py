@@ -24,11 +24,11 @@ Session directory layout (the spool; docs/chunk-format.md has the bytes)::
         end.json                  stream end as announced by the coordinator
         chunks.log                target: one line per chunk stored ("stored SEQ BYTES")
         heartbeat                 mtime = last coordinator contact
-        daemon.pid, daemon.log    the detached daemon
+        daemon.log                the detached daemon's log (its pid is in the state file)
         zfs.stderr                stderr of zfs send / zfs receive
         chunks/00000000000000000042.chunk   a complete chunk (header + payload)
         chunks/...42.part         a chunk being received (target only)
-        chunks/...42.tmp          a chunk being written (source only)
+        chunks/...42.chunk.<pid>.tmp  a chunk being written (source only)
 
 Durable writes go temp file -> fsync -> rename; a ``.tmp``/``.part`` file is
 never taken for a chunk, and a ``.chunk`` is verified before any of its bytes
@@ -113,14 +113,18 @@ def compress(codec: int, level: Optional[int], data: bytes) -> bytes:
 
 
 def decompress(codec: int, data: bytes, raw_len: int) -> bytes:
+    # Bounded by raw_len whatever the payload claims (a zstd frame may declare any size).
+    if raw_len <= 0:  # an empty chunk is always stored uncompressed
+        if codec == CODEC_NONE and not data:
+            return b""
+        raise AgentError("chunk-corrupt", "chunk declares no raw bytes but carries a compressed payload")
     if codec == CODEC_ZSTD:
         if zstandard is None:
             raise AgentError("unsupported", "chunk is zstd but zstandard is not importable")
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            return reader.read(raw_len + 1)
     if codec == CODEC_ZLIB:
-        d = zlib.decompressobj()
-        out = d.decompress(data, raw_len)
-        return out
+        return zlib.decompressobj().decompress(data, raw_len + 1)
     if codec == CODEC_NONE:
         return data
     raise AgentError("unsupported", "unknown codec id %d" % codec)
@@ -757,6 +761,9 @@ class Server:
                     self.send(FRAME_REPLY, req_id, reply)
             except AgentError as e:
                 self.send(FRAME_ERROR, req_id, e.to_dict())
+            except (KeyError, ValueError, TypeError) as e:  # a malformed request, not a broken agent
+                self.send(FRAME_ERROR, req_id, AgentError(
+                    "bad-request", "malformed %r request: %s: %s" % (msg.get("op"), type(e).__name__, e)).to_dict())
             if msg.get("op") in ("cleanup", "abort"):
                 return
 

@@ -243,3 +243,69 @@ def test_abort_stops_agents_and_removes_everything(zc: Zchunk, pools: Any, wan: 
     assert kill_matching(str(zc.spool_dir)) == [], "no agent process may survive an abort"
     wait_until(lambda: not exists(dst), 30, "the partial receive to go away")
     assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == ["aborted"]
+
+
+def test_patience_exhausted_leaves_a_resumable_session(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                       sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=29, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 16)
+    bg = zc.start("sync", src, f"dst:{dst}", "--chunk-size", "1M", "--ssh-config", str(sshd_dst.ssh_config),
+                  "--patience", "6s")
+    try:
+        bg.wait_for(lambda: chunks_received(zc) >= 2, timeout=60, what="2 chunks")
+        wan.reset_port("dst", 22, True)
+        run = bg.finish(timeout=120)
+    finally:
+        wan.reset_port("dst", 22, False)
+        bg.stop()
+    assert run.returncode == 11, run.explain()
+    assert "no progress for" in run.stderr and "zchunk resume" in run.stderr, run.stderr
+    sid = json.loads(zc.run("sessions").stdout)[0]["id"]
+    assert len(zc.session_dirs()) == 2, "agents and spools stay for a resume"
+    run = zc.run("resume", sid)
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    assert zc.session_dirs() == []
+
+
+def test_rides_through_name_resolution_failures(zc: Zchunk, pools: Any, wan: lab.Wan, sshd_dst: lab.Sshd) -> None:
+    """The link drops and, while it is down, the host name stops resolving (a DNS outage)."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=30, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 16)
+    cfg = sshd_dst.ssh_config
+    good = cfg.read_text()
+    bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst))
+    try:
+        bg.wait_for(lambda: chunks_received(zc) >= 2, timeout=60, what="2 chunks")
+        cfg.write_text(good.replace(f"HostName {sshd_dst.host}", "HostName no-such-host.invalid"))
+        wan.outage("dst", 22, 1)
+        time.sleep(6)
+        cfg.write_text(good)
+        run = bg.finish()
+    finally:
+        cfg.write_text(good)
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    reasons = " ".join(str(e.get("reason", "")) for e in run.of("retrying") + run.of("link_down"))
+    assert "name resolution" in reasons or "Name or service" in reasons, reasons
+
+
+def test_agents_exit_after_idle_timeout(zc: Zchunk, pools: Any, wan: lab.Wan, sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=31, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 8)
+    bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst, "--agent-idle-timeout", "4s",
+                                                        "--spool-max", "2M"))
+    bg.wait_for(lambda: chunks_received(zc) >= 1, timeout=60, what="a chunk")
+    bg.kill9()
+    wait_until(lambda: all((zc.agent_state(r) or {}).get("state") == "aborted" for r in ("send", "receive")),
+               60, "both agents to give up")
+    assert "no coordinator contact" in (zc.agent_state("send") or {}).get("reason", "")
+    wait_until(lambda: kill_matching(str(zc.spool_dir) + "/") == [], 10, "agent processes to exit")
+    wait_until(lambda: not exists(dst), 30, "the partial receive to be gone")

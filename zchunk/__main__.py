@@ -1,3 +1,3 @@
-import sys
 from zchunk.cli import main
+
 main()

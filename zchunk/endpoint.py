@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from .errors import BadDatasetName
 
 # zfs_namecheck.c: letters, digits, _ - . : and space; '/' separates components.
-_COMPONENT = re.compile(r"^[A-Za-z0-9_.: -]+$")
-_HOST = re.compile(r"^[A-Za-z0-9_.-]+$|^\[[0-9A-Fa-f:.]+\]$")
-_USER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+_COMPONENT = re.compile(r"[A-Za-z0-9_.: -]+")
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
+_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def check_dataset_name(name: str, snapshot_ok: bool = False) -> str:
     for part in parts + ([snap] if at else []):
         if not part:
             raise BadDatasetName(name=name, reason="it has an empty component")
-        if not _COMPONENT.match(part):
-            bad = sorted({c for c in part if not _COMPONENT.match(c)})
+        if not _COMPONENT.fullmatch(part):
+            bad = sorted({c for c in part if not _COMPONENT.fullmatch(c)})
             raise BadDatasetName(name=name, reason=f"it contains {''.join(bad)!r}")
         if part in (".", ".."):
             raise BadDatasetName(name=name, reason="'.' and '..' are not dataset names")
@@ -63,18 +63,18 @@ def parse_endpoint(spec: str) -> Endpoint:
     host: str | None = None
     user: str | None = None
     rest = spec
-    if spec.startswith("["):
+    bracket = spec.find("[")
+    if bracket >= 0 and (bracket == 0 or spec[bracket - 1] == "@") and "]:" in spec:
         close = spec.find("]:")
-        if close > 0:
-            host, rest = spec[: close + 1], spec[close + 2 :]
+        host, rest = spec[: close + 1], spec[close + 2 :]
     elif ":" in spec and "/" not in spec.split(":", 1)[0]:
         host, rest = spec.split(":", 1)
     if host is not None:
         if "@" in host:
             user, host = host.rsplit("@", 1)
-            if not _USER.match(user):
+            if not _USER.fullmatch(user):
                 raise BadDatasetName(name=spec, reason=f"bad user name {user!r}")
-        if not host or not _HOST.match(host) or host.startswith("-"):
+        if not host or not _HOST.fullmatch(host) or host.startswith("-"):
             raise BadDatasetName(name=spec, reason=f"bad host name {host!r}")
         if host.startswith("["):
             host = host[1:-1]

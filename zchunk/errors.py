@@ -224,14 +224,22 @@ _REMOTE_CODES: dict[str, type[ZchunkError]] = {
 }
 
 
-def from_remote(host: str, err: dict[str, Any]) -> ZchunkError:
-    """Rebuild an agent's ``{code, reason, details}`` into our error classes."""
+def from_remote(host: str, err: Any) -> ZchunkError:
+    """Rebuild an agent's ``{code, reason, details}`` into our error classes.
+
+    Anything malformed still becomes a ``RemoteError``: an odd or newer agent
+    must never crash the coordinator's error handling.
+    """
+    if not isinstance(err, dict):
+        return RemoteError(host=host, code="malformed-error", reason=repr(err)[:500], details={})
     code = str(err.get("code", "unknown"))
     reason = str(err.get("reason", "no reason given"))
+    details = err.get("details")
+    details = dict(details) if isinstance(details, dict) else ({"value": details} if details else {})
     cls = _REMOTE_CODES.get(code)
     if cls is not None:
-        return cls(host=host, reason=reason, **(err.get("details") or {}))
-    return RemoteError(host=host, code=code, reason=reason)
+        return cls(host=host, reason=reason, details=details)
+    return RemoteError(host=host, code=code, reason=reason, details=details)
 
 
 def error_table() -> str:

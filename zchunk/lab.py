@@ -276,7 +276,7 @@ class Pool:
     """
 
     def __init__(self, name: str, workdir: Path, size: str = "1G",
-                 mountpoint: Path | None = None, destroy_timeout: float = 20.0) -> None:
+                 mountpoint: Path | None = None, destroy_timeout: float = 90.0) -> None:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.:-]*", name):
             raise LabError(f"bad pool name {name!r}")
         self.name = name

@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,12 @@ class SessionRecord:
         return asdict(self)
 
 
+def _record(data: dict[str, Any]) -> SessionRecord:
+    """A record from JSON; fields written by a newer zchunk are ignored."""
+    known = {f.name for f in fields(SessionRecord)}
+    return SessionRecord(**{k: v for k, v in data.items() if k in known})
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "sessions"
@@ -87,7 +93,7 @@ class StateStore:
         path = self._path(sid)
         if "/" in sid or not path.is_file():
             raise SessionNotFound(session=sid, state_dir=str(self.dir))
-        return SessionRecord(**json.loads(path.read_text()))
+        return _record(json.loads(path.read_text()))
 
     def all(self) -> list[SessionRecord]:
         if not self.dir.is_dir():
@@ -95,7 +101,7 @@ class StateStore:
         out = []
         for p in sorted(self.dir.glob("*.json")):
             try:
-                out.append(SessionRecord(**json.loads(p.read_text())))
+                out.append(_record(json.loads(p.read_text())))
             except (ValueError, TypeError):
                 continue  # a foreign or damaged file is not ours to interpret
         return out
