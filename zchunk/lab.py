@@ -426,9 +426,10 @@ class Sshd:
     """A real sshd (as a child process) with generated host and user keys.
 
     Sessions run as root with HOME set to ``workdir/home`` (a fresh host's
-    environment, not this machine's dotfiles).  Files live in ``workdir``: ``ssh_config`` has a ``Host <alias>`` entry that
-    needs nothing else (``ssh -F ssh_config alias cmd``); ``add_key`` adds more
-    keys, each with its own alias ``<alias>-<name>`` so ssh offers only that key.
+    environment, not this machine's dotfiles). Files live in ``workdir``:
+    ``ssh_config`` has a ``Host <alias>`` entry that needs nothing else
+    (``ssh -F ssh_config alias cmd``); ``add_key`` adds more keys, each with
+    its own alias ``<alias>-<name>`` so ssh offers only that key.
     ``extra_config`` goes first in sshd_config: sshd keeps the first value it
     reads for a keyword, so it overrides the defaults below (a ``Match`` block
     in it is moved to the end, where sshd needs it).
