@@ -934,10 +934,18 @@ AGENT_SOURCE: Optional[bytes] = None  # set by the bootstrap when run from stdin
 
 
 def cmd_probe(args: List[str]) -> Dict[str, Any]:
+    import grp
+    import pwd
     import shutil
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        groups = [grp.getgrgid(g).gr_name for g in os.getgroups()]
+    except KeyError:
+        user, groups = str(os.geteuid()), []
     return {"python": list(sys.version_info[:3]), "capabilities": capabilities(),
             "agent_version": AGENT_VERSION, "protocol": PROTOCOL_VERSION,
-            "zfs": shutil.which("zfs"), "uid": os.geteuid(), "host": socket.gethostname()}
+            "zfs": shutil.which("zfs"), "uid": os.geteuid(), "user": user, "groups": groups,
+            "host": socket.gethostname()}
 
 
 def ensure_base(base: str) -> None:

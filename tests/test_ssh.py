@@ -106,3 +106,15 @@ def test_progress_bar_on_a_tty(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> 
                 and tok[:-1].replace(".", "").isdigit()]
     assert percents and max(percents) <= 100.0, percents
     assert "verified:" in text and "done:" in text
+
+
+def test_works_with_a_restricted_key(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> None:
+    """authorized_keys `restrict` (no forwarding, no pty, no agent): zchunk needs only exec channels."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 3 * MiB, seed=34)
+    sshd_local.add_key("restricted", options="restrict")
+    alias = sshd_local.key_alias("restricted")
+    run = zc.run("sync", src, f"{alias}:{dst_pool.name}/r", "--chunk-size", "1M",
+                 "--ssh-config", str(sshd_local.ssh_config))
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, f"{dst_pool.name}/r", "s1")

@@ -176,3 +176,48 @@ def test_only_own_snapshots(name: str) -> None:
     ds = dataset_from_props(name, parse_get_output(GET_OUTPUT))
     assert ds is not None
     assert all(s.name.startswith(name + "@") for s in ds.snapshots)
+
+
+ZFS_ALLOW_OUTPUT = """\
+---- Permissions on tank/data ----------------------------------------
+Local+Descendent permissions:
+\tuser zchunk hold,send,snapshot
+\tgroup backup receive
+\teveryone mount
+"""
+
+
+def test_parse_allow_user_group_everyone() -> None:
+    from zchunk.zfs import parse_allow
+
+    assert parse_allow(ZFS_ALLOW_OUTPUT, "zchunk") == {"hold", "send", "snapshot", "mount"}
+    assert parse_allow(ZFS_ALLOW_OUTPUT, "zchunk", ("backup",)) == {"hold", "send", "snapshot", "mount", "receive"}
+    assert parse_allow(ZFS_ALLOW_OUTPUT, "other") == {"mount"}
+    assert parse_allow("", "zchunk") == set()
+
+
+def test_check_delegation_decides_from_zfs_allow() -> None:
+    import asyncio
+
+    import pytest
+
+    from zchunk.errors import PermissionDenied
+    from zchunk.transport import CommandResult, Host
+    from zchunk.zfs import Zfs
+
+    class Recorded(Host):
+        def __init__(self, res: CommandResult) -> None:
+            self.name, self.res, self.argv = "h", res, None
+
+        async def run(self, argv, stdin=None, timeout=120.0):  # type: ignore[no-untyped-def]
+            self.argv = argv
+            return self.res
+
+    ok = Recorded(CommandResult(0, ZFS_ALLOW_OUTPUT.encode(), b""))
+    assert asyncio.run(Zfs(ok).check_delegation("tank/data", "zchunk", (), ("send",), "send")) is True
+    assert ok.argv == ["zfs", "allow", "tank/data"]
+    with pytest.raises(PermissionDenied) as err:
+        asyncio.run(Zfs(ok).check_delegation("tank/data", "zchunk", (), ("receive", "create"), "receive into"))
+    assert err.value.exit_code == 7 and "receive,create" in str(err.value) and "zfs allow -u USER" in err.value.hint
+    legacy = Recorded(CommandResult(1, b"", b"internal error: /usr/lib/zfs/pyzfs.py not found"))
+    assert asyncio.run(Zfs(legacy).check_delegation("tank/data", "zchunk", (), ("send",), "send")) is None

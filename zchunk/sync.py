@@ -25,7 +25,7 @@ from .engine import AgentSide, EngineOptions, Transfer, TransferResult
 from .plan import SendPlan, plan_send
 from .session import SessionRecord, StateStore, default_state_dir, new_session_id
 from .transport import Host, LinkDown, SshOptions, first_contact, make_host
-from .zfs import Dataset, Features, Zfs
+from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
 
 AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()
 MIN_PYTHON = (3, 9)
@@ -57,6 +57,8 @@ class HostReport:
     capabilities: list[str]
     features: Features
     uid: int
+    user: str = "root"
+    groups: tuple[str, ...] = ()
 
 
 @dataclass
@@ -101,7 +103,8 @@ async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
     if py < MIN_PYTHON:
         raise E.OldPython(host=host.name, version=".".join(map(str, py)))
     features = await Zfs(host).features()
-    return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)))
+    return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
+                      str(info.get("user", "")), tuple(info.get("groups", [])))
 
 
 def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int | None, str]:
@@ -120,15 +123,22 @@ def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int
     return name, level, checksum
 
 
-async def load_sides(source: Endpoint, target: Endpoint, src_host: Host,
-                     dst_host: Host) -> tuple[Dataset, Dataset | None]:
+async def load_sides(source: Endpoint, target: Endpoint, src_host: Host, dst_host: Host,
+                     src_rep: HostReport, dst_rep: HostReport) -> tuple[Dataset, Dataset | None]:
+    """Both datasets (the target may be absent, its parent not) and, for non-root users, delegation."""
     src_zfs, dst_zfs = Zfs(src_host), Zfs(dst_host)
     src_ds = await src_zfs.require(source.dataset)
     dst_ds = await dst_zfs.dataset(target.dataset)
+    dst_anchor = target.dataset
     if dst_ds is None and "/" in target.dataset:
-        parent = target.dataset.rsplit("/", 1)[0]
-        if await dst_zfs.dataset(parent) is None:
-            raise E.UnknownDataset(host=dst_host.name, dataset=parent, dataset_parent=parent.split("/")[0])
+        dst_anchor = target.dataset.rsplit("/", 1)[0]
+        if await dst_zfs.dataset(dst_anchor) is None:
+            raise E.UnknownDataset(host=dst_host.name, dataset=dst_anchor,
+                                   dataset_parent=dst_anchor.split("/")[0])
+    if src_rep.uid != 0:
+        await src_zfs.check_delegation(source.dataset, src_rep.user, src_rep.groups, SEND_PERMS, "send")
+    if dst_rep.uid != 0:
+        await dst_zfs.check_delegation(dst_anchor, dst_rep.user, dst_rep.groups, RECEIVE_PERMS, "receive into")
     return src_ds, dst_ds
 
 
@@ -207,7 +217,7 @@ async def sync(source_spec: str, target_spec: str, opts: SyncOptions, on_event: 
         await first_contact(dst_host)
         src_rep, dst_rep = await probe_host(src_host, opts), await probe_host(dst_host, opts)
         emit("preflight", source=_report(src_rep), target=_report(dst_rep))
-        src_ds, dst_ds = await load_sides(source, target, src_host, dst_host)
+        src_ds, dst_ds = await load_sides(source, target, src_host, dst_host, src_rep, dst_rep)
         try:
             plan = plan_send(src_ds, dst_ds, target.dataset, str(source), str(target))
         except E.UpToDate as e:

@@ -119,6 +119,23 @@ def dataset_from_props(name: str, props: dict[str, dict[str, str]]) -> Dataset |
                    _int(mine.get("referenced")), tuple(snaps))
 
 
+def parse_allow(text: str, user: str, groups: tuple[str, ...] = ()) -> set[str]:
+    """Permissions ``zfs allow DATASET`` grants ``user`` (directly, via a group, or to everyone)."""
+    perms: set[str] = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and ((parts[0] == "user" and parts[1] == user)
+                                or (parts[0] == "group" and parts[1] in groups)):
+            perms.update(parts[2].split(","))
+        elif len(parts) == 2 and parts[0] == "everyone":
+            perms.update(parts[1].split(","))
+    return perms
+
+
+SEND_PERMS = ("send",)
+RECEIVE_PERMS = ("receive", "create", "mount")
+
+
 class Zfs:
     """zfs on one host."""
 
@@ -177,6 +194,22 @@ class Zfs:
         if base is None:
             return snapshot.referenced
         return max(abs(snapshot.referenced - base.referenced), 1 << 20)
+
+    async def check_delegation(self, dataset: str, user: str, groups: tuple[str, ...], needed: tuple[str, ...],
+                               action: str) -> bool | None:
+        """For a non-root user: are ``needed`` permissions delegated on ``dataset``?
+
+        Raises PermissionDenied naming the missing ones; None when this zfs
+        cannot tell (no ``zfs allow``, e.g. zfs-fuse), so the command itself decides.
+        """
+        res = await self.run("allow", dataset, check=False)
+        if res.status != 0:
+            return None
+        missing = [p for p in needed if p not in parse_allow(res.stdout.decode(), user, groups)]
+        if missing:
+            raise PermissionDenied(host=self.host.name, action=action, dataset=dataset,
+                                   reason=f"user {user} lacks {','.join(missing)}", perms=",".join(needed))
+        return True
 
     async def snapshot(self, name: str) -> None:
         await self.run("snapshot", name, dataset=name, action="snapshot")
