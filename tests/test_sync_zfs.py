@@ -10,7 +10,15 @@ from typing import Any, Iterator
 import pytest
 
 from tests.zc import Zchunk, kill_matching
-from tests.zfsutil import add_change, assert_replica, exists, make_source, quiet_target_pool, snapshots
+from tests.zfsutil import (
+    add_change,
+    assert_replica,
+    exists,
+    make_source,
+    mountpoint,
+    quiet_target_pool,
+    snapshots,
+)
 from zchunk import lab
 
 pytestmark = [pytest.mark.zfs]
@@ -71,6 +79,10 @@ def test_full_then_incremental(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], rou
     assert run.of("plan")[0]["send_kind"] == "full"
     assert run.of("verified")[0]["guid"] == res["guid"]
     assert zc.session_dirs() == [], "session directories must be removed"
+    progress = run.of("progress")
+    assert progress and all(p["raw_bytes"] <= p["estimate"] for p in progress), "percent never above 100"
+    times = [p["time"] for p in progress]
+    assert all(b - a >= 0.9 for a, b in zip(times, times[1:])), f"progress at most once a second: {times}"
 
     add_change(src, 2 * MiB, seed=4, snap="s2")
     add_change(src, 1 * MiB, seed=5, snap="s3")
@@ -120,3 +132,19 @@ def test_refusals_change_nothing(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -
     assert run.returncode == 2 and not Path("/tmp/zchunk-canary").exists(), run.explain()
     assert not exists(f"{dst_pool.name}/x")
     assert zc.session_dirs() == [] and not (zc.state_dir / "sessions").exists()
+
+
+def test_receive_failure_is_reported_with_zfs_stderr(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -> None:
+    """The target was written to after the common snapshot: zfs receive refuses; zchunk says so, cleans up."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=11)
+    dst = f"{dst_pool.name}/replica"
+    assert zc.run("sync", src, dst).returncode == 0
+    (mountpoint(dst) / "local-change").write_bytes(b"written on the replica")
+    add_change(src, 1 * MiB, seed=12, snap="s2")
+    run = zc.run("sync", src, dst)
+    assert run.returncode == 12, run.explain()
+    assert "zfs receive failed" in run.stderr and "modified" in run.stderr, run.stderr
+    assert snapshots(dst) == [f"{dst}@s1"] and snapshots(src) == [f"{src}@s1", f"{src}@s2"]
+    assert zc.session_dirs() == []
+    assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == ["done", "failed"]
