@@ -114,7 +114,8 @@ SshOption = typer.Option(None, "-o", "--ssh-option", help="SSH option KEY=VALUE,
 Keep = typer.Option(False, "--keep", help="Keep the session directories at the end, for inspection.")
 Json = typer.Option(False, "--json", help="Print JSON lines: one per event, progress at most once a second.")
 Verbose = typer.Option(False, "-v", "--verbose", help="Show host features, retries and chunk details.")
-Python = typer.Option("python3", "--python", help="Python interpreter on the hosts for the agent.")
+Python = typer.Option(None, "--python", help="Python interpreter for the agents (default: python3 on "
+                      "remote hosts, zchunk's own interpreter for a local side).")
 
 
 def _renderer(json_out: bool, verbose: bool) -> Any:
@@ -144,7 +145,7 @@ def sync(
     agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
     ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
     ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
-    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: str = Python,
+    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,
 ) -> None:
     """Replicate the newest snapshot of SOURCE to TARGET.
 
@@ -170,7 +171,7 @@ def resume(
     agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
     ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
     ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
-    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: str = Python,
+    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,
 ) -> None:
     """Reattach to a session's live agents and continue it (no acknowledged chunk moves twice)."""
     try:
@@ -186,7 +187,7 @@ def abort(
     session: str = typer.Argument(..., help="Session id (see `zchunk sessions`)."),
     state_dir: Optional[Path] = StateDir, ssh_config: Optional[Path] = SshConfig,
     ssh_key: Optional[Path] = SshKey, ssh_port: Optional[int] = SshPort,
-    ssh_option: Optional[list[str]] = SshOption, json_out: bool = Json, python: str = Python,
+    ssh_option: Optional[list[str]] = SshOption, json_out: bool = Json, python: Optional[str] = Python,
 ) -> None:
     """Stop a session's agents (the partial zfs receive is aborted) and remove both session directories."""
     try:

@@ -45,7 +45,6 @@ class EngineOptions:
     patience: float = 24 * 3600.0
     stall_timeout: float = 60.0
     poll_interval: float = 0.25
-    python: str = "python3"
     max_corrupt_retries: int = 5
     # Short enough that a 5 s outage costs little more than 5 s; one SSH connect
     # attempt per few seconds is cheap even over a 24 h outage.
@@ -66,7 +65,7 @@ class AgentSide:
         return self.host.name
 
     async def open_channel(self, opts: EngineOptions) -> AgentChannel:
-        argv = [opts.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
+        argv = [self.host.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
         pipe = await self.host.open_pipe(argv)
         ch = AgentChannel(pipe, self.host.name, opts.stall_timeout)
         try:

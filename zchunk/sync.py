@@ -44,7 +44,7 @@ class SyncOptions:
     state_dir: Path = field(default_factory=default_state_dir)
     ssh: SshOptions = field(default_factory=SshOptions)
     keep: bool = False
-    python: str = "python3"
+    python: str | None = None  # None: python3 on remote hosts, this interpreter locally
     verbose: bool = False
 
 
@@ -91,7 +91,7 @@ class Emitter:
 
 async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
     """python3 and zfs present and usable; nothing is written."""
-    res = await host.run([opts.python, "-c", agent_mod.BOOTSTRAP, "probe"], stdin=AGENT_SOURCE)
+    res = await host.run([host.python, "-c", agent_mod.BOOTSTRAP, "probe"], stdin=AGENT_SOURCE)
     if res.status == 127:
         raise E.MissingPython(host=host.name)
     try:
@@ -162,14 +162,14 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, plan: SendPla
 async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, Any]) -> str:
     """Create ``<spool-dir>/<session>-<role>`` (both may be on one host) holding the agent."""
     dirname = f"{sid}-{cfg['role']}"
-    argv = [opts.python, "-c", agent_mod.BOOTSTRAP, "install", opts.spool_dir, dirname, json.dumps(cfg)]
+    argv = [host.python, "-c", agent_mod.BOOTSTRAP, "install", opts.spool_dir, dirname, json.dumps(cfg)]
     res = await host.run(argv, stdin=AGENT_SOURCE)
     reply = _agent_reply(host, res.stdout, res.err_text)
     return str(reply["path"])
 
 
 async def agent_command(host: Host, opts: SyncOptions, session_dir: str, *args: str) -> dict[str, Any]:
-    res = await host.run([opts.python, f"{session_dir}/agent.py", *args])
+    res = await host.run([host.python, f"{session_dir}/agent.py", *args])
     return _agent_reply(host, res.stdout, res.err_text)
 
 
@@ -211,7 +211,7 @@ async def sync(source_spec: str, target_spec: str, opts: SyncOptions, on_event: 
     if active is not None:
         emit("reattach", session=active.id)
         return await resume(active.id, opts, on_event)
-    src_host, dst_host = make_host(source, opts.ssh), make_host(target, opts.ssh)
+    src_host, dst_host = make_host(source, opts.ssh, opts.python), make_host(target, opts.ssh, opts.python)
     try:
         await first_contact(src_host)
         await first_contact(dst_host)
@@ -274,8 +274,8 @@ async def resume(session_id: str, opts: SyncOptions, on_event: Any = None) -> Sy
         raise E.UsageError(reason=f"session {rec.id} is {rec.state}, not resumable"
                            + (f" ({rec.reason})" if rec.reason else ""))
     ssh = ssh_from_record(rec, opts.ssh)
-    src_host = make_host(parse_endpoint(rec.source), ssh)
-    dst_host = make_host(parse_endpoint(rec.target), ssh)
+    src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
+    dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
     try:
         await first_contact(src_host)
         await first_contact(dst_host)
@@ -297,8 +297,7 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
     needs = ["chunk-v1", agent_mod.CODEC_CAPS[rec.codec], agent_mod.HASH_CAPS[rec.checksum]]
     src = AgentSide(src_host, rec.source_dir, "send", needs)
     dst = AgentSide(dst_host, rec.target_dir, "receive", needs)
-    eopts = EngineOptions(parallel=opts.parallel, patience=opts.patience, stall_timeout=opts.stall_timeout,
-                          python=opts.python)
+    eopts = EngineOptions(parallel=opts.parallel, patience=opts.patience, stall_timeout=opts.stall_timeout)
 
     def on_event(kind: str, **fields: Any) -> None:
         if kind == "progress":
@@ -352,8 +351,8 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> Ses
     store = StateStore(opts.state_dir)
     rec = store.load(session_id)
     ssh = ssh_from_record(rec, opts.ssh)
-    src_host = make_host(parse_endpoint(rec.source), ssh)
-    dst_host = make_host(parse_endpoint(rec.target), ssh)
+    src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
+    dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
     try:
         await first_contact(src_host)
         await first_contact(dst_host)

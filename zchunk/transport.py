@@ -13,6 +13,7 @@ import asyncio
 import os
 import shlex
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,9 +116,15 @@ class AgentPipe:
 
 
 class Host:
-    """Common interface; ``name`` is how messages refer to the host."""
+    """Common interface; ``name`` is how messages refer to the host.
+
+    ``python`` runs the agent there: the host's own ``python3`` on remote
+    hosts; on this machine the coordinator's interpreter, whose environment
+    always has zstandard and xxhash (they are zchunk's dependencies).
+    """
 
     name: str
+    python: str = "python3"
 
     async def run(self, argv: list[str], stdin: bytes | None = None,
                   timeout: float | None = 120.0) -> CommandResult:
@@ -133,6 +140,7 @@ class Host:
 class LocalHost(Host):
     def __init__(self) -> None:
         self.name = "localhost"
+        self.python = sys.executable or "python3"
 
     async def run(self, argv: list[str], stdin: bytes | None = None,
                   timeout: float | None = 120.0) -> CommandResult:
@@ -338,8 +346,11 @@ def _config_value(path: Path, host: str, key: str) -> str | None:
     return None
 
 
-def make_host(endpoint: Endpoint, opts: SshOptions) -> Host:
-    return LocalHost() if endpoint.is_local else SshHost(endpoint, opts)
+def make_host(endpoint: Endpoint, opts: SshOptions, python: str | None = None) -> Host:
+    host: Host = LocalHost() if endpoint.is_local else SshHost(endpoint, opts)
+    if python:
+        host.python = python
+    return host
 
 
 async def first_contact(host: Host) -> None:
