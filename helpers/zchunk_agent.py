@@ -483,6 +483,11 @@ def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
         if bad or not all(valid_zfs_name(n) for n in names):
             raise AgentError("bad-request", "refusing zfs send arguments %r" % (flags + names))
         argv = [zfs, "send"] + flags
+        token = send.get("token")
+        if token:  # resume a partial receive (OpenZFS resume tokens)
+            if not all(c.isalnum() or c == "-" for c in token) or len(token) > 65536:
+                raise AgentError("bad-request", "refusing a malformed resume token")
+            return argv + ["-t", token]
         if send.get("base"):
             argv += ["-I" if send.get("intermediates", True) else "-i", send["base"]]
         return argv + [send["snapshot"]]
@@ -491,7 +496,13 @@ def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
     bad = [f for f in flags if f not in ALLOWED_RECV_FLAGS]
     if bad or not valid_zfs_name(recv["target"]):
         raise AgentError("bad-request", "refusing zfs receive arguments %r" % (flags + [recv["target"]]))
-    return [zfs, "receive"] + flags + [recv["target"]]
+    props: List[str] = []
+    for name, value in sorted((recv.get("props") or {}).items()):
+        if not name or not all(c.isalnum() or c in ":._-" for c in name) or name.startswith("-") \
+                or any(c in str(value) for c in "\0\n") or len(str(value)) > 4096:
+            raise AgentError("bad-request", "refusing receive property %r" % name)
+        props += ["-o", "%s=%s" % (name, value)]
+    return [zfs, "receive"] + flags + props + [recv["target"]]
 
 
 class Daemon:
@@ -644,7 +655,9 @@ class ReceiverDaemon(Daemon):
                 blob = read_file_nofollow(path, MAX_CHUNK_RAW + 65536 + CHUNK_HEADER_SIZE)
             except FileNotFoundError:
                 self.check_idle()
-                if self.proc.poll() is not None:
+                # zfs receive exits 0 as soon as it has read the stream's END record, which can
+                # be before the coordinator's finish (end.json) arrives: only a failure is final.
+                if self.proc.poll() not in (None, 0):
                     return self.finish_failed(stream, seq, raw_total, "zfs receive exited early")
                 time.sleep(0.05)
                 continue
@@ -677,7 +690,10 @@ class ReceiverDaemon(Daemon):
 
     def finish(self, stream: Any, seq: int, raw_total: int, end: Dict[str, Any]) -> None:
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
         rc = self.proc.wait()
         got = stream.hexdigest()
         fields = dict(next_seq=seq, raw_bytes=raw_total, stream_hash=got, zfs_exit=rc,

@@ -73,6 +73,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied"}),
     "integrity": (13, {"IntegrityError"}),
     "remote/command": (14, {"RemoteError", "CommandFailed"}),
+    "partial": (15, {"PartialFailure"}),
 }
 
 

@@ -25,7 +25,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path)
+    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
     yield z
     kill_matching(str(z.spool_dir))
 

@@ -24,7 +24,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path)
+    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
     yield z
     kill_matching(str(z.spool_dir))
 
@@ -79,9 +79,9 @@ def test_progress_bar_on_a_tty(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> 
     """On a terminal: a live line with percent, bytes, rate, ETA and chunk counts, never above 100%."""
     src_pool, dst_pool = pools
     src = make_source(src_pool, 8 * MiB, seed=33, compressible=0.0)
-    argv = [sys.executable, "-m", "zchunk", "sync", src, f"local:{dst_pool.name}/r", "--chunk-size", "256K",
-            "--parallel", "1", "--ssh-config", str(sshd_local.ssh_config), "--state-dir", str(zc.state_dir),
-            "--spool-dir", str(zc.spool_dir)]
+    argv = [sys.executable, "-m", "zchunk", "sync", src, f"local:{dst_pool.name}/r", "--no-sync-snap",
+            "--chunk-size", "256K", "--parallel", "1", "--ssh-config", str(sshd_local.ssh_config),
+            "--state-dir", str(zc.state_dir), "--spool-dir", str(zc.spool_dir)]
     pid, fd = pty.fork()
     if pid == 0:  # child: becomes zchunk with the pty as its terminal
         os.chdir(REPO)

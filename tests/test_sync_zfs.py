@@ -28,7 +28,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path)
+    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
     yield z
     reap_agents(z)
 

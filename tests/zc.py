@@ -52,9 +52,15 @@ def parse_events(stdout: str) -> list[dict[str, Any]]:
 
 
 class Zchunk:
-    """The CLI with a test's own state and spool directories."""
+    """The CLI with a test's own state and spool directories.
 
-    def __init__(self, workdir: Path, netns: str | None = None) -> None:
+    ``sync_args`` are added to every ``sync``: engine tests pass
+    ``--no-sync-snap`` (send the test's own snapshot, as issue "transfer
+    engine" specifies); replication tests pass none.
+    """
+
+    def __init__(self, workdir: Path, netns: str | None = None, sync_args: tuple[str, ...] = ()) -> None:
+        self.sync_args = list(sync_args)
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.spool_dir = workdir / "spool"
@@ -66,6 +72,8 @@ class Zchunk:
             cmd += ["--state-dir", str(self.state_dir)]
         if args and args[0] in ("sync", "resume"):
             cmd += ["--spool-dir", str(self.spool_dir)]
+        if args and args[0] == "sync":
+            cmd += self.sync_args
         if json_out:
             cmd.append("--json")
         if self.netns:

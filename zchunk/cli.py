@@ -18,6 +18,7 @@ from . import __version__
 from . import errors as E
 from . import sync as lib
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
+from .replicate import ReplicateOptions, ReplicationResult, replicate
 from .session import default_state_dir
 from .transport import SshOptions
 
@@ -140,6 +141,35 @@ def _finish(result: lib.SyncResult, json_out: bool) -> None:
 def sync(
     source: str = typer.Argument(..., help="pool/dataset or [user@]host:pool/dataset"),
     target: str = typer.Argument(..., help="pool/dataset or [user@]host:pool/dataset"),
+    recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset "
+                                   "(parents first, one session each)."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="With -r: skip datasets whose name "
+                                                "matches this regex (repeatable). A dataset with the user "
+                                                "property zchunk:sync=false is skipped too."),
+    identifier: Optional[str] = typer.Option(None, "--identifier", help="Names this replication's sync "
+                                             "snapshots (zchunk_<identifier>_<host>_<UTC time>) and holds; "
+                                             "default: derived from TARGET."),
+    no_sync_snap: bool = typer.Option(False, "--no-sync-snap", help="Send the newest existing snapshot "
+                                      "instead of taking a sync snapshot."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Send with -i (only the newest snapshot) "
+                                   "instead of -I (every snapshot in between)."),
+    include_snaps: Optional[list[str]] = typer.Option(None, "--include-snaps", help="Send only snapshots "
+                                                      "matching this regex (repeatable)."),
+    exclude_snaps: Optional[list[str]] = typer.Option(None, "--exclude-snaps", help="Do not send snapshots "
+                                                      "matching this regex (repeatable)."),
+    keep_sync_snaps: int = typer.Option(1, "--keep-sync-snaps", help="How many of zchunk's own sync "
+                                        "snapshots (this identifier) to keep on each side."),
+    rollback: bool = typer.Option(False, "--rollback", help="Allow rolling the target back to the common "
+                                  "snapshot, destroying target-only snapshots and changes (listed first)."),
+    force_delete: bool = typer.Option(False, "--force-delete", help="Allow destroying a target that shares "
+                                      "no snapshot with the source, to re-seed it."),
+    create_bookmark: bool = typer.Option(False, "--create-bookmark", help="Keep a bookmark of the newest "
+                                         "common snapshot on the source (OpenZFS): an incremental base even "
+                                         "after the snapshot is gone."),
+    preserve_properties: bool = typer.Option(False, "--preserve-properties", help="Copy the source's local "
+                                             "properties (mountpoint, shares, encryption keys excluded)."),
+    dry_run: bool = typer.Option(False, "-n", "--dry-run", help="Print the plan (snapshots to send with "
+                                 "estimated sizes, holds, prunes, rollbacks) and change nothing."),
     spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
     spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
     agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
@@ -147,20 +177,51 @@ def sync(
     ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
     keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,
 ) -> None:
-    """Replicate the newest snapshot of SOURCE to TARGET.
+    """Replicate SOURCE to TARGET: snapshot, send what is missing, verify, prune.
 
-    A full stream when TARGET does not exist, else an incremental (-I) from the
-    newest snapshot both sides share (matched by guid). Survives any outage
-    shorter than --patience; if the coordinator dies, run the same command
-    again (or `zchunk resume ID`) to continue where it stopped.
+    Takes a sync snapshot, then sends a full stream when TARGET does not exist,
+    else an incremental (-I) from the newest snapshot both sides share,
+    matched by guid. The common base is held on both sides (where zfs has
+    holds); only zchunk's own sync snapshots are ever pruned. A target that
+    changed or diverged is refused unless --rollback; a target with no common
+    snapshot is never destroyed without --force-delete.
+
+    Survives any outage shorter than --patience; if the coordinator dies, run
+    the same command again (or `zchunk resume ID`) to continue where it stopped.
+    Exit codes: docs/errors.md (15: some datasets of a recursive run failed).
     """
+    local = locals()
     try:
-        opts = _options(**{k: v for k, v in locals().items() if k not in ("source", "target", "json_out")})
+        opts = _options(**{k: local[k] for k in _ENGINE_KEYS})
+        if keep_sync_snaps < 1:
+            raise E.UsageError(reason="--keep-sync-snaps must be at least 1 (the newest common snapshot stays)")
+        ropts = ReplicateOptions(
+            identifier=identifier, sync_snap=not no_sync_snap, stream=not no_stream,
+            include_snaps=include_snaps or [], exclude_snaps=exclude_snaps or [], rollback=rollback,
+            force_delete=force_delete, keep_sync_snaps=keep_sync_snaps, create_bookmark=create_bookmark,
+            recursive=recursive, exclude=exclude or [], preserve_properties=preserve_properties,
+            dry_run=dry_run)
     except E.ZchunkError as e:
         _fail(e, json_out)
     _setup_logging(verbose)
-    result = _run(lib.sync(source, target, opts, _renderer(json_out, verbose)), json_out)
-    _finish(result, json_out)
+    result = _run(replicate(source, target, opts, ropts, _renderer(json_out, verbose)), json_out)
+    _finish_replication(result, json_out)
+
+
+_ENGINE_KEYS = ("spool_dir", "chunk_size", "compress", "spool_max", "parallel", "patience", "agent_idle_timeout",
+                "state_dir", "ssh_config", "ssh_key", "ssh_port", "ssh_option", "keep", "verbose", "python")
+
+
+def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
+    for outcome in result.outcomes:
+        for stream in outcome.streams:
+            _finish(stream, json_out)
+    if json_out:
+        print(json.dumps({"event": "replication", **result.to_json()}, default=str))
+    failed = result.failed
+    if failed:
+        _fail(E.PartialFailure(failed=len(failed), total=len(result.outcomes),
+                               names=", ".join(o.source for o in failed)), json_out)
 
 
 @app.command()

@@ -21,7 +21,8 @@ from typing import Any
 
 from . import lab
 from .errors import UsageError
-from .sync import SyncOptions, SyncResult, sync
+from .replicate import ReplicateOptions, replicate
+from .sync import SyncOptions, SyncResult
 from .transport import SshOptions
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -103,7 +104,8 @@ def _run(opts: DemoOptions, emit: Emit, workdir: Path, stack: contextlib.ExitSta
     sopts = SyncOptions(spool_dir=str(workdir / "spool"), state_dir=workdir / "state", chunk_size=8 << 20,
                         ssh=SshOptions(config=sshd.ssh_config), patience=600)
     try:
-        result = asyncio.run(sync(source, f"target:{target}", sopts, on_event))
+        outcome = asyncio.run(replicate(source, f"target:{target}", sopts, ReplicateOptions(sync_snap=False),
+                                        on_event)).outcomes[0]
     finally:
         finished.set()
         cutter.join(timeout=opts.outage_seconds + 2)
@@ -115,7 +117,7 @@ def _run(opts: DemoOptions, emit: Emit, workdir: Path, stack: contextlib.ExitSta
     if opts.keep:
         step(f"explore: ssh -F {sshd.ssh_config} target zfs list -t all; "
              f"ip netns exec {wan.dst_ns} ss -tn; zfs list -t all -r {src_pool.name} {dst_pool.name}")
-    return DemoResult(result, source, target, src_digest, workdir if opts.keep else None)
+    return DemoResult(outcome.streams[-1], source, target, src_digest, workdir if opts.keep else None)
 
 
 def _cut_link(wan: lab.Wan, opts: DemoOptions, received: dict[str, int], started: threading.Event,

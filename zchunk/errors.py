@@ -218,6 +218,13 @@ class CommandFailed(ZchunkError):
     exit_code = 14
 
 
+class PartialFailure(ZchunkError):
+    """{failed} of {total} datasets failed: {names}"""
+
+    exit_code = 15
+    fix = "the others were replicated; fix the errors above and run the same command again"
+
+
 _REMOTE_CODES: dict[str, type[ZchunkError]] = {
     "session-dir": SessionDirError,
     "protocol": ProtocolError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import NoCommonSnapshot, NoSnapshot, TargetDiverged, TypeMismatch, UpToDate
@@ -63,3 +64,146 @@ def plan_send(source: Dataset, target: Dataset | None, target_name: str, source_
         raise TargetDiverged(target=target_label, common=tgt_common.short, common_full=tgt_common.name,
                              reason=f"it has snapshots newer than the common one: {', '.join(newer)}")
     return SendPlan(source.name, target_name, newest, src_common, intermediates)
+
+
+# -- replication: sync snapshots, policies, chains ----------------------------
+
+SYNC_PREFIX = "zchunk_"
+
+
+def sync_snapshot_name(identifier: str, host: str, when: float) -> str:
+    """``zchunk_<identifier>_<host>_<UTC timestamp>``; host reduced to characters zfs accepts."""
+    import time
+
+    safe_host = "".join(c if c.isalnum() or c in "-." else "-" for c in host)[:40] or "host"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    return f"{SYNC_PREFIX}{identifier}_{safe_host}_{stamp}"
+
+
+def is_own_sync_snapshot(short: str, identifier: str) -> bool:
+    return short.startswith(f"{SYNC_PREFIX}{identifier}_")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the user allows; every destructive step needs an explicit flag."""
+
+    identifier: str
+    stream: bool = True  # -I; False: -i
+    include: tuple[re.Pattern[str], ...] = ()
+    exclude: tuple[re.Pattern[str], ...] = ()
+    rollback: bool = False
+    force_delete: bool = False
+
+    def selects(self, short: str) -> bool:
+        if is_own_sync_snapshot(short, self.identifier):
+            return True
+        if self.include and not any(p.search(short) for p in self.include):
+            return False
+        return not any(p.search(short) for p in self.exclude)
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.include or self.exclude)
+
+
+@dataclass(frozen=True)
+class ReplicationPlan:
+    source: str
+    target: str
+    steps: tuple[SendPlan, ...]
+    common: Snapshot | None = None  # newest common (source side)
+    target_common: Snapshot | None = None
+    rollback_to: Snapshot | None = None  # target snapshot to roll back to first
+    destroys: tuple[str, ...] = ()  # target snapshots the rollback destroys
+    destroy_target: bool = False
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.steps and not self.destroy_target
+
+    @property
+    def newest(self) -> Snapshot | None:
+        return self.steps[-1].snapshot if self.steps else self.common
+
+
+def _chain(source: str, target: str, base: Snapshot | None, snaps: list[Snapshot], policy: Policy) -> list[SendPlan]:
+    """Streams taking the target from ``base`` to the last of ``snaps`` (all newer than base)."""
+    if not snaps:
+        return []
+    steps: list[SendPlan] = []
+    if base is None:
+        first = snaps[0] if policy.stream else snaps[-1]
+        steps.append(SendPlan(source, target, first, None, policy.stream))
+        base, snaps = first, [s for s in snaps if s.createtxg > first.createtxg]
+    if not snaps:
+        return steps
+    if policy.filtered or not policy.stream or "#" in base.name:
+        # -i one by one: only the selected snapshots travel (a bookmark base allows -i only)
+        for snap in snaps if policy.stream else snaps[-1:]:
+            steps.append(SendPlan(source, target, snap, base, intermediates=False))
+            base = snap
+        return steps
+    steps.append(SendPlan(source, target, snaps[-1], base, intermediates=True))
+    return steps
+
+
+def plan_replication(source: Dataset, target: Dataset | None, target_name: str, policy: Policy,
+                     source_label: str, target_label: str, target_changed: bool | None = None,
+                     bookmarks: tuple[Snapshot, ...] = ()) -> ReplicationPlan:
+    """Everything to do for one dataset, or a refusal that says what would be lost."""
+    selected = [s for s in source.snapshots if policy.selects(s.short)]
+    if not selected:
+        raise NoSnapshot(host=source_label, dataset=source.name)
+    if target is None:
+        return ReplicationPlan(source.name, target_name, tuple(_chain(source.name, target_name, None, selected,
+                                                                        policy)))
+    if target.type != source.type:
+        raise TypeMismatch(source=source_label, source_type=source.type, target=target_label,
+                           target_type=target.type)
+    pair = common_snapshot(source, target)
+    base: Snapshot | None = pair[0] if pair else None
+    tgt_common = pair[1] if pair else None
+    if pair is None:
+        tgt_guids = {s.guid: s for s in target.snapshots}
+        marks = [b for b in bookmarks if b.guid in tgt_guids]
+        if marks:
+            base = max(marks, key=lambda b: b.createtxg)
+            tgt_common = tgt_guids[base.guid]
+    if base is None or tgt_common is None:
+        if policy.force_delete:
+            return ReplicationPlan(source.name, target_name,
+                                   tuple(_chain(source.name, target_name, None, selected, policy)),
+                                   destroy_target=True)
+        raise _no_common(source, target, source_label, target_label)
+    newer_on_target = tuple(s.name for s in target.snapshots if s.createtxg > tgt_common.createtxg)
+    rollback_to = None
+    if newer_on_target or target_changed:
+        if not policy.rollback:
+            what = (f"target-only snapshots newer than it: {', '.join(newer_on_target)}" if newer_on_target
+                    else "data written on the target since then")
+            raise TargetDiverged(target=target_label, common=tgt_common.short, common_full=tgt_common.name,
+                                 reason=f"{what}; they would be lost (--rollback allows it)")
+        rollback_to = tgt_common
+    todo = [s for s in selected if s.createtxg > base.createtxg]
+    steps = _chain(source.name, target_name, base, todo, policy)
+    return ReplicationPlan(source.name, target_name, tuple(steps), base if "#" not in base.name else None,
+                           tgt_common, rollback_to, newer_on_target)
+
+
+def _no_common(source: Dataset, target: Dataset, source_label: str, target_label: str) -> NoCommonSnapshot:
+    src_names = {s.short for s in source.snapshots}
+    same_name = [s.short for s in target.snapshots if s.short in src_names]
+    nearest = same_name[-3:] or [s.short for s in target.snapshots[-3:]]
+    err = NoCommonSnapshot(source=source_label, target=target_label, target_ds=target.name)
+    if nearest:
+        err.args = (f"{err} (nearest target snapshots: {', '.join(nearest)}"
+                    + (" — same names, other guids" if same_name else "") + ")",)
+    return err
+
+
+def prune_list(snapshots: tuple[Snapshot, ...], identifier: str, keep: int, protect: set[int]) -> list[Snapshot]:
+    """Our own sync snapshots beyond the newest ``keep``; never one whose guid is protected."""
+    own = [s for s in snapshots if is_own_sync_snapshot(s.short, identifier)]
+    doomed = own[:-keep] if keep > 0 else own
+    return [s for s in doomed if s.guid not in protect]

@@ -136,6 +136,64 @@ class TextRenderer:
         if self.verbose:
             self._line(f"zfs send finished: {f['chunks']} chunks, {human_bytes(f['raw_bytes'])}")
 
+    def on_dataset_plan(self, f: dict[str, Any]) -> None:
+        would = "would " if f.get("dry_run") else ""
+        head = f"{f['source']} -> {f['target']}"
+        if f.get("up_to_date"):
+            self._line(f"{head}: up to date")
+        if f.get("destroy_target"):
+            self._line(f"{head}: {would}DESTROY the target (--force-delete: it shares no snapshot with the source)")
+        if f.get("rollback"):
+            lost = f", destroying {', '.join(f['destroys'])}" if f.get("destroys") else ""
+            self._line(f"{head}: {would}roll the target back to {f['rollback']}{lost}")
+        for step in f.get("steps", []):
+            self._line(f"{head}: {would}send {step}")
+        for key, where in (("prune_source", "source"), ("prune_target", "target")):
+            for snap in f.get(key, []):
+                self._line(f"{head}: {would}prune {snap} on the {where}")
+        if f.get("properties"):
+            self._line(f"{head}: {would}set properties {', '.join(k for k, _ in f['properties'])}")
+        if f.get("dry_run"):
+            self._line(f"{head}: {would}hold the new common snapshot with tag {f['hold']} (where holds exist)")
+
+    def on_would_snapshot(self, f: dict[str, Any]) -> None:
+        self._line(f"would take sync snapshot {f['snapshot']}")
+
+    def on_snapshot(self, f: dict[str, Any]) -> None:
+        self._line(f"took {f['snapshot']}")
+
+    def on_rolling_back(self, f: dict[str, Any]) -> None:
+        lost = f" (destroying {', '.join(f['destroys'])})" if f.get("destroys") else ""
+        self._line(f"{f['target']}: rolling back to {f['to']}{lost}")
+
+    def on_destroying(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['target']}: destroying it ({f['reason']})")
+
+    def on_pruned(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['host']}: pruned {f['snapshot']}")
+
+    def on_dataset_failed(self, f: dict[str, Any]) -> None:
+        self._line(f"FAILED {f['source']}: {f['error']}" + (f" (fix: {f['hint']})" if f.get("hint") else ""))
+
+    def on_dataset_skipped(self, f: dict[str, Any]) -> None:
+        self._line(f"skipped {f['source']}: {f['reason']}")
+
+    def on_note(self, f: dict[str, Any]) -> None:
+        self._line(f"note: {f['host']}: {f['detail']}")
+
+    def on_properties_skipped(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['dataset']}: not copying {', '.join(f['properties'])} (unsafe on a replica)")
+
+    def on_resume_token(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['target']}: resuming the interrupted receive of {f['snapshot']} from its resume token")
+
+    def on_resume_token_stale(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['target']}: its resume token is stale (the snapshot is gone on the source): "
+                   "aborted the partial receive (zfs receive -A), planning afresh")
+
+    def on_bookmark(self, f: dict[str, Any]) -> None:
+        self._line(f"bookmarked {f['bookmark']}")
+
     def on_demo_step(self, f: dict[str, Any]) -> None:
         self._line(f"==> {f['text']}")
 

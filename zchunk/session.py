@@ -112,5 +112,12 @@ class StateStore:
                 return rec
         return None
 
+    def active_under(self, source: str, target: str) -> list[SessionRecord]:
+        """Unfinished sessions of this pair or of their children (a recursive run), oldest first."""
+        def under(name: str, root: str) -> bool:
+            return name == root or name.startswith(root + "/")
+
+        return [r for r in self.all() if r.active and under(r.source, source) and under(r.target, target)]
+
     def remove(self, sid: str) -> None:
         self._path(sid).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from helpers import zchunk_agent as agent_mod
 from . import errors as E
 from .endpoint import Endpoint, parse_endpoint
 from .engine import AgentSide, EngineOptions, Transfer, TransferResult
-from .plan import SendPlan, plan_send
+from .plan import SendPlan
 from .session import SessionRecord, StateStore, default_state_dir, new_session_id
 from .transport import Host, LinkDown, SshOptions, first_contact, make_host
 from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
@@ -59,6 +59,7 @@ class HostReport:
     uid: int
     user: str = "root"
     groups: tuple[str, ...] = ()
+    hostname: str = "host"
 
 
 @dataclass
@@ -104,7 +105,7 @@ async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
         raise E.OldPython(host=host.name, version=".".join(map(str, py)))
     features = await Zfs(host).features()
     return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
-                      str(info.get("user", "")), tuple(info.get("groups", [])))
+                      str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")))
 
 
 def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int | None, str]:
@@ -145,17 +146,31 @@ async def load_sides(source: Endpoint, target: Endpoint, src_host: Host, dst_hos
 # -- session set-up -----------------------------------------------------------
 
 
-def agent_config(rec: SessionRecord, role: str, level: int | None, plan: SendPlan | None,
-                 recv_flags: list[str], idle: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StreamSpec:
+    """One zfs send | zfs receive, as the agents will run it."""
+
+    plan: SendPlan
+    recv_flags: tuple[str, ...] = ()
+    recv_props: tuple[tuple[str, str], ...] = ()  # receive -o name=value
+    resume_token: str | None = None  # send -t TOKEN instead of the plan's snapshots
+
+    def describe(self) -> str:
+        return (f"resume of {self.plan.snapshot.name} from its receive token" if self.resume_token
+                else self.plan.describe())
+
+
+def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamSpec, idle: float) -> dict[str, Any]:
     cfg: dict[str, Any] = {"id": rec.id, "role": role, "codec": rec.codec, "level": level,
                            "checksum": rec.checksum, "chunk_size": rec.chunk_size,
                            "spool_max": rec.spool_max, "idle_timeout": idle}
+    plan = spec.plan
     if role == "send":
-        assert plan is not None
         cfg["send"] = {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
-                       "intermediates": plan.intermediates, "flags": []}
+                       "intermediates": plan.intermediates, "flags": [], "token": spec.resume_token}
     else:
-        cfg["receive"] = {"target": rec.target_dataset, "flags": recv_flags}
+        cfg["receive"] = {"target": rec.target_dataset, "flags": list(spec.recv_flags),
+                          "props": dict(spec.recv_props)}
     return cfg
 
 
@@ -201,64 +216,42 @@ def ssh_from_record(rec: SessionRecord, fallback: SshOptions) -> SshOptions:
 # -- the commands -------------------------------------------------------------
 
 
-async def sync(source_spec: str, target_spec: str, opts: SyncOptions, on_event: Any = None) -> SyncResult:
-    emit = Emitter(on_event)
-    source, target = parse_endpoint(source_spec), parse_endpoint(target_spec)
-    if source == target:
-        raise E.UsageError(reason="SOURCE and TARGET are the same dataset")
-    store = StateStore(opts.state_dir)
-    active = store.find_active(str(source), str(target))
-    if active is not None:
-        emit("reattach", session=active.id)
-        return await resume(active.id, opts, on_event)
-    src_host, dst_host = make_host(source, opts.ssh, opts.python), make_host(target, opts.ssh, opts.python)
+async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_rep: HostReport,
+                     source: str, target: str, spec: StreamSpec, opts: SyncOptions, store: StateStore,
+                     emit: Emitter) -> SyncResult:
+    """Negotiate, start both agents in fresh session directories, move the stream, verify, clean up."""
+    plan = spec.plan
+    codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
+    estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features)
+    emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
+         base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
+    rec = SessionRecord(
+        id=new_session_id(), source=source, target=target, snapshot=plan.snapshot.name,
+        snapshot_guid=plan.snapshot.guid, base=plan.base.name if plan.base else None,
+        target_dataset=plan.target, source_dir="", target_dir="", spool_base=opts.spool_dir,
+        codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
+        estimate=estimate, ssh=record_ssh(opts))
+    store.save(rec)
     try:
-        await first_contact(src_host)
-        await first_contact(dst_host)
-        src_rep, dst_rep = await probe_host(src_host, opts), await probe_host(dst_host, opts)
-        emit("preflight", source=_report(src_rep), target=_report(dst_rep))
-        src_ds, dst_ds = await load_sides(source, target, src_host, dst_host, src_rep, dst_rep)
-        try:
-            plan = plan_send(src_ds, dst_ds, target.dataset, str(source), str(target))
-        except E.UpToDate as e:
-            emit("up_to_date", detail=str(e))
-            return SyncResult(None, str(e), up_to_date=True)
-        codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
-        estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features)
-        emit("plan", plan=plan.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
-             base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
-        sid = new_session_id()
-        recv_flags = ["-u"] if dst_rep.features.receive_unmounted else []
-        rec = SessionRecord(
-            id=sid, source=str(source), target=str(target), snapshot=plan.snapshot.name,
-            snapshot_guid=plan.snapshot.guid, base=plan.base.name if plan.base else None,
-            target_dataset=target.dataset, source_dir="", target_dir="", spool_base=opts.spool_dir,
-            codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
-            estimate=estimate, ssh=record_ssh(opts))
+        await _start_agents(rec, spec, level, src_host, dst_host, opts, store)
+    except (E.ZchunkError, LinkDown) as e:
+        rec.state, rec.reason = "failed", f"could not start the agents: {e}"
         store.save(rec)
-        try:
-            await _start_agents(rec, plan, level, recv_flags, src_host, dst_host, opts, store)
-        except (E.ZchunkError, LinkDown) as e:
-            rec.state, rec.reason = "failed", f"could not start the agents: {e}"
-            store.save(rec)
-            await _remove_dirs(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), emit)
-            if isinstance(e, LinkDown):
-                raise E.HostUnreachable(host=e.host, reason=e.reason) from e
-            raise
-        emit("session", session=sid, source_dir=rec.source_dir, target_dir=rec.target_dir)
-        return await _run_session(rec, src_host, dst_host, opts, store, emit)
-    finally:
-        await src_host.close()
-        await dst_host.close()
+        await _remove_dirs(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), emit)
+        if isinstance(e, LinkDown):
+            raise E.HostUnreachable(host=e.host, reason=e.reason) from e
+        raise
+    emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir)
+    return await _run_session(rec, src_host, dst_host, opts, store, emit)
 
 
-async def _start_agents(rec: SessionRecord, plan: SendPlan, level: int | None, recv_flags: list[str],
+async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
                         src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore) -> None:
     rec.target_dir = await install_agent(dst_host, opts, rec.id, agent_config(
-        rec, "receive", level, None, recv_flags, opts.agent_idle_timeout))
+        rec, "receive", level, spec, opts.agent_idle_timeout))
     store.save(rec)
     rec.source_dir = await install_agent(src_host, opts, rec.id, agent_config(
-        rec, "send", level, plan, [], opts.agent_idle_timeout))
+        rec, "send", level, spec, opts.agent_idle_timeout))
     store.save(rec)
     await agent_command(dst_host, opts, rec.target_dir, "start", rec.target_dir)
     await agent_command(src_host, opts, rec.source_dir, "start", rec.source_dir)
@@ -377,7 +370,7 @@ def list_sessions(opts: SyncOptions) -> list[SessionRecord]:
     return StateStore(opts.state_dir).all()
 
 
-def _report(rep: HostReport) -> dict[str, Any]:
+def report(rep: HostReport) -> dict[str, Any]:
     return {"host": rep.name, "python": ".".join(map(str, rep.python)), "capabilities": rep.capabilities,
             "zfs": rep.features.summary(), "uid": rep.uid}
 

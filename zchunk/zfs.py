@@ -49,6 +49,19 @@ class Features:
     send_flags: frozenset[str] = field(default_factory=frozenset)
     recv_flags: frozenset[str] = field(default_factory=frozenset)
     version: str = "unknown"
+    commands: frozenset[str] = field(default_factory=frozenset)  # zfs subcommands in its usage
+
+    @property
+    def bookmarks(self) -> bool:
+        return "bookmark" in self.commands
+
+    @property
+    def receive_props(self) -> bool:
+        return "o" in self.recv_flags
+
+    @property
+    def openzfs(self) -> bool:
+        return "version" in self.commands
 
     @property
     def resume_tokens(self) -> bool:
@@ -65,6 +78,7 @@ class Features:
     def summary(self) -> dict[str, object]:
         return {"version": self.version, "resume_tokens": self.resume_tokens,
                 "send_estimate": self.send_estimate, "receive_u": self.receive_unmounted,
+                "bookmarks": self.bookmarks, "receive_props": self.receive_props,
                 "raw": "w" in self.send_flags, "compressed": "c" in self.send_flags,
                 "large_blocks": "L" in self.send_flags, "embedded": "e" in self.send_flags}
 
@@ -85,6 +99,16 @@ def parse_usage_flags(text: str, subcommand: str) -> frozenset[str]:
         flags.update(_FLAG_SINGLE.findall(stripped))
     flags.discard("[")
     return frozenset(flags)
+
+
+def parse_commands(text: str) -> frozenset[str]:
+    """Subcommand names listed in ``zfs -?``/``zfs help`` usage text."""
+    names = set()
+    for line in text.splitlines():
+        word = line.strip().split(" ", 1)[0]
+        if word.isalpha() and word.islower() and line.startswith(("\t", " ")):
+            names.add(word)
+    return frozenset(names)
 
 
 def parse_get_output(text: str) -> dict[str, dict[str, str]]:
@@ -176,11 +200,13 @@ class Zfs:
     async def features(self) -> Features:
         send = await self.run("send", "-?", check=False)
         recv = await self.run("receive", "-?", check=False)
+        top = await self.run("-?", check=False)
         ver = await self.run("version", check=False)
         version = (ver.stdout.decode().split("\n")[0].strip() if ver.status == 0
                    else "legacy zfs (no `zfs version`)")
         return Features(parse_usage_flags((send.stdout + send.stderr).decode(), "send"),
-                        parse_usage_flags((recv.stdout + recv.stderr).decode(), "receive"), version)
+                        parse_usage_flags((recv.stdout + recv.stderr).decode(), "receive"), version,
+                        parse_commands((top.stdout + top.stderr).decode()))
 
     async def estimate(self, snapshot: Snapshot, base: Snapshot | None, features: Features) -> int:
         """Stream size: ``zfs send -nP`` where supported, else referenced sizes."""
@@ -213,6 +239,64 @@ class Zfs:
 
     async def snapshot(self, name: str) -> None:
         await self.run("snapshot", name, dataset=name, action="snapshot")
+
+    async def prop(self, name: str, prop: str) -> str | None:
+        """A property's raw value, or None when this zfs or dataset doesn't have it."""
+        res = await self.run("get", "-H", "-p", "-o", "value", prop, name, check=False)
+        value = res.stdout.decode().strip()
+        return value if res.status == 0 and value not in ("", "-") else None
+
+    async def local_props(self, name: str) -> dict[str, str]:
+        res = await self.run("get", "-H", "-p", "-s", "local", "-o", "property,value", "all", name)
+        return dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+
+    async def children(self, name: str) -> list[tuple[str, str, str]]:
+        """(name, type, zchunk:sync) of ``name`` and its descendants, parents first."""
+        res = await self.run("list", "-H", "-r", "-o", "name,type,zchunk:sync", "-t", "filesystem,volume", name,
+                             dataset=name)
+        rows = [tuple(line.split("\t")) for line in res.stdout.decode().splitlines() if line]
+        return [(r[0], r[1], r[2] if len(r) > 2 else "-") for r in rows]  # type: ignore[misc]
+
+    async def bookmarks(self, name: str) -> tuple[Snapshot, ...]:
+        res = await self.run("list", "-H", "-p", "-t", "bookmark", "-o", "name,guid,createtxg", "-d", "1", name,
+                             check=False)
+        marks = []
+        for line in res.stdout.decode().splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[0].startswith(name + "#"):
+                marks.append(Snapshot(parts[0], _int(parts[1]), _int(parts[2])))
+        return tuple(sorted(marks, key=lambda b: b.createtxg))
+
+    async def holds_supported(self, snapshot: str) -> bool:
+        return (await self.run("holds", "-H", snapshot, check=False)).status == 0
+
+    async def hold(self, tag: str, snapshot: str) -> None:
+        res = await self.run("hold", tag, snapshot, check=False)
+        if res.status != 0 and "tag already exists" not in res.err_text:
+            raise CommandFailed(host=self.host.name, command=f"zfs hold {tag} {snapshot}", status=res.status,
+                                stderr=res.err_text)
+
+    async def release(self, tag: str, snapshot: str) -> None:
+        await self.run("release", tag, snapshot, check=False)  # no such tag: nothing to release
+
+    async def destroy(self, name: str, *flags: str, busy_retry: float = 30.0) -> None:
+        """``zfs destroy``; zfs-fuse answers "dataset is busy" just after a receive: retry a while."""
+        import asyncio
+        import time
+
+        deadline = time.monotonic() + busy_retry
+        while True:
+            res = await self.run("destroy", *flags, name, check=False, dataset=name, action="destroy")
+            if res.status == 0:
+                return
+            if "busy" not in res.err_text or time.monotonic() > deadline:
+                raise CommandFailed(host=self.host.name, command=f"zfs destroy {' '.join(flags)} {name}",
+                                    status=res.status, stderr=res.err_text)
+            await asyncio.sleep(1.0)
+
+    async def rollback(self, snapshot: str, destroy_newer: bool) -> None:
+        await self.run("rollback", *(["-r"] if destroy_newer else []), snapshot, dataset=snapshot,
+                       action="roll back")
 
     async def guid(self, name: str) -> int | None:
         res = await self.run("get", "-H", "-p", "-o", "value", "guid", name, check=False)

@@ -1,0 +1,409 @@
+"""``zchunk sync``: replication around the chunk engine.
+
+Per dataset (parents first with ``--recursive``): take a sync snapshot, plan
+from the snapshots both sides share (by guid), apply the target policy
+(refuse, or roll back / re-seed only when the user said so, naming what goes),
+hold the incremental base, run each stream through the engine, move the
+holds forward once the target has the new snapshot, and prune only our own
+sync snapshots of this identifier. ``dry_run`` plans and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors as E
+from .endpoint import Endpoint, check_dataset_name, parse_endpoint
+from .plan import (
+    Policy,
+    ReplicationPlan,
+    SendPlan,
+    is_own_sync_snapshot,
+    plan_replication,
+    prune_list,
+    sync_snapshot_name,
+)
+from .session import StateStore
+from .sync import (
+    Emitter,
+    HostReport,
+    StreamSpec,
+    SyncOptions,
+    SyncResult,
+    probe_host,
+    report,
+    resume,
+    run_stream,
+)
+from .transport import Host, first_contact, make_host
+from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Snapshot, Zfs
+
+# Properties never copied by --preserve-properties: they would clash with the
+# source's mounts and shares or cannot be set on receive.
+UNSAFE_PROPERTIES = frozenset({
+    "mountpoint", "sharenfs", "sharesmb", "canmount", "zoned", "mlslabel", "version", "volsize",
+    "encryption", "keylocation", "keyformat", "pbkdf2iters", "reservation", "refreservation",
+})
+
+
+@dataclass
+class ReplicateOptions:
+    identifier: str | None = None
+    sync_snap: bool = True
+    stream: bool = True
+    include_snaps: list[str] = field(default_factory=list)
+    exclude_snaps: list[str] = field(default_factory=list)
+    rollback: bool = False
+    force_delete: bool = False
+    keep_sync_snaps: int = 1
+    create_bookmark: bool = False
+    recursive: bool = False
+    exclude: list[str] = field(default_factory=list)
+    preserve_properties: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class DatasetOutcome:
+    source: str
+    target: str
+    status: str  # sent | up-to-date | planned | skipped | failed
+    streams: list[SyncResult] = field(default_factory=list)
+    error: str = ""
+    exit_code: int = 0
+
+
+@dataclass
+class ReplicationResult:
+    outcomes: list[DatasetOutcome]
+
+    @property
+    def failed(self) -> list[DatasetOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"outcomes": [asdict(o) for o in self.outcomes]}
+
+
+@dataclass
+class Side:
+    endpoint: Endpoint
+    host: Host
+    rep: HostReport
+    zfs: Zfs
+    holds: bool | None = None  # learned on first use
+
+    @property
+    def label(self) -> str:
+        return self.host.name
+
+
+def default_identifier(target: Endpoint) -> str:
+    """Unique per target, so two targets of one source never prune each other's base."""
+    return "t" + hashlib.sha256(str(target).encode()).hexdigest()[:8]
+
+
+def _regexes(patterns: list[str], what: str) -> tuple[re.Pattern[str], ...]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise E.UsageError(reason=f"{what} {p!r} is not a valid regular expression: {e}") from e
+    return tuple(out)
+
+
+async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts: ReplicateOptions,
+                    on_event: Any = None) -> ReplicationResult:
+    emit = Emitter(on_event)
+    source, target = parse_endpoint(source_spec), parse_endpoint(target_spec)
+    if source == target:
+        raise E.UsageError(reason="SOURCE and TARGET are the same dataset")
+    identifier = ropts.identifier or default_identifier(target)
+    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,40}", identifier):
+        raise E.UsageError(reason=f"--identifier {identifier!r}: use 1-40 letters, digits, '.', ':' or '-'")
+    policy = Policy(identifier, ropts.stream, _regexes(ropts.include_snaps, "--include-snaps"),
+                    _regexes(ropts.exclude_snaps, "--exclude-snaps"), ropts.rollback, ropts.force_delete)
+    excludes = _regexes(ropts.exclude, "--exclude")
+    store = StateStore(opts.state_dir)
+    if not ropts.dry_run:
+        for active in store.active_under(str(source), str(target)):
+            emit("reattach", session=active.id)
+            await resume(active.id, opts, on_event)
+    src = await _side(source, opts)
+    try:
+        dst = await _side(target, opts)
+        try:
+            emit("preflight", source=report(src.rep), target=report(dst.rep), identifier=identifier)
+            pairs = await _datasets(src, dst, ropts.recursive, excludes, emit)
+            outcomes = []
+            for src_name, dst_name in pairs:
+                try:
+                    outcomes.append(await _one(src, dst, src_name, dst_name, policy, ropts, opts, store, emit))
+                except E.ZchunkError as e:
+                    if not ropts.recursive:
+                        raise
+                    emit("dataset_failed", source=src_name, target=dst_name, error=str(e), hint=e.hint)
+                    outcomes.append(DatasetOutcome(src_name, dst_name, "failed", error=str(e),
+                                                   exit_code=e.exit_code))
+            return ReplicationResult(outcomes)
+        finally:
+            await dst.host.close()
+    finally:
+        await src.host.close()
+
+
+async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
+    host = make_host(ep, opts.ssh, opts.python)
+    try:
+        await first_contact(host)
+        rep = await probe_host(host, opts)
+    except BaseException:
+        await host.close()
+        raise
+    return Side(ep, host, rep, Zfs(host))
+
+
+async def _datasets(src: Side, dst: Side, recursive: bool, excludes: tuple[re.Pattern[str], ...],
+                    emit: Emitter) -> list[tuple[str, str]]:
+    root, troot = src.endpoint.dataset, dst.endpoint.dataset
+    if not recursive:
+        return [(root, troot)]
+    await src.zfs.require(root)
+    pairs = []
+    for name, _type, prop in await src.zfs.children(root):
+        rel = name[len(root):]
+        if any(p.search(name) for p in excludes):
+            emit("dataset_skipped", source=name, reason="matches --exclude")
+            continue
+        if prop.strip().lower() == "false":
+            emit("dataset_skipped", source=name, reason="zchunk:sync=false")
+            continue
+        pairs.append((name, check_dataset_name(troot + rel)))
+    return pairs
+
+
+async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy, ropts: ReplicateOptions,
+               opts: SyncOptions, store: StateStore, emit: Emitter) -> DatasetOutcome:
+    src_ds = await src.zfs.require(src_name)
+    dst_ds = await dst.zfs.dataset(dst_name)
+    await _check_target_parent(dst, dst_name, dst_ds, ropts)
+    await _check_delegation(src, dst, src_name, dst_name, dst_ds)
+    if dst_ds is not None and dst.rep.features.resume_tokens and not ropts.dry_run:
+        resumed = await _resume_partial(src, dst, src_ds, dst_ds, opts, store, emit)
+        if resumed is not None:
+            dst_ds = await dst.zfs.dataset(dst_name)
+    if ropts.sync_snap:
+        src_ds = await _take_sync_snapshot(src, src_ds, policy.identifier, ropts.dry_run, emit)
+    plan = await _plan(src, dst, src_ds, dst_ds, dst_name, policy)
+    src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps)
+    props = await _props(src, dst, src_name, ropts, emit)
+    emit("dataset_plan", source=src_name, target=dst_name, up_to_date=plan.up_to_date,
+         steps=[s.describe() for s in plan.steps],
+         rollback=plan.rollback_to.name if plan.rollback_to else None, destroys=list(plan.destroys),
+         destroy_target=plan.destroy_target, hold=f"zchunk_{policy.identifier}",
+         prune_source=[s.name for s in src_prunes], prune_target=[s.name for s in dst_prunes],
+         properties=props, dry_run=ropts.dry_run)
+    if ropts.dry_run:
+        return DatasetOutcome(src_name, dst_name, "planned")
+    await _prepare_target(dst, dst_name, plan, emit)
+    tag = f"zchunk_{policy.identifier}"
+    if plan.common is not None and plan.target_common is not None:
+        await _hold(src, tag, plan.common.name, emit)
+        await _hold(dst, tag, plan.target_common.name, emit)
+    results = []
+    for step in plan.steps:
+        spec = StreamSpec(step, _recv_flags(dst), props if dst.rep.features.receive_props else ())
+        results.append(await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_name),
+                                        _label(dst, dst_name), spec, opts, store, emit))
+        if props and not dst.rep.features.receive_props and step.base is None:
+            await _set_props(dst, dst_name, props)
+    newest = plan.newest
+    if newest is not None:
+        await _move_holds(src, dst, tag, plan, newest, dst_name)
+        if ropts.create_bookmark:
+            await _bookmark(src, newest, policy.identifier, emit)
+    await _prune(src, src_prunes, tag, emit)
+    await _prune(dst, dst_prunes, tag, emit)
+    if plan.up_to_date:
+        emit("up_to_date", detail=f"{_label(dst, dst_name)} already has "
+             f"{newest.short if newest else 'everything'}: nothing to send")
+    return DatasetOutcome(src_name, dst_name, "up-to-date" if plan.up_to_date else "sent", results)
+
+
+def _label(side: Side, dataset: str) -> str:
+    return str(Endpoint(dataset, side.endpoint.host, side.endpoint.user))
+
+
+async def _check_target_parent(dst: Side, dst_name: str, dst_ds: Dataset | None, ropts: ReplicateOptions) -> None:
+    if dst_ds is None and "/" in dst_name:
+        parent = dst_name.rsplit("/", 1)[0]
+        if await dst.zfs.dataset(parent) is None and not (ropts.recursive and ropts.dry_run):
+            raise E.UnknownDataset(host=dst.label, dataset=parent, dataset_parent=parent.split("/")[0])
+
+
+async def _check_delegation(src: Side, dst: Side, src_name: str, dst_name: str, dst_ds: Dataset | None) -> None:
+    if src.rep.uid != 0:
+        await src.zfs.check_delegation(src_name, src.rep.user, src.rep.groups, SEND_PERMS, "send")
+    if dst.rep.uid != 0:
+        anchor = dst_name if dst_ds is not None else dst_name.rsplit("/", 1)[0]
+        await dst.zfs.check_delegation(anchor, dst.rep.user, dst.rep.groups, RECEIVE_PERMS, "receive into")
+
+
+async def _take_sync_snapshot(src: Side, ds: Dataset, identifier: str, dry_run: bool, emit: Emitter) -> Dataset:
+    name = f"{ds.name}@{sync_snapshot_name(identifier, src.rep.hostname, time.time())}"
+    if dry_run:
+        planned = Snapshot(name, guid=0, createtxg=(ds.newest.createtxg + 1 if ds.newest else 1))
+        emit("would_snapshot", snapshot=name)
+        return Dataset(ds.name, ds.type, ds.guid, ds.referenced, ds.snapshots + (planned,))
+    await src.zfs.snapshot(name)
+    emit("snapshot", snapshot=name)
+    return await src.zfs.require(ds.name)
+
+
+async def _plan(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset | None, dst_name: str,
+                policy: Policy) -> ReplicationPlan:
+    changed = None
+    bookmarks: tuple[Snapshot, ...] = ()
+    if dst_ds is not None:
+        written = await dst.zfs.prop(dst_ds.name, "written")
+        changed = bool(written and written.isdigit() and int(written) > 0) if written is not None else None
+        if src.rep.features.bookmarks:
+            bookmarks = await src.zfs.bookmarks(src_ds.name)
+    plan = plan_replication(src_ds, dst_ds, dst_name, policy, _label(src, src_ds.name), _label(dst, dst_name),
+                            target_changed=changed and _target_at_common(src_ds, dst_ds), bookmarks=bookmarks)
+    return plan
+
+
+def _target_at_common(src_ds: Dataset, dst_ds: Dataset | None) -> bool:
+    """``written`` counts bytes since the target's newest snapshot: meaningful only if that one is common."""
+    if dst_ds is None or dst_ds.newest is None:
+        return False
+    return dst_ds.newest.guid in src_ds.by_guid()
+
+
+def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, identifier: str,
+            keep: int) -> tuple[list[Snapshot], list[Snapshot]]:
+    newest = plan.newest
+    protect = {newest.guid} if newest is not None else set()
+    src_list = prune_list(src_ds.snapshots, identifier, keep, protect)
+    if dst_ds is None or plan.destroy_target:
+        return src_list, []
+    dst_after = tuple(s for s in dst_ds.snapshots if s.name not in plan.destroys)
+    return src_list, prune_list(dst_after, identifier, keep, protect)
+
+
+async def _props(src: Side, dst: Side, src_name: str, ropts: ReplicateOptions,
+                 emit: Emitter) -> tuple[tuple[str, str], ...]:
+    if not ropts.preserve_properties:
+        return ()
+    local = await src.zfs.local_props(src_name)
+    skipped = sorted(k for k in local if k in UNSAFE_PROPERTIES)
+    if skipped:
+        emit("properties_skipped", dataset=src_name, properties=skipped)
+    return tuple(sorted((k, v) for k, v in local.items() if k not in UNSAFE_PROPERTIES))
+
+
+async def _set_props(dst: Side, dst_name: str, props: tuple[tuple[str, str], ...]) -> None:
+    """Where ``zfs receive -o`` is missing (old ZFS), set the properties right after the full receive."""
+    for k, v in props:
+        await dst.zfs.run("set", f"{k}={v}", dst_name, dataset=dst_name, action="set properties on")
+
+
+def _recv_flags(dst: Side) -> tuple[str, ...]:
+    f = dst.rep.features
+    return tuple(flag for flag, ok in (("-u", f.receive_unmounted), ("-s", f.resume_tokens)) if ok)
+
+
+async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, emit: Emitter) -> None:
+    if plan.destroy_target:
+        emit("destroying", target=_label(dst, dst_name), reason="--force-delete and no common snapshot")
+        await dst.zfs.destroy(dst_name, "-r")
+    elif plan.rollback_to is not None:
+        emit("rolling_back", target=_label(dst, dst_name), to=plan.rollback_to.name, destroys=list(plan.destroys))
+        await dst.zfs.rollback(plan.rollback_to.name, destroy_newer=bool(plan.destroys))
+
+
+async def _hold(side: Side, tag: str, snapshot: str, emit: Emitter) -> bool:
+    if side.holds is None:
+        side.holds = await side.zfs.holds_supported(snapshot)
+        if not side.holds:
+            emit("note", host=side.label, detail="this zfs has no working holds: the base is not protected "
+                 "against `zfs destroy`")
+    if side.holds:
+        await side.zfs.hold(tag, snapshot)
+    return bool(side.holds)
+
+
+async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, newest: Snapshot,
+                      dst_name: str) -> None:
+    """Hold the new common snapshot on both sides, then release the old base: always one held."""
+    dst_snap = f"{dst_name}@{newest.short}"
+    await _hold(src, tag, newest.name, Emitter(None))
+    await _hold(dst, tag, dst_snap, Emitter(None))
+    if plan.common is not None and plan.common.guid != newest.guid:
+        if src.holds:
+            await src.zfs.release(tag, plan.common.name)
+        if dst.holds and plan.target_common is not None:
+            await dst.zfs.release(tag, plan.target_common.name)
+
+
+async def _bookmark(src: Side, newest: Snapshot, identifier: str, emit: Emitter) -> None:
+    if not src.rep.features.bookmarks:
+        emit("note", host=src.label, detail="this zfs has no bookmarks: --create-bookmark ignored")
+        return
+    ds = newest.name.split("@", 1)[0]
+    mark = f"{ds}#zchunk_{identifier}_{newest.short}"[:255]
+    await src.zfs.run("bookmark", newest.name, mark, dataset=ds, action="bookmark")
+    for old in await src.zfs.bookmarks(ds):
+        short = old.name.split("#", 1)[1]
+        if short.startswith(f"zchunk_{identifier}_") and old.name != mark:
+            await src.zfs.destroy(old.name)
+    emit("bookmark", bookmark=mark)
+
+
+async def _prune(side: Side, snaps: list[Snapshot], tag: str, emit: Emitter) -> None:
+    for s in snaps:
+        if side.holds:
+            await side.zfs.release(tag, s.name)
+        await side.zfs.destroy(s.name)
+        emit("pruned", host=side.label, snapshot=s.name)
+
+
+async def _resume_partial(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset, opts: SyncOptions,
+                          store: StateStore, emit: Emitter) -> SyncResult | None:
+    """A receive that died left a resume token: finish it with ``send -t``, or discard a stale one."""
+    token = await dst.zfs.prop(dst_ds.name, "receive_resume_token")
+    if not token:
+        return None
+    newest = src_ds.newest
+    assert newest is not None
+    placeholder = SendPlan(src_ds.name, dst_ds.name, newest, None)
+    spec = StreamSpec(placeholder, _recv_flags(dst), (), resume_token=token)
+    check = await src.zfs.run("send", "-nP", "-t", token, check=False)
+    if check.status != 0:
+        emit("resume_token_stale", target=_label(dst, dst_ds.name), reason=check.err_text.splitlines()[-1:])
+        await dst.zfs.run("receive", "-A", dst_ds.name, dataset=dst_ds.name, action="abort the partial receive of")
+        return None
+    snap = _token_snapshot(check.stdout.decode() + check.stderr.decode(), src_ds)
+    if snap is not None:
+        spec = StreamSpec(SendPlan(src_ds.name, dst_ds.name, snap, None), _recv_flags(dst), (), token)
+    emit("resume_token", target=_label(dst, dst_ds.name), snapshot=spec.plan.snapshot.name)
+    return await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_ds.name),
+                            _label(dst, dst_ds.name), spec, opts, store, emit)
+
+
+def _token_snapshot(dry_run_output: str, src_ds: Dataset) -> Snapshot | None:
+    """The snapshot a token resumes: the last source snapshot named by ``zfs send -nP -t``."""
+    names = {s.name: s for s in src_ds.snapshots}
+    found = [names[w] for line in dry_run_output.splitlines() for w in line.split() if w in names]
+    return found[-1] if found else None
+
+
+__all__ = ["ReplicateOptions", "ReplicationResult", "replicate", "is_own_sync_snapshot"]
