@@ -199,9 +199,20 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
         resumed = await _resume_partial(src, dst, src_ds, dst_ds, opts, store, emit)
         if resumed is not None:
             dst_ds = await dst.zfs.dataset(dst_name)
-    if ropts.sync_snap:
-        src_ds = await _take_sync_snapshot(src, src_ds, policy.identifier, ropts.dry_run, emit)
-    plan = await _plan(src, dst, src_ds, dst_ds, dst_name, policy)
+    snap_name = f"{src_name}@{sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())}"
+    # Plan against the sync snapshot-to-be first: a refusal must leave the source untouched too.
+    planned_ds = _with_planned_snapshot(src_ds, snap_name) if ropts.sync_snap else src_ds
+    plan = await _plan(src, dst, planned_ds, dst_ds, dst_name, policy)
+    if ropts.sync_snap and ropts.dry_run:
+        emit("would_snapshot", snapshot=snap_name)
+        src_ds = planned_ds
+    elif ropts.sync_snap:
+        await src.zfs.snapshot(snap_name)
+        emit("snapshot", snapshot=snap_name)
+        src_ds = await src.zfs.require(src_name)
+        plan = await _plan(src, dst, src_ds, dst_ds, dst_name, policy)
+    else:
+        src_ds = planned_ds
     src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps)
     props = await _props(src, dst, src_name, ropts, emit)
     emit("dataset_plan", source=src_name, target=dst_name, up_to_date=plan.up_to_date,
@@ -230,6 +241,10 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
         if ropts.create_bookmark:
             await _bookmark(src, newest, policy.identifier, emit)
     await _prune(src, src_prunes, tag, emit)
+    if plan.steps:  # what the target really holds now decides, not the forecast
+        after = await dst.zfs.require(dst_name)
+        dst_prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_sync_snaps,
+                                {newest.guid} if newest is not None else set())
     await _prune(dst, dst_prunes, tag, emit)
     if plan.up_to_date:
         emit("up_to_date", detail=f"{_label(dst, dst_name)} already has "
@@ -256,15 +271,9 @@ async def _check_delegation(src: Side, dst: Side, src_name: str, dst_name: str, 
         await dst.zfs.check_delegation(anchor, dst.rep.user, dst.rep.groups, RECEIVE_PERMS, "receive into")
 
 
-async def _take_sync_snapshot(src: Side, ds: Dataset, identifier: str, dry_run: bool, emit: Emitter) -> Dataset:
-    name = f"{ds.name}@{sync_snapshot_name(identifier, src.rep.hostname, time.time())}"
-    if dry_run:
-        planned = Snapshot(name, guid=0, createtxg=(ds.newest.createtxg + 1 if ds.newest else 1))
-        emit("would_snapshot", snapshot=name)
-        return Dataset(ds.name, ds.type, ds.guid, ds.referenced, ds.snapshots + (planned,))
-    await src.zfs.snapshot(name)
-    emit("snapshot", snapshot=name)
-    return await src.zfs.require(ds.name)
+def _with_planned_snapshot(ds: Dataset, name: str) -> Dataset:
+    planned = Snapshot(name, guid=0, createtxg=(ds.newest.createtxg + 1 if ds.newest else 1))
+    return Dataset(ds.name, ds.type, ds.guid, ds.referenced, ds.snapshots + (planned,))
 
 
 async def _plan(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset | None, dst_name: str,
@@ -290,13 +299,26 @@ def _target_at_common(src_ds: Dataset, dst_ds: Dataset | None) -> bool:
 
 def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, identifier: str,
             keep: int) -> tuple[list[Snapshot], list[Snapshot]]:
+    """Own sync snapshots to prune on each side once the plan has run (the target as it will be then)."""
     newest = plan.newest
     protect = {newest.guid} if newest is not None else set()
     src_list = prune_list(src_ds.snapshots, identifier, keep, protect)
-    if dst_ds is None or plan.destroy_target:
-        return src_list, []
-    dst_after = tuple(s for s in dst_ds.snapshots if s.name not in plan.destroys)
-    return src_list, prune_list(dst_after, identifier, keep, protect)
+    kept = () if dst_ds is None or plan.destroy_target else tuple(
+        s for s in dst_ds.snapshots if s.name not in plan.destroys)
+    arriving = tuple(_arriving(src_ds, plan))
+    return src_list, prune_list(kept + arriving, identifier, keep, protect)
+
+
+def _arriving(src_ds: Dataset, plan: ReplicationPlan) -> list[Snapshot]:
+    """Source snapshots the plan's streams create on the target (-I carries every one in between)."""
+    out: list[Snapshot] = []
+    for step in plan.steps:
+        low = step.base.createtxg if step.base is not None else -1
+        if step.intermediates:
+            out += [s for s in src_ds.snapshots if low < s.createtxg <= step.snapshot.createtxg]
+        else:
+            out.append(step.snapshot)
+    return out
 
 
 async def _props(src: Side, dst: Side, src_name: str, ropts: ReplicateOptions,
