@@ -15,7 +15,7 @@ from tests.zfsutil import (
     assert_replica,
     exists,
     make_source,
-    mountpoint,
+    mounted,
     quiet_target_pool,
     snapshots,
 )
@@ -140,7 +140,8 @@ def test_receive_failure_is_reported_with_zfs_stderr(zc: Zchunk, pools: tuple[la
     src = make_source(src_pool, 2 * MiB, seed=11)
     dst = f"{dst_pool.name}/replica"
     assert zc.run("sync", src, dst).returncode == 0
-    (mountpoint(dst) / "local-change").write_bytes(b"written on the replica")
+    with mounted(dst) as files:
+        (files / "local-change").write_bytes(b"written on the replica")
     add_change(src, 1 * MiB, seed=12, snap="s2")
     run = zc.run("sync", src, dst)
     assert run.returncode == 12, run.explain()

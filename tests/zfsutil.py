@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from zchunk import lab
@@ -52,14 +56,48 @@ def quiet_target_pool(pool: lab.Pool) -> None:
     zfs("set", "atime=off", pool.name)
 
 
-def same_content(src: str, dst: str) -> bool:
-    return lab.tree_digest(mountpoint(src)) == lab.tree_digest(mountpoint(dst))
+@contextlib.contextmanager
+def mounted(dataset: str) -> Iterator[Path]:
+    """The dataset's files (replicas are kept unmounted where zfs lacks receive -u): mount for a look."""
+    was = zfs("get", "-H", "-o", "value", "mounted", dataset).strip() == "yes"
+    if not was:
+        zfs("mount", dataset)
+    try:
+        yield mountpoint(dataset)
+    finally:
+        if not was:
+            for _ in range(30):
+                if subprocess.run(["zfs", "unmount", dataset], capture_output=True).returncode == 0:
+                    break
+                time.sleep(1)
+
+
+def snapshot_digest(snapshot: str) -> str:
+    """tree_digest of a snapshot's files, read through a temporary clone mounted in a fresh directory
+    (replicas stay unmounted, and zfs-fuse cannot overlay-mount over child mountpoint directories)."""
+    pool = snapshot.split("/", 1)[0].split("@", 1)[0]
+    clone = f"{pool}/zchunk-test-view-{os.getpid()}"
+    where = Path(tempfile.mkdtemp(prefix="zchunk-view-"))
+    zfs("clone", "-o", f"mountpoint={where}", snapshot, clone)
+    try:
+        return lab.tree_digest(where)
+    finally:
+        for _ in range(30):
+            if subprocess.run(["zfs", "destroy", clone], capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
+def same_content(src: str, dst: str, snap: str) -> bool:
+    return snapshot_digest(f"{src}@{snap}") == snapshot_digest(f"{dst}@{snap}")
 
 
 def assert_replica(src: str, dst: str, snap: str) -> None:
     assert exists(f"{dst}@{snap}"), f"{dst}@{snap} missing; target has {snapshots(dst)}"
     assert guid(f"{dst}@{snap}") == guid(f"{src}@{snap}")
-    assert same_content(src, dst), "file content differs between source and replica"
+    assert same_content(src, dst, snap), "file content differs between source and replica"
 
 
 def wait_until(pred, timeout: float = 60, what: str = "condition", step: float = 0.1) -> None:  # type: ignore[no-untyped-def]

@@ -178,6 +178,8 @@ def plan_replication(source: Dataset, target: Dataset | None, target_name: str, 
         raise _no_common(source, target, source_label, target_label)
     newer_on_target = tuple(s.name for s in target.snapshots if s.createtxg > tgt_common.createtxg)
     rollback_to = None
+    if policy.rollback and target_changed is None:
+        rollback_to = tgt_common  # this zfs can't say whether the target changed: with --rollback, make sure
     if newer_on_target or target_changed:
         if not policy.rollback:
             what = (f"target-only snapshots newer than it: {', '.join(newer_on_target)}" if newer_on_target

@@ -235,6 +235,8 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
                                         _label(dst, dst_name), spec, opts, store, emit))
         if props and not dst.rep.features.receive_props and step.base is None:
             await _set_props(dst, dst_name, props)
+        if not dst.rep.features.receive_unmounted:
+            await _keep_unmounted(dst, dst_name, step.base is None, emit)
     newest = plan.newest
     if newest is not None:
         await _move_holds(src, dst, tag, plan, newest, dst_name)
@@ -285,8 +287,10 @@ async def _plan(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset | None, d
         changed = bool(written and written.isdigit() and int(written) > 0) if written is not None else None
         if src.rep.features.bookmarks:
             bookmarks = await src.zfs.bookmarks(src_ds.name)
+    if changed is not None:
+        changed = changed and _target_at_common(src_ds, dst_ds)
     plan = plan_replication(src_ds, dst_ds, dst_name, policy, _label(src, src_ds.name), _label(dst, dst_name),
-                            target_changed=changed and _target_at_common(src_ds, dst_ds), bookmarks=bookmarks)
+                            target_changed=changed, bookmarks=bookmarks)
     return plan
 
 
@@ -336,6 +340,16 @@ async def _set_props(dst: Side, dst_name: str, props: tuple[tuple[str, str], ...
     """Where ``zfs receive -o`` is missing (old ZFS), set the properties right after the full receive."""
     for k, v in props:
         await dst.zfs.run("set", f"{k}={v}", dst_name, dataset=dst_name, action="set properties on")
+
+
+async def _keep_unmounted(dst: Side, dst_name: str, first: bool, emit: Emitter) -> None:
+    """What ``zfs receive -u`` does, for a zfs without it (zfs-fuse): a mounted replica changes as soon as
+    anything touches it (atime, a child's mountpoint directory) and then refuses the next incremental."""
+    await dst.zfs.unmount(dst_name)
+    if first:
+        await dst.zfs.set(dst_name, "canmount", "noauto")
+        emit("note", host=dst.label, detail=f"{dst_name}: this zfs has no `receive -u`: unmounted the replica "
+             "and set canmount=noauto so it stays unchanged between syncs")
 
 
 def _recv_flags(dst: Side) -> tuple[str, ...]:

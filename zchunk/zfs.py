@@ -294,6 +294,26 @@ class Zfs:
                                     status=res.status, stderr=res.err_text)
             await asyncio.sleep(1.0)
 
+    async def unmount(self, name: str, busy_retry: float = 30.0) -> None:
+        """Unmount if mounted; zfs-fuse may be "busy" right after a receive: retry a while."""
+        import asyncio
+        import time
+
+        if await self.prop(name, "mounted") != "yes":
+            return
+        deadline = time.monotonic() + busy_retry
+        while True:
+            res = await self.run("unmount", name, check=False, dataset=name, action="unmount")
+            if res.status == 0 or await self.prop(name, "mounted") != "yes":
+                return
+            if time.monotonic() > deadline:
+                raise CommandFailed(host=self.host.name, command=f"zfs unmount {name}", status=res.status,
+                                    stderr=res.err_text)
+            await asyncio.sleep(1.0)
+
+    async def set(self, name: str, prop: str, value: str) -> None:
+        await self.run("set", f"{prop}={value}", name, dataset=name, action="set properties on")
+
     async def rollback(self, snapshot: str, destroy_newer: bool) -> None:
         await self.run("rollback", *(["-r"] if destroy_newer else []), snapshot, dataset=snapshot,
                        action="roll back")

@@ -1,0 +1,206 @@
+"""Replication rules on real zfs-fuse pools: sync snapshots, pruning of our own
+snapshots only, target policies, dry runs, recursion, properties."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.zc import Zchunk, kill_matching
+from tests.zfsutil import (
+    add_change,
+    assert_replica,
+    exists,
+    guid,
+    make_source,
+    mounted,
+    mountpoint,
+    quiet_target_pool,
+    snapshot_digest,
+    snapshots,
+    zfs,
+)
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def zc(tmp_path: Path) -> Iterator[Zchunk]:
+    z = Zchunk(tmp_path, sync_args=("--chunk-size", "1M"))
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
+    src, dst = pool_factory(size="512M"), pool_factory(size="512M")
+    quiet_target_pool(dst)
+    return src, dst
+
+
+def names(dataset: str) -> list[str]:
+    return [s.split("@", 1)[1] for s in snapshots(dataset)]
+
+
+def own(dataset: str, identifier: str) -> list[str]:
+    return [n for n in names(dataset) if n.startswith(f"zchunk_{identifier}_")]
+
+
+def test_sync_snapshots_and_pruning_touch_only_our_own(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=41)
+    dst = f"{dst_pool.name}/r"
+    zfs("snapshot", f"{src}@zchunk_other_host_20200101T000000Z")  # another replication's snapshot
+    for i in range(3):
+        add_change(src, MiB // 2, seed=42 + i, snap=f"user{i}")
+        run = zc.run("sync", src, dst, "--identifier", "mine")
+        assert run.returncode == 0, run.explain()
+        assert len(own(src, "mine")) == 1 and own(src, "mine") == own(dst, "mine"), (names(src), names(dst))
+        newest = own(src, "mine")[0]
+        assert_replica(src, dst, newest)
+    # the user's snapshots and the other identifier's stay, on both sides
+    for ds in (src, dst):
+        assert {"s1", "user0", "user1", "user2", "zchunk_other_host_20200101T000000Z"} <= set(names(ds))
+    pruned = [e["snapshot"] for e in run.of("pruned")]
+    assert pruned and all("@zchunk_mine_" in p for p in pruned)
+    notes = " ".join(e.get("detail", "") for e in run.of("note"))
+    assert "no working holds" in notes, "zfs-fuse cannot hold: said, not hidden"
+
+
+def test_no_sync_snap_no_stream_and_snapshot_filters(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=43)
+    for name in ("hourly-1", "daily-1", "hourly-2", "daily-2"):
+        add_change(src, 256 << 10, seed=hash(name) & 0xFFFF, snap=name)
+    a, b, c = (f"{dst_pool.name}/{x}" for x in "abc")
+    run = zc.run("sync", src, a, "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    assert names(a) == ["s1", "hourly-1", "daily-1", "hourly-2", "daily-2"], "full of the oldest, then -I"
+    run = zc.run("sync", src, b, "--no-sync-snap", "--no-stream")
+    assert run.returncode == 0, run.explain()
+    assert names(b) == ["daily-2"], "--no-stream: only the newest"
+    run = zc.run("sync", src, c, "--no-sync-snap", "--exclude-snaps", "^hourly")
+    assert run.returncode == 0, run.explain()
+    assert names(c) == ["s1", "daily-1", "daily-2"]
+    assert_replica(src, c, "daily-2")
+
+
+def test_diverged_target_is_refused_then_rolled_back_on_request(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=44)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 0
+    zfs("snapshot", f"{dst}@local-only")
+    add_change(src, MiB, seed=45, snap="s2")
+    before_src, before_dst = names(src), names(dst)
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode == 4 and "local-only" in run.stderr and "--rollback" in run.stderr, run.explain()
+    assert (names(src), names(dst)) == (before_src, before_dst), "a refusal changes nothing"
+    run = zc.run("sync", src, dst, "--no-sync-snap", "--rollback")
+    assert run.returncode == 0, run.explain()
+    rb = run.of("rolling_back")[0]
+    assert rb["to"] == f"{dst}@s1" and rb["destroys"] == [f"{dst}@local-only"]
+    assert names(dst) == ["s1", "s2"]
+    assert_replica(src, dst, "s2")
+
+
+def test_written_target_rolls_back_only_with_rollback(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=46)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 0
+    with mounted(dst) as files:
+        (files / "stray").write_bytes(b"changed on the replica")
+    add_change(src, MiB, seed=47, snap="s2")
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode in (4, 12) and "modified" in run.stderr + json.dumps(run.events), run.explain()
+    run = zc.run("sync", src, dst, "--no-sync-snap", "--rollback")
+    assert run.returncode == 0, run.explain()
+    with mounted(dst) as files:
+        assert not (files / "stray").exists()
+    assert_replica(src, dst, "s2")
+
+
+def test_no_common_snapshot_is_refused_and_never_destroyed_without_force(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=48)
+    other = make_source(dst_pool, 1 * MiB, seed=49, name="r")  # same snapshot name s1, another guid
+    run = zc.run("sync", src, other)
+    assert run.returncode == 4 and "shares no snapshot" in run.stderr and "s1" in run.stderr, run.explain()
+    assert "other guids" in run.stderr, "the same-named candidate is pointed out"
+    assert names(src) == ["s1"] and names(other) == ["s1"]
+    run = zc.run("sync", src, other, "--no-sync-snap", "--force-delete")
+    assert run.returncode == 0, run.explain()
+    assert run.of("destroying")
+    assert_replica(src, other, "s1")
+
+
+def test_dry_run_changes_nothing_and_shows_the_plan(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=50)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--identifier", "dr").returncode == 0
+    zfs("snapshot", f"{dst}@extra")
+    add_change(src, MiB, seed=51, snap="s2")
+    state = (names(src), names(dst))
+    run = zc.run("sync", src, dst, "--identifier", "dr", "--dry-run", "--rollback")
+    assert run.returncode == 0, run.explain()
+    plan = run.of("dataset_plan")[0]
+    assert plan["dry_run"] and plan["rollback"] and plan["destroys"] == [f"{dst}@extra"]
+    assert plan["steps"] and "incremental" in plan["steps"][0]
+    assert plan["prune_source"] and plan["prune_target"]
+    assert run.of("would_snapshot")
+    assert (names(src), names(dst)) == state
+    assert zc.session_dirs() == []
+    text = zc.run("sync", src, dst, "--identifier", "dr", "--dry-run", "--rollback", json_out=False)
+    assert "would roll the target back" in text.stderr and "would send" in text.stderr, text.stderr
+
+
+def test_recursive_with_exclusions_and_a_failing_child(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    root = make_source(src_pool, 1 * MiB, seed=52, name="tree")
+    for child in ("a", "b", "skipme", "noprop", "a/deep"):
+        zfs("create", f"{root}/{child}")
+        lab.write_dataset(mountpoint(f"{root}/{child}") / "f", 256 << 10, seed=len(child))
+    zfs("set", "zchunk:sync=false", f"{root}/noprop")
+    dst = f"{dst_pool.name}/tree"
+    run = zc.run("sync", root, dst, "-r", "--exclude", "skipme$")
+    assert run.returncode == 0, run.explain()
+    for child in ("", "/a", "/b", "/a/deep"):
+        newest = [n for n in names(root + child) if n.startswith("zchunk_")][-1]
+        assert guid(f"{dst + child}@{newest}") == guid(f"{root + child}@{newest}"), child
+        # children are mounted inside their parent: compare each dataset's own file
+        assert snapshot_digest(f"{dst + child}@{newest}") == snapshot_digest(f"{root + child}@{newest}")
+    assert not exists(f"{dst}/skipme") and not exists(f"{dst}/noprop")
+    skipped = {e["source"]: e["reason"] for e in run.of("dataset_skipped")}
+    assert skipped == {f"{root}/skipme": "matches --exclude", f"{root}/noprop": "zchunk:sync=false"}
+    # one child diverges: the others still replicate, exit code says partial
+    zfs("snapshot", f"{dst}/b@diverged")
+    for child in ("", "/a", "/b"):
+        add_change(root + child, 128 << 10, seed=60 + len(child), snap="next")
+    run = zc.run("sync", root, dst, "-r", "--exclude", "skipme$")
+    assert run.returncode == 15, run.explain()
+    assert "1 of 4 datasets failed" in run.stderr and f"{root}/b" in run.stderr
+    assert "next" in names(dst) and "next" in names(f"{dst}/a") and "next" not in names(f"{dst}/b")
+
+
+def test_preserve_properties_copies_local_ones_but_not_unsafe(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=53)
+    zfs("set", "compression=gzip", src)
+    zfs("set", "zchunk:note=keep me", src)
+    zfs("set", f"mountpoint={src_pool.mountpoint}/elsewhere", src)
+    dst = f"{dst_pool.name}/r"
+    run = zc.run("sync", src, dst, "--preserve-properties")
+    assert run.returncode == 0, run.explain()
+    get = lambda p: zfs("get", "-H", "-o", "value,source", p, dst).split("\t")  # noqa: E731
+    assert get("compression") == ["gzip", "local\n"]
+    assert get("zchunk:note")[0] == "keep me"
+    assert get("mountpoint")[1].strip() != "local", "mountpoint is never copied"
+    assert "mountpoint" in run.of("properties_skipped")[0]["properties"]
