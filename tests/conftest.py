@@ -45,8 +45,19 @@ def need_ssh() -> None:
 
 
 @pytest.fixture(scope="session")
-def zfs_fuse() -> Iterator[lab.ZfsFuse]:
-    """A zfs-fuse daemon: the running one if any, else one we start and stop."""
+def tier() -> str:
+    """"zfs-fuse" on the host, "openzfs" inside the OpenZFS VM: the same scenarios run on both."""
+    return lab.zfs_tier()
+
+
+@pytest.fixture(scope="session")
+def zfs_fuse(tier: str) -> Iterator[lab.ZfsFuse | lab.KernelZfs]:
+    """Real ZFS: the zfs-fuse daemon (the running one if any, else one we start and stop), or, in the
+    OpenZFS VM, the kernel module."""
+    if tier == "openzfs":
+        with lab.KernelZfs() as kernel:
+            yield kernel
+        return
     need_root("zfs-fuse", "zfs", "zpool")
     need(Path("/dev/fuse").exists(), "needs /dev/fuse for zfs-fuse")
     with lab.ZfsFuse() as daemon:
@@ -54,7 +65,7 @@ def zfs_fuse() -> Iterator[lab.ZfsFuse]:
 
 
 @pytest.fixture
-def pool_factory(zfs_fuse: lab.ZfsFuse, tmp_path: Path) -> Iterator[Callable[..., lab.Pool]]:
+def pool_factory(zfs_fuse: object, tmp_path: Path) -> Iterator[Callable[..., lab.Pool]]:
     """``pool_factory(name=None, size="1G")`` -> a Pool under tmp_path, destroyed after."""
     counter = itertools.count()
     with contextlib.ExitStack() as stack:

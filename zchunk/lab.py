@@ -196,6 +196,26 @@ def zfs_daemon_running() -> bool:
     return True
 
 
+def zfs_tier() -> str:
+    """Which real ZFS the tests run on: "openzfs" inside the OpenZFS VM (scripts/openzfs-vm), else "zfs-fuse"."""
+    return "openzfs" if os.environ.get("OPENZFS_VM") == "1" else "zfs-fuse"
+
+
+class KernelZfs:
+    """The OpenZFS tier: the module is loaded by the VM; nothing to start or stop."""
+
+    started = False
+    pid = None
+
+    def __enter__(self) -> KernelZfs:
+        if run(["zfs", "version"], check=False).returncode != 0:
+            raise LabError("OPENZFS_VM=1 but `zfs version` fails: not in the OpenZFS VM?")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class ZfsFuse:
     """Ensure a zfs-fuse daemon is running; stop it at exit only if we started it.
 
