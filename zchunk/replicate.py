@@ -195,9 +195,11 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
     dst_ds = await dst.zfs.dataset(dst_name)
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
     await _check_delegation(src, dst, src_name, dst_name, dst_ds)
+    results: list[SyncResult] = []
     if dst_ds is not None and dst.rep.features.resume_tokens and not ropts.dry_run:
         resumed = await _resume_partial(src, dst, src_ds, dst_ds, opts, store, emit)
         if resumed is not None:
+            results.append(resumed)
             dst_ds = await dst.zfs.dataset(dst_name)
     snap_name = f"{src_name}@{sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())}"
     # Plan against the sync snapshot-to-be first: a refusal must leave the source untouched too.
@@ -228,7 +230,6 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
     if plan.common is not None and plan.target_common is not None:
         await _hold(src, tag, plan.common.name, emit)
         await _hold(dst, tag, plan.target_common.name, emit)
-    results = []
     for step in plan.steps:
         spec = StreamSpec(step, _recv_flags(dst), props if dst.rep.features.receive_props else ())
         results.append(await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_name),
@@ -251,7 +252,7 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
     if plan.up_to_date:
         emit("up_to_date", detail=f"{_label(dst, dst_name)} already has "
              f"{newest.short if newest else 'everything'}: nothing to send")
-    return DatasetOutcome(src_name, dst_name, "up-to-date" if plan.up_to_date else "sent", results)
+    return DatasetOutcome(src_name, dst_name, "up-to-date" if plan.up_to_date and not results else "sent", results)
 
 
 def _label(side: Side, dataset: str) -> str:

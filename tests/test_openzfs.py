@@ -1,0 +1,164 @@
+"""Rules that need what only current OpenZFS has: holds, resume tokens, bookmarks, volumes,
+send -nP estimates. These run in the OpenZFS VM tier (`scripts/openzfs-vm`); on the
+zfs-fuse tier they are deselected by marker (-m "not openzfs"), never skipped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.zc import Zchunk, kill_matching
+from tests.zfsutil import add_change, assert_replica, exists, make_source, snapshots, wait_until, zfs
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs, pytest.mark.openzfs]
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _openzfs_only(tier: str) -> None:
+    assert tier == "openzfs", "select these with -m openzfs inside the OpenZFS VM (scripts/openzfs-vm)"
+
+
+@pytest.fixture
+def zc(tmp_path: Path) -> Iterator[Zchunk]:
+    z = Zchunk(tmp_path, sync_args=("--chunk-size", "1M"))
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
+    return pool_factory(size="512M"), pool_factory(size="512M")
+
+
+def holds(snapshot: str) -> set[str]:
+    out = zfs("holds", "-H", snapshot)
+    return {line.split("\t")[1] for line in out.splitlines() if line}
+
+
+def own(ds: str, ident: str) -> list[str]:
+    return [s for s in snapshots(ds) if f"@zchunk_{ident}_" in s]
+
+
+def test_base_is_held_on_both_sides_and_the_hold_moves_forward(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=71)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--identifier", "h").returncode == 0
+    first = own(src, "h")[-1]
+    assert holds(first) == {"zchunk_h"} and holds(dst + "@" + first.split("@")[1]) == {"zchunk_h"}
+    destroy = subprocess.run(["zfs", "destroy", first], capture_output=True, text=True)
+    assert destroy.returncode != 0, "an admin's zfs destroy of the held base must fail"
+    add_change(src, MiB, seed=72, snap="s2")
+    run = zc.run("sync", src, dst, "--identifier", "h")
+    assert run.returncode == 0, run.explain()
+    second = own(src, "h")[-1]
+    assert second != first and not exists(first), "the old base was released and pruned"
+    assert holds(second) == {"zchunk_h"} and holds(dst + "@" + second.split("@")[1]) == {"zchunk_h"}
+    assert_replica(src, dst, second.split("@")[1])
+
+
+def test_estimate_from_send_nP(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 8 * MiB, seed=73, compressible=0.0)
+    run = zc.run("sync", src, f"{dst_pool.name}/r", "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    est, real = run.of("plan")[0]["estimate"], run.result()["transfer"]["raw_bytes"]
+    assert abs(est - real) <= 0.05 * real, (est, real)
+    assert run.of("preflight")[0]["source"]["zfs"]["resume_tokens"] is True
+
+
+def kill_receiver(zc: Zchunk) -> None:
+    """kill -9 the receiver agent and its zfs receive (as a crash or a target reboot would)."""
+    st = zc.agent_state("receive") or {}
+    pid = int(st["pid"])
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for p in [pid, *map(int, children)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_receive_killed_then_resumed_from_its_token(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 24 * MiB, seed=74, compressible=0.0)
+    dst = f"{dst_pool.name}/r"
+    bg = zc.start("sync", src, dst, "--no-sync-snap", "--spool-max", "2M", "--parallel", "1")
+    try:
+        bg.wait_for(lambda: int((zc.agent_state("receive") or {}).get("next_seq", 0)) >= 6, 600, "6 chunks")
+        kill_receiver(zc)
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 12, run.explain()
+    token = zfs("get", "-H", "-o", "value", "receive_resume_token", dst).strip()
+    assert token not in ("", "-"), "zfs receive -s left a resume token"
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    assert run.of("resume_token"), "the user is told the stream resumed from the token"
+    resumed = run.of("result")[0]["transfer"]["raw_bytes"]
+    assert resumed < 22 * MiB, f"the resumed stream is only what was missing ({resumed} bytes)"
+    assert_replica(src, dst, "s1")
+
+
+def test_stale_token_is_discarded_with_one_line(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 16 * MiB, seed=75, compressible=0.0)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 0
+    add_change(src, 16 * MiB, seed=76, snap="s2")
+    bg = zc.start("sync", src, dst, "--no-sync-snap", "--spool-max", "2M", "--parallel", "1")
+    try:
+        bg.wait_for(lambda: int((zc.agent_state("receive") or {}).get("next_seq", 0)) >= 4, 600, "4 chunks")
+        kill_receiver(zc)
+        bg.finish()
+    finally:
+        bg.stop()
+    wait_until(lambda: zfs("get", "-H", "-o", "value", "receive_resume_token", dst).strip() not in ("", "-"),
+               30, "a resume token")
+    zfs("destroy", f"{src}@s2")  # the token's snapshot is gone on the source
+    add_change(src, MiB, seed=77, snap="s3")
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    assert run.of("resume_token_stale")
+    assert_replica(src, dst, "s3")
+
+
+def test_bookmark_serves_as_base_when_no_common_snapshot_is_left(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=78)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--no-sync-snap", "--create-bookmark", "--identifier", "b").returncode == 0
+    marks = zfs("list", "-H", "-t", "bookmark", "-o", "name", "-r", src).split()
+    assert marks == [f"{src}#zchunk_b_s1"], marks
+    zfs("release", "zchunk_b", f"{src}@s1")
+    zfs("destroy", f"{src}@s1")  # no common snapshot left on the source
+    add_change(src, MiB, seed=79, snap="s2")
+    run = zc.run("sync", src, dst, "--no-sync-snap", "--identifier", "b")
+    assert run.returncode == 0, run.explain()
+    assert "#zchunk_b_s1" in run.of("plan")[0]["base"]
+    assert_replica(src, dst, "s2")
+
+
+def test_volumes_replicate_and_type_mismatch_is_refused(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    vol = f"{src_pool.name}/vol"
+    zfs("create", "-V", "8M", vol)
+    wait_until(lambda: Path(f"/dev/zvol/{vol}").exists(), 30, "the zvol device")
+    with open(f"/dev/zvol/{vol}", "wb") as dev:
+        dev.write(os.urandom(4 * MiB))
+    zfs("snapshot", f"{vol}@s1")
+    run = zc.run("sync", vol, f"{dst_pool.name}/vol", "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    assert zfs("get", "-H", "-o", "value", "type", f"{dst_pool.name}/vol").strip() == "volume"
+    fs = make_source(dst_pool, MiB, seed=80, name="fs")
+    run = zc.run("sync", vol, fs, "--no-sync-snap")
+    assert run.returncode == 4 and "volume" in run.stderr and "filesystem" in run.stderr, run.explain()
