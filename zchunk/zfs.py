@@ -23,7 +23,8 @@ class Snapshot:
 
     @property
     def short(self) -> str:
-        return self.name.split("@", 1)[1]
+        """The part after ``@`` (a snapshot) or ``#`` (a bookmark, which can serve as a base)."""
+        return self.name.split("@", 1)[1] if "@" in self.name else self.name.split("#", 1)[-1]
 
 
 @dataclass(frozen=True)
