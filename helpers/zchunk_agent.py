@@ -1059,8 +1059,10 @@ def cmd_sessions(args: List[str]) -> Dict[str, Any]:
         try:
             sess = Session(path)
             st = sess.state()
+            dataset = (sess.cfg.get("receive") or {}).get("target") or (sess.cfg.get("send") or {}).get("snapshot")
             out.append({"id": name, "path": path, "role": sess.role, "state": st.get("state"),
-                        "pid": st.get("pid"), "idle": sess.idle_for()})
+                        "pid": st.get("pid"), "idle": sess.idle_for(), "dataset": dataset,
+                        "session": sess.cfg.get("id")})
         except Exception as e:
             out.append({"id": name, "path": path, "error": str(e)})
     return {"sessions": out}

@@ -309,3 +309,66 @@ def test_agents_exit_after_idle_timeout(zc: Zchunk, pools: Any, wan: lab.Wan, ss
     assert "no coordinator contact" in (zc.agent_state("send") or {}).get("reason", "")
     wait_until(lambda: kill_matching(str(zc.spool_dir) + "/") == [], 10, "agent processes to exit")
     wait_until(lambda: not exists(dst), 30, "the partial receive to be gone")
+
+
+def test_second_run_on_the_same_target_refuses_and_a_dead_runs_lock_is_taken_over(
+        zc: Zchunk, pools: Any, wan: lab.Wan, sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=32, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 12)
+    args = ["sync", src, f"dst:{dst}", *push_args(sshd_dst)]
+    bg = zc.start(*args)
+    try:
+        bg.wait_for(lambda: chunks_received(zc) >= 1, timeout=60, what="a chunk")
+        second = zc.run(*args)
+        assert second.returncode == 9, second.explain()
+        assert "already being replicated by session" in second.stderr and f"pid {bg.proc.pid}" in second.stderr
+        bg.kill9()
+    finally:
+        bg.stop()
+    run = zc.run(*args)  # the dead run's lock is free again (flock), its session is reattached
+    assert run.returncode == 0, run.explain()
+    assert run.of("reattach")
+    assert_replica(src, dst, "s1")
+
+
+def test_sender_agent_killed_restarts_the_stream_said_in_one_line(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                                  sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=33, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 16)
+    bg = zc.start("sync", src, f"dst:{dst}", *push_args(sshd_dst, "--spool-max", "2M"))
+    try:
+        bg.wait_for(lambda: chunks_received(zc) >= 2, timeout=60, what="2 chunks")
+        os.kill(int((zc.agent_state("send") or {})["pid"]), signal.SIGKILL)
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    restarts = run.of("restart")
+    assert len(restarts) == 1 and "common snapshot" in restarts[0]["how"], restarts
+    assert_replica(src, dst, "s1")
+    assert zc.session_dirs() == [] and kill_matching(str(zc.spool_dir) + "/") == []
+
+
+def test_leftovers_of_a_dead_run_are_found_and_cleaned(zc: Zchunk, pools: Any, sshd_local: lab.Sshd,
+                                                       tmp_path: Path) -> None:
+    """Another coordinator (its own state dir) died along with its agents: its directory is cleaned."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 8 * MiB, seed=34, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    (tmp_path / "other-coordinator").mkdir()
+    other = Zchunk(tmp_path / "other-coordinator", sync_args=("--no-sync-snap",))
+    other.spool_dir = zc.spool_dir
+    bg = other.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--spool-max", "2M",
+                     "--ssh-config", str(sshd_local.ssh_config))
+    bg.wait_for(lambda: chunks_received(zc) >= 1, timeout=60, what="a chunk")
+    bg.kill9()
+    kill_matching(str(zc.spool_dir) + "/")  # the agents die too (e.g. the hosts rebooted)
+    assert len(zc.session_dirs()) == 2
+    run = zc.run("sync", src, f"local:{dst}", "--chunk-size", "1M", "--ssh-config", str(sshd_local.ssh_config))
+    assert run.returncode == 0, run.explain()
+    assert run.of("stale_cleaned")
+    assert_replica(src, dst, "s1")

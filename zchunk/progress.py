@@ -194,6 +194,12 @@ class TextRenderer:
     def on_bookmark(self, f: dict[str, Any]) -> None:
         self._line(f"bookmarked {f['bookmark']}")
 
+    def on_restart(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['source']}: {f['reason']}; {f['how']}")
+
+    def on_stale_cleaned(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['host']}: removed the leftovers of a dead session ({f['path']}, {f['state']})")
+
     def on_demo_step(self, f: dict[str, Any]) -> None:
         self._line(f"==> {f['text']}")
 

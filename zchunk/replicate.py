@@ -11,10 +11,13 @@ sync snapshots of this identifier. ``dry_run`` plans and changes nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from helpers import zchunk_agent as agent_mod
 
 from . import errors as E
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
@@ -27,13 +30,15 @@ from .plan import (
     prune_list,
     sync_snapshot_name,
 )
-from .session import StateStore
+from .session import StateStore, TargetLock
 from .sync import (
+    AGENT_SOURCE,
     Emitter,
     HostReport,
     StreamSpec,
     SyncOptions,
     SyncResult,
+    agent_command,
     probe_host,
     report,
     resume,
@@ -132,10 +137,33 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
                     _regexes(ropts.exclude_snaps, "--exclude-snaps"), ropts.rollback, ropts.force_delete)
     excludes = _regexes(ropts.exclude, "--exclude")
     store = StateStore(opts.state_dir)
-    if not ropts.dry_run:
+    if ropts.dry_run:
+        return await _replicate(source, target, policy, excludes, ropts, opts, store, emit)
+    lock = TargetLock(opts.state_dir, str(target))
+    lock.acquire()
+    try:
+        def on_locked_event(kind: str, fields: dict[str, Any]) -> None:
+            if kind == "session":
+                lock.note_session(str(fields["session"]))
+            if on_event is not None:
+                on_event(kind, fields)
+
         for active in store.active_under(str(source), str(target)):
             emit("reattach", session=active.id)
-            await resume(active.id, opts, on_event)
+            try:
+                await resume(active.id, opts, on_locked_event, lock=False)
+            except E.AgentDied as e:  # its agents are gone: plan afresh (token or common snapshot)
+                emit("restart", source=active.source, reason=str(e), attempt=0,
+                     how="the unfinished session's agents are gone: planning the stream again")
+        return await _replicate(source, target, policy, excludes, ropts, opts, store, Emitter(on_locked_event))
+    finally:
+        lock.release()
+
+
+async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, excludes: tuple[re.Pattern[str], ...],
+                     ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
+                     emit: Emitter) -> ReplicationResult:
+    identifier = policy.identifier
     src = await _side(source, opts)
     try:
         dst = await _side(target, opts)
@@ -189,8 +217,32 @@ async def _datasets(src: Side, dst: Side, recursive: bool, excludes: tuple[re.Pa
     return pairs
 
 
+MAX_RESTARTS = 3
+
+
 async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy, ropts: ReplicateOptions,
                opts: SyncOptions, store: StateStore, emit: Emitter) -> DatasetOutcome:
+    """One dataset; when an agent dies (killed, host rebooted) the stream starts again, said in one line."""
+    for attempt in range(1, MAX_RESTARTS + 2):
+        try:
+            return await _one_attempt(src, dst, src_name, dst_name, policy, ropts, opts, store, emit)
+        except E.AgentDied as e:
+            if attempt > MAX_RESTARTS:
+                raise
+            _restarting(src_name, dst, e, attempt, emit)
+    raise AssertionError("unreachable")
+
+
+def _restarting(src_name: str, dst: Side, err: E.ZchunkError, attempt: int, emit: Emitter) -> None:
+    how = ("resuming from the target's zfs resume token" if dst.rep.features.resume_tokens
+           else "restarting the stream from the common snapshot (this zfs has no resume tokens; "
+                "the partial receive was discarded)")
+    emit("restart", source=src_name, reason=str(err), how=how, attempt=attempt)
+
+
+async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy,
+                       ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
+                       emit: Emitter) -> DatasetOutcome:
     src_ds = await src.zfs.require(src_name)
     dst_ds = await dst.zfs.dataset(dst_name)
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
@@ -225,6 +277,7 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
          properties=props, dry_run=ropts.dry_run)
     if ropts.dry_run:
         return DatasetOutcome(src_name, dst_name, "planned")
+    await _other_sessions(dst, dst_name, opts, store, emit)
     await _prepare_target(dst, dst_name, plan, emit)
     tag = f"zchunk_{policy.identifier}"
     if plan.common is not None and plan.target_common is not None:
@@ -257,6 +310,24 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
 
 def _label(side: Side, dataset: str) -> str:
     return str(Endpoint(dataset, side.endpoint.host, side.endpoint.user))
+
+
+async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: StateStore, emit: Emitter) -> None:
+    """Another live session receiving into this dataset refuses the run; a dead one's leftovers are cleaned."""
+    res = await dst.host.run([dst.host.python, "-c", agent_mod.BOOTSTRAP, "sessions", opts.spool_dir],
+                             stdin=AGENT_SOURCE)
+    try:
+        listing = json.loads(res.stdout.decode().strip().splitlines()[-1]).get("sessions", [])
+    except (ValueError, IndexError):
+        return
+    for s in listing:
+        if s.get("role") != "receive" or s.get("dataset") != dst_name:
+            continue
+        if s.get("state") in ("running", "starting"):
+            raise E.AlreadyRunning(target=_label(dst, dst_name), session=s.get("session") or s["id"],
+                                   pid=s.get("pid"), host=dst.label)
+        await agent_command(dst.host, opts, s["path"], "remove", s["path"])
+        emit("stale_cleaned", host=dst.label, path=s["path"], state=s.get("state"))
 
 
 async def _check_target_parent(dst: Side, dst_name: str, dst_ds: Dataset | None, ropts: ReplicateOptions) -> None:

@@ -70,6 +70,50 @@ def _record(data: dict[str, Any]) -> SessionRecord:
     return SessionRecord(**{k: v for k, v in data.items() if k in known})
 
 
+class TargetLock:
+    """One coordinator per target dataset (per state directory): an flock the kernel releases when the
+    process dies, so a lock left by a ``kill -9``-ed run is simply free again."""
+
+    def __init__(self, state_dir: Path, target: str) -> None:
+        import hashlib
+
+        self.path = state_dir / "locks" / (hashlib.sha256(target.encode()).hexdigest()[:16] + ".lock")
+        self.target = target
+        self.fd: int | None = None
+
+    def acquire(self, session: str = "") -> None:
+        import fcntl
+        import socket
+
+        from .errors import AlreadyRunning
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").split("\t")
+            os.close(fd)
+            holder += ["?"] * 3
+            raise AlreadyRunning(target=self.target, session=holder[0] or "?", pid=holder[1],
+                                 host=holder[2]) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{session}\t{os.getpid()}\t{socket.gethostname()}".encode())
+        self.fd = fd
+
+    def note_session(self, session: str) -> None:
+        import socket
+
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{session}\t{os.getpid()}\t{socket.gethostname()}".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "sessions"

@@ -23,7 +23,7 @@ from . import errors as E
 from .endpoint import Endpoint, parse_endpoint
 from .engine import AgentSide, EngineOptions, Transfer, TransferResult
 from .plan import SendPlan
-from .session import SessionRecord, StateStore, default_state_dir, new_session_id
+from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
 from .transport import Host, LinkDown, SshOptions, first_contact, make_host
 from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
 
@@ -259,13 +259,24 @@ async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
     store.save(rec)
 
 
-async def resume(session_id: str, opts: SyncOptions, on_event: Any = None) -> SyncResult:
-    emit = Emitter(on_event)
+async def resume(session_id: str, opts: SyncOptions, on_event: Any = None, lock: bool = True) -> SyncResult:
+    """Reattach to a session's agents and finish it (``lock``: unless the caller holds the target's lock)."""
     store = StateStore(opts.state_dir)
     rec = store.load(session_id)
     if not rec.active:
         raise E.UsageError(reason=f"session {rec.id} is {rec.state}, not resumable"
                            + (f" ({rec.reason})" if rec.reason else ""))
+    if not lock:
+        return await _resume(rec, opts, store, Emitter(on_event))
+    target_lock = TargetLock(opts.state_dir, rec.target)
+    target_lock.acquire(rec.id)
+    try:
+        return await _resume(rec, opts, store, Emitter(on_event))
+    finally:
+        target_lock.release()
+
+
+async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit: Emitter) -> SyncResult:
     ssh = ssh_from_record(rec, opts.ssh)
     src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
     dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
