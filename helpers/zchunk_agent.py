@@ -30,9 +30,11 @@ Session directory layout (the spool; docs/chunk-format.md has the bytes)::
         chunks/...42.part         a chunk being received (target only)
         chunks/...42.chunk.<pid>.tmp  a chunk being written (source only)
 
-Durable writes go temp file -> fsync -> rename; a ``.tmp``/``.part`` file is
-never taken for a chunk, and a ``.chunk`` is verified before any of its bytes
-reach ``zfs receive``.
+State files are written temp file -> fsync -> rename -> fsync dir. Chunk files
+are written temp -> rename without fsync: they must be atomic, not durable (a
+host crash kills the zfs pipe they belong to, and a chunk is verified against
+its checksums before any of its bytes reach ``zfs receive``). A ``.tmp`` or
+``.part`` file is never taken for a chunk.
 """
 from __future__ import annotations
 
@@ -182,6 +184,46 @@ def encode_chunk(seq: int, raw: bytes, codec: int, level: Optional[int], hash_al
     return hdr.pack() + stored
 
 
+class ChunkEncoder:
+    """Builds one chunk from pieces as they arrive: the raw and stored checksums and the
+    compressed payload are computed incrementally, so the raw chunk is never held whole.
+    Unlike ``encode_chunk`` it keeps the codec even when compression does not help
+    (zstd and zlib store incompressible blocks nearly as-is)."""
+
+    def __init__(self, codec: int, level: Optional[int], hash_alg: int) -> None:
+        self.codec, self.hash_alg = codec, hash_alg
+        self.raw_hash, self.stored_hash = new_hasher(hash_alg), new_hasher(hash_alg)
+        self.raw_len = 0
+        self.out: List[bytes] = []
+        if codec == CODEC_ZSTD:
+            if zstandard is None:
+                raise AgentError("unsupported", "zstd requested but zstandard is not importable")
+            self._c: Any = zstandard.ZstdCompressor(level=3 if level is None else level).compressobj()
+        elif codec == CODEC_ZLIB:
+            self._c = zlib.compressobj(3 if level is None else level)
+        else:
+            self._c = None
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.stored_hash.update(data)
+            self.out.append(data)
+
+    def update(self, piece: bytes) -> None:
+        self.raw_hash.update(piece)
+        self.raw_len += len(piece)
+        self._emit(self._c.compress(piece) if self._c is not None else piece)
+
+    def finish(self, seq: int) -> List[bytes]:
+        """[header, payload pieces...]"""
+        if self._c is not None:
+            self._emit(self._c.flush())
+        stored_len = sum(len(p) for p in self.out)
+        hdr = ChunkHeader(self.codec, self.hash_alg, seq, self.raw_len, stored_len, self.raw_hash.digest(),
+                          self.stored_hash.digest())
+        return [hdr.pack()] + self.out
+
+
 def check_stored(blob: bytes) -> ChunkHeader:
     """Verify a whole chunk file's framing and stored-bytes checksum (cheap: no decompression)."""
     hdr = ChunkHeader.unpack(blob)
@@ -294,15 +336,24 @@ class AgentError(Exception):
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """temp file (O_EXCL|O_NOFOLLOW) -> fsync -> rename -> fsync dir."""
+def write_atomic(path: str, data: Any, durable: bool = True) -> None:
+    """temp file (O_EXCL|O_NOFOLLOW) -> fsync -> rename -> fsync dir.
+
+    ``data`` is bytes or a sequence of buffers (written in order, no joining copy).
+    ``durable=False`` skips the fsyncs: for chunk files, which need to be atomic
+    (never half a chunk under the final name) but not durable — a host crash
+    kills the zfs pipe they belong to anyway, and every chunk is verified
+    against its checksums before use.
+    """
     tmp = "%s.%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                f.write(part)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -310,7 +361,8 @@ def write_atomic(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(os.path.dirname(path))
+    if durable:
+        fsync_dir(os.path.dirname(path))
 
 
 def fsync_dir(path: str) -> None:
@@ -566,20 +618,27 @@ class SenderDaemon(Daemon):
         self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False)
         self.proc = self.spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
+        pieces = PieceReader(self.proc.stdout)
+        pieces.start()
         stream = new_hasher(sess.hash_alg)
         seq, raw_total, stored_total = 0, 0, 0
-        src = self.proc.stdout
         while True:
-            raw = read_up_to(src, sess.chunk_size)
-            if not raw:
+            enc = ChunkEncoder(sess.codec, sess.level, sess.hash_alg)
+            while enc.raw_len < sess.chunk_size:
+                piece = pieces.next(sess.chunk_size - enc.raw_len)
+                if not piece:
+                    break
+                stream.update(piece)
+                enc.update(piece)
+            if enc.raw_len == 0:
                 break
-            stream.update(raw)
-            blob = encode_chunk(seq, raw, sess.codec, sess.level, sess.hash_alg)
-            self.wait_for_room(len(blob))
-            self.write_chunk(seq, blob)
+            parts = enc.finish(seq)
+            size = sum(len(p) for p in parts)
+            self.wait_for_room(size)
+            self.write_chunk(seq, parts)
             seq += 1
-            raw_total += len(raw)
-            stored_total += len(blob)
+            raw_total += enc.raw_len
+            stored_total += size
             self.save(chunks=seq, raw_bytes=raw_total, stored_bytes=stored_total, paused=None)
         rc = self.proc.wait()
         if rc != 0:
@@ -600,13 +659,13 @@ class SenderDaemon(Daemon):
             self.check_idle()
             time.sleep(0.2)
 
-    def write_chunk(self, seq: int, blob: bytes) -> None:
+    def write_chunk(self, seq: int, blob: Any) -> None:
         """Atomically; a full spool filesystem pauses (with a warning) instead of failing."""
         path = self.sess.chunk_path(seq)
         warned = False
         while True:
             try:
-                write_atomic(path, blob)
+                write_atomic(path, blob, durable=False)
                 return
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -617,6 +676,49 @@ class SenderDaemon(Daemon):
                     warned = True
                 self.check_idle()
                 time.sleep(1.0)
+
+
+class PieceReader:
+    """Reads ``zfs send``'s output ahead of the compressor, in pieces, on a thread.
+
+    Reading (a syscall) and compressing (zstd/zlib release the GIL) overlap;
+    the queue bounds what is read ahead (``depth`` x ``piece`` bytes).
+    """
+
+    def __init__(self, f: Any, piece: int = 1 << 20, depth: int = 8) -> None:
+        import queue
+        import threading
+
+        self.f, self.piece = f, piece
+        self.q: Any = queue.Queue(maxsize=depth)
+        self.pending = b""
+        self.thread = threading.Thread(target=self._run, name="zfs-send-reader", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = self.f.read(self.piece)
+                self.q.put(data)
+                if not data:
+                    return
+        except BaseException as e:  # handed to the consumer
+            self.q.put(e)
+
+    def next(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes; b"" at the end of the stream."""
+        if not self.pending:
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                self.q.put(b"")  # stay at EOF for later calls
+                return b""
+            self.pending = item
+        piece, self.pending = self.pending[:limit], self.pending[limit:]
+        return piece
 
 
 def read_up_to(f: Any, n: int) -> bytes:
@@ -888,8 +990,7 @@ class Server:
                         error = AgentError("spool-no-space", "target spool filesystem is full")
             if error is None:
                 try:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    f.flush()  # no fsync: see write_atomic(durable=False)
                 except OSError as e:
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                         raise
@@ -909,7 +1010,6 @@ class Server:
             os.unlink(part)
             raise
         os.rename(part, self.sess.chunk_path(seq))
-        fsync_dir(self.sess.chunks)
         self.journal("stored %d %d" % (seq, total))
         return {"stored": True}
 
