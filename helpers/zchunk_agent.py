@@ -334,6 +334,30 @@ class AgentError(Exception):
 # --------------------------------------------------------------------------
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that never follows a symlink and only ever opens a regular file.
+
+    A symlink, FIFO, device or directory in the place of one of our files means
+    someone else has been in the session directory: refused as ``session-dir``
+    (O_NONBLOCK keeps a planted FIFO from blocking the open; regular files
+    ignore it).
+    """
+    try:
+        fd = os.open(path, flags | O_NOFOLLOW | O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AgentError("session-dir", "%s is a symlink: refusing to follow it" % path) from None
+        if e.errno == errno.ENXIO:
+            raise AgentError("session-dir", "%s is not a regular file" % path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AgentError("session-dir", "%s is not a regular file" % path)
+    return fd
 
 
 def write_atomic(path: str, data: Any, durable: bool = True) -> None:
@@ -346,7 +370,11 @@ def write_atomic(path: str, data: Any, durable: bool = True) -> None:
     against its checksums before use.
     """
     tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600)
+    except FileExistsError:  # left by a dead process of the same pid, or planted: unlink, never follow
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             for part in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
@@ -365,6 +393,12 @@ def write_atomic(path: str, data: Any, durable: bool = True) -> None:
         fsync_dir(os.path.dirname(path))
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path or ".", os.O_RDONLY)
     try:
@@ -379,7 +413,7 @@ def write_json(path: str, obj: Dict[str, Any]) -> None:
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+        fd = open_nofollow(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as f:
@@ -390,7 +424,7 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def read_file_nofollow(path: str, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | O_NOFOLLOW)
+    fd = open_nofollow(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -431,6 +465,7 @@ class Session:
         self.path = os.path.abspath(path)
         check_private_dir(self.path, "session directory")
         self.chunks = os.path.join(self.path, "chunks")
+        check_private_dir(self.chunks, "chunks directory")
         cfg = read_json(os.path.join(self.path, "session.json"))
         if cfg is None:
             raise AgentError("session-dir", "%s has no session.json" % self.path)
@@ -483,8 +518,7 @@ class Session:
         try:
             os.utime(path, None, follow_symlinks=False)
         except FileNotFoundError:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | O_NOFOLLOW, 0o600)
-            os.close(fd)
+            os.close(open_nofollow(path, os.O_WRONLY | os.O_CREAT))
 
     def idle_for(self) -> float:
         try:
@@ -557,8 +591,17 @@ def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
     return [zfs, "receive"] + flags + props + [recv["target"]]
 
 
+RESERVE_BYTES = 256 * 1024
+
+
 class Daemon:
-    """Common life cycle: state file, idle timeout, termination."""
+    """Common life cycle: state file, idle timeout, termination.
+
+    The state file must stay writable when the spool filesystem is full (that
+    is when the coordinator most needs to read ``paused: "no-space"``, and a
+    final ``done`` must never be lost): the daemon keeps ``reserve``, a small
+    ballast file, and gives it up when a state write fails for lack of space.
+    """
 
     def __init__(self, sess: Session) -> None:
         self.sess = sess
@@ -568,6 +611,18 @@ class Daemon:
         self.stopping = False
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.make_reserve()
+
+    def make_reserve(self) -> None:
+        """(Re)create the ballast when there is room; random bytes, so no compression makes it free."""
+        path = self.sess.file("reserve")
+        if os.path.lexists(path):
+            return
+        try:
+            write_atomic(path, os.urandom(RESERVE_BYTES), durable=False)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -576,10 +631,34 @@ class Daemon:
         self.save(state="aborted", reason="stopped by the coordinator")
         os._exit(0)
 
-    def save(self, **changes: Any) -> None:
+    def save(self, **changes: Any) -> bool:
+        """Write the state file; on a full filesystem give up the ballast and try again.
+
+        Returns False when even that found no room: the state stays in memory
+        and the next save writes it (``save_final`` waits for room instead).
+        """
         self.st.update(changes)
         self.st["updated"] = time.time()
-        write_json(self.sess.state_path, self.st)
+        for attempt in (1, 2):
+            try:
+                write_json(self.sess.state_path, self.st)
+                return True
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
+                if attempt == 1:
+                    try:
+                        os.unlink(self.sess.file("reserve"))
+                    except FileNotFoundError:
+                        pass
+        log("spool filesystem full: state not saved yet")
+        return False
+
+    def save_final(self, **changes: Any) -> None:
+        """A terminal state is never lost to a full filesystem: wait for room."""
+        while not self.save(**changes):
+            self.check_idle()
+            time.sleep(1.0)
 
     def event(self, kind: str, text: str) -> None:
         ev = {"t": time.time(), "kind": kind, "text": text}
@@ -596,13 +675,13 @@ class Daemon:
 
     def zfs_stderr(self) -> str:
         try:
-            with open(self.sess.file("zfs.stderr"), "rb") as f:
+            with os.fdopen(open_nofollow(self.sess.file("zfs.stderr"), os.O_RDONLY), "rb") as f:
                 return f.read(65536).decode("utf-8", "replace").strip()
-        except OSError:
+        except (OSError, AgentError):
             return ""
 
     def spawn(self, argv: List[str], **kw: Any) -> subprocess.Popen:
-        err = os.open(self.sess.file("zfs.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW, 0o600)
+        err = open_nofollow(self.sess.file("zfs.stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             return subprocess.Popen(argv, stderr=err, close_fds=True, **kw)
         finally:
@@ -639,13 +718,16 @@ class SenderDaemon(Daemon):
             seq += 1
             raw_total += enc.raw_len
             stored_total += size
+            if self.st.get("paused") == "no-space":
+                self.event("spool-space", "spool filesystem has room again; zfs send continues")
+                self.make_reserve()
             self.save(chunks=seq, raw_bytes=raw_total, stored_bytes=stored_total, paused=None)
         rc = self.proc.wait()
         if rc != 0:
-            self.save(state="failed", zfs_exit=rc, zfs_stderr=self.zfs_stderr(),
-                      reason="zfs send exited with status %d" % rc)
+            self.save_final(state="failed", zfs_exit=rc, zfs_stderr=self.zfs_stderr(),
+                            reason="zfs send exited with status %d" % rc)
             return
-        self.save(state="done", eof=True, total_chunks=seq, raw_bytes=raw_total,
+        self.save_final(state="done", eof=True, total_chunks=seq, raw_bytes=raw_total,
                   stream_hash=stream.hexdigest(), zfs_exit=0, zfs_stderr=self.zfs_stderr())
 
     def wait_for_room(self, need: int) -> None:
@@ -668,7 +750,7 @@ class SenderDaemon(Daemon):
                 write_atomic(path, blob, durable=False)
                 return
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if e.errno not in NO_SPACE:
                     raise
                 if not warned:
                     self.event("spool-no-space", "spool filesystem full writing chunk %d; pausing" % seq)
@@ -778,6 +860,7 @@ class ReceiverDaemon(Daemon):
             raw_total += len(raw)
             os.unlink(path)
             self.save(next_seq=seq, raw_bytes=raw_total)
+            self.make_reserve()
         self.finish(stream, seq, raw_total, end or {})
 
     def discard(self, path: str, seq: int, why: str) -> None:
@@ -801,13 +884,13 @@ class ReceiverDaemon(Daemon):
         fields = dict(next_seq=seq, raw_bytes=raw_total, stream_hash=got, zfs_exit=rc,
                       zfs_stderr=self.zfs_stderr())
         if got != end.get("stream_hash") or raw_total != end.get("raw_bytes"):
-            self.save(state="failed", reason="whole-stream checksum mismatch: received %s (%d bytes), "
-                      "sender had %s (%s bytes)" % (got, raw_total, end.get("stream_hash"),
-                                                    end.get("raw_bytes")), **fields)
+            self.save_final(state="failed", reason="whole-stream checksum mismatch: received %s (%d bytes), "
+                            "sender had %s (%s bytes)" % (got, raw_total, end.get("stream_hash"),
+                                                          end.get("raw_bytes")), **fields)
         elif rc != 0:
-            self.save(state="failed", reason="zfs receive exited with status %d" % rc, **fields)
+            self.save_final(state="failed", reason="zfs receive exited with status %d" % rc, **fields)
         else:
-            self.save(state="done", **fields)
+            self.save_final(state="done", **fields)
 
     def finish_failed(self, stream: Any, seq: int, raw_total: int, why: str) -> None:
         assert self.proc is not None
@@ -817,8 +900,8 @@ class ReceiverDaemon(Daemon):
         except OSError:
             pass
         rc = self.proc.wait()
-        self.save(state="failed", reason="%s (status %d)" % (why, rc), next_seq=seq,
-                  raw_bytes=raw_total, zfs_exit=rc, zfs_stderr=self.zfs_stderr())
+        self.save_final(state="failed", reason="%s (status %d)" % (why, rc), next_seq=seq,
+                        raw_bytes=raw_total, zfs_exit=rc, zfs_stderr=self.zfs_stderr())
 
 
 def log(text: str) -> None:
@@ -879,6 +962,12 @@ class Server:
                     self.send(FRAME_REPLY, req_id, reply)
             except AgentError as e:
                 self.send(FRAME_ERROR, req_id, e.to_dict())
+            except OSError as e:  # e.g. end.json on a full spool: an answer, not a dead channel
+                if e.errno not in NO_SPACE:
+                    raise
+                self.send(FRAME_ERROR, req_id, AgentError(
+                    "spool-no-space", "%s spool filesystem is full" % ("source" if self.sess.role == "send"
+                                                                       else "target")).to_dict())
             except (KeyError, ValueError, TypeError) as e:  # a malformed request, not a broken agent
                 self.send(FRAME_ERROR, req_id, AgentError(
                     "bad-request", "malformed %r request: %s: %s" % (msg.get("op"), type(e).__name__, e)).to_dict())
@@ -922,7 +1011,7 @@ class Server:
     def get_chunk(self, req_id: int, msg: Dict[str, Any]) -> None:
         seq, offset = int(msg["seq"]), int(msg.get("offset", 0))
         try:
-            fd = os.open(self.sess.chunk_path(seq), os.O_RDONLY | O_NOFOLLOW)
+            fd = open_nofollow(self.sess.chunk_path(seq), os.O_RDONLY)
         except FileNotFoundError:
             raise AgentError("no-chunk", "chunk %d is not in the source spool" % seq) from None
         with os.fdopen(fd, "rb") as f:
@@ -963,16 +1052,17 @@ class Server:
             raise AgentError("bad-request", "chunk %d: bad sizes offset=%d length=%d total=%d"
                              % (seq, offset, length, total))
         part = self.sess.chunk_path(seq, ".part")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | O_NOFOLLOW, 0o600)
         error: Optional[AgentError] = None
-        with os.fdopen(fd, "wb") as f:
-            have = os.fstat(f.fileno()).st_size
-            if offset > have:
-                error = AgentError("bad-offset", "chunk %d: offset %d but only %d bytes held"
-                                   % (seq, offset, have), have=have)
-            else:
-                f.truncate(offset)
-                f.seek(offset)
+        fd = -1
+        try:
+            fd = self.open_part(part, seq, offset)
+        except AgentError as e:
+            error = e
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            error = AgentError("spool-no-space", "target spool filesystem is full")
+        try:
             got = 0
             while got < length:  # always drain the data frames, even when refusing
                 ftype, rid, payload = read_frame(self.rfile)
@@ -983,21 +1073,20 @@ class Server:
                     raise AgentError("protocol", "more data than announced for chunk %d" % seq)
                 if error is None:
                     try:
-                        f.write(payload)
+                        write_all(fd, payload)  # unbuffered: nothing left to fail at close
                     except OSError as e:
-                        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        if e.errno not in NO_SPACE:
                             raise
                         error = AgentError("spool-no-space", "target spool filesystem is full")
-            if error is None:
-                try:
-                    f.flush()  # no fsync: see write_atomic(durable=False)
-                except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    error = AgentError("spool-no-space", "target spool filesystem is full")
+        finally:
+            if fd >= 0:
+                os.close(fd)  # no fsync: see write_atomic(durable=False)
         if error is not None:
             if error.code == "spool-no-space":
-                os.unlink(part)
+                try:
+                    os.unlink(part)
+                except FileNotFoundError:
+                    pass
             raise error
         if offset + length < total:
             return {"stored": False, "have": offset + length}
@@ -1013,13 +1102,53 @@ class Server:
         self.journal("stored %d %d" % (seq, total))
         return {"stored": True}
 
-    def journal(self, line: str) -> None:
-        """Append-only record of completed moves (``chunks.log``): evidence that none moved twice."""
-        fd = os.open(self.sess.file("chunks.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW, 0o600)
+    @staticmethod
+    def open_part(part: str, seq: int, offset: int) -> int:
+        """The ``.part`` file to write ``offset..`` of chunk ``seq`` into, positioned there.
+
+        From offset 0 it is a new file, created with O_EXCL after unlinking
+        whatever had the name (a stale part, or a planted link: unlinked, never
+        written through). A resumed chunk reopens the agent's own file, which
+        must be a regular file with exactly one link.
+        """
+        if offset == 0:
+            try:
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
+            return open_nofollow(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            os.write(fd, (line + "\n").encode())
-        finally:
+            fd = open_nofollow(part, os.O_WRONLY)
+        except FileNotFoundError:
+            raise AgentError("bad-offset", "chunk %d: offset %d but no part is held" % (seq, offset),
+                             have=0) from None
+        st = os.fstat(fd)
+        if st.st_nlink != 1:
             os.close(fd)
+            raise AgentError("session-dir", "%s has %d links: refusing to write into a file shared with "
+                             "another place" % (part, st.st_nlink))
+        if offset > st.st_size:
+            os.close(fd)
+            raise AgentError("bad-offset", "chunk %d: offset %d but only %d bytes held"
+                             % (seq, offset, st.st_size), have=st.st_size)
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return fd
+
+    def journal(self, line: str) -> None:
+        """Append-only record of completed moves (``chunks.log``): evidence that none moved twice.
+
+        Best effort on a full spool filesystem: the chunk is stored either way.
+        """
+        try:
+            fd = open_nofollow(self.sess.file("chunks.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                write_all(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
 
     def finish(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
         end = {k: msg[k] for k in ("total_chunks", "raw_bytes", "stream_hash")}
@@ -1088,10 +1217,16 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
         raise AgentError("session-dir", "session directory %s already exists: refusing to reuse it"
                          % path) from None
     check_private_dir(path, "session directory")
-    os.mkdir(os.path.join(path, "chunks"), 0o700)
-    write_atomic(os.path.join(path, "agent.py"), AGENT_SOURCE)
-    write_json(os.path.join(path, "session.json"), cfg)
-    Session(path).touch_heartbeat()
+    try:
+        os.mkdir(os.path.join(path, "chunks"), 0o700)
+        write_atomic(os.path.join(path, "agent.py"), AGENT_SOURCE)
+        write_json(os.path.join(path, "session.json"), cfg)
+        Session(path).touch_heartbeat()
+    except OSError as e:  # e.g. a full spool filesystem: leave nothing half-made behind
+        remove_session_dir(path)
+        if e.errno in NO_SPACE:
+            raise AgentError("spool-no-space", "spool filesystem of %s is full: %s" % (base, e)) from None
+        raise
     return {"path": path}
 
 
@@ -1102,9 +1237,11 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
     st = sess.state()
     if st.get("state") in ("running",):
         return {"pid": st["pid"], "already": True}
+    logfd = open_nofollow(sess.file("daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(logfd)
         os.close(wfd)
         with os.fdopen(rfd, "rb") as r:
             data = r.read()
@@ -1115,7 +1252,6 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
     if os.fork():
         os._exit(0)
     devnull = os.open(os.devnull, os.O_RDWR)
-    logfd = os.open(sess.file("daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | O_NOFOLLOW, 0o600)
     os.dup2(devnull, 0)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
