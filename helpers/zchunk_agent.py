@@ -26,6 +26,7 @@ Session directory layout (the spool; docs/chunk-format.md has the bytes)::
         heartbeat                 mtime = last coordinator contact
         daemon.log                the detached daemon's log (its pid is in the state file)
         zfs.stderr                stderr of zfs send / zfs receive
+        reserve                   ballast the daemon frees to save its state on a full filesystem
         chunks/00000000000000000042.chunk   a complete chunk (header + payload)
         chunks/...42.part         a chunk being received (target only)
         chunks/...42.chunk.<pid>.tmp  a chunk being written (source only)
@@ -34,7 +35,9 @@ State files are written temp file -> fsync -> rename -> fsync dir. Chunk files
 are written temp -> rename without fsync: they must be atomic, not durable (a
 host crash kills the zfs pipe they belong to, and a chunk is verified against
 its checksums before any of its bytes reach ``zfs receive``). A ``.tmp`` or
-``.part`` file is never taken for a chunk.
+``.part`` file is never taken for a chunk. Every file is opened without
+following symlinks and must be a regular file; new files are created with
+O_EXCL (``open_nofollow``, docs/chunk-format.md "Safety rules").
 """
 from __future__ import annotations
 
