@@ -70,7 +70,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "session": (9, {"SessionNotFound", "AlreadyRunning"}),
     "protocol": (10, {"ProtocolError", "CapabilityMismatch"}),
     "patience": (11, {"PatienceExhausted"}),
-    "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied"}),
+    "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied", "TargetFull"}),
     "integrity": (13, {"IntegrityError"}),
     "remote/command": (14, {"RemoteError", "CommandFailed"}),
     "partial": (15, {"PartialFailure"}),

@@ -27,12 +27,15 @@ from .errors import (
     IntegrityError,
     PatienceExhausted,
     RemoteError,
+    TargetFull,
     ZchunkError,
     ZfsReceiveFailed,
     ZfsSendFailed,
 )
+from .progress import human_bytes
 from .protocol import AgentChannel, relay_chunk
 from .transport import Host, LinkDown
+from .zfs import Zfs
 
 log = logging.getLogger("zchunk.engine")
 
@@ -89,6 +92,15 @@ class TransferResult:
     receiver: dict[str, Any] = field(default_factory=dict)
 
 
+class _SpoolRoom:
+    """A side whose spool filesystem is full: said once per episode, and (target) chunks held back a while."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self.backoff = 0.0
+        self.until = 0.0
+
+
 class _Outage:
     def __init__(self) -> None:
         self.since: dict[str, float] = {}
@@ -120,6 +132,7 @@ class Transfer:
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()
         self.outage = _Outage()
+        self.src_room, self.dst_room = _SpoolRoom(), _SpoolRoom()
         self.started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
@@ -243,9 +256,15 @@ class Transfer:
                 await src_ch.request("release", upto=self.dst_next)
             if self.src_daemon.get("state") == "done" and not self.finish_sent:
                 dst_ch = await channel(self.dst)
-                await dst_ch.request("finish", total_chunks=self.src_daemon["total_chunks"],
-                                     raw_bytes=self.src_daemon["raw_bytes"],
-                                     stream_hash=self.src_daemon["stream_hash"])
+                try:
+                    await dst_ch.request("finish", total_chunks=self.src_daemon["total_chunks"],
+                                         raw_bytes=self.src_daemon["raw_bytes"],
+                                         stream_hash=self.src_daemon["stream_hash"])
+                except RemoteError as e:
+                    if e.fields.get("code") != "spool-no-space":
+                        raise
+                    self._target_spool_full()
+                    return
                 self.finish_sent = True
                 self.emit("stream_end", chunks=self.src_daemon["total_chunks"],
                           raw_bytes=self.src_daemon["raw_bytes"])
@@ -253,7 +272,12 @@ class Transfer:
         try:
             while not self.done.is_set():
                 await self._with_retries(self.dst.name, once)
-                self._check_daemons()
+                try:
+                    self._check_daemons()
+                except ZfsReceiveFailed as e:
+                    if _out_of_space(str(e.fields.get("stderr", ""))):
+                        raise await self._target_full(e) from e
+                    raise
                 self._emit_progress()
                 if self.done.is_set():
                     break
@@ -277,6 +301,7 @@ class Transfer:
         self.dst_next = int(self.dst_daemon.get("next_seq", 0))
         if self.src_daemon.get("eof"):
             self.estimate = int(self.src_daemon.get("raw_bytes", self.estimate))
+        self._watch_source_spool()
         events = self.dst_daemon.get("events") or []
         total_discarded = int(self.dst_daemon.get("discarded", 0))
         if total_discarded > self.seen_events:
@@ -311,6 +336,54 @@ class Transfer:
             self.done.set()
             self.changed.set()
 
+    # -- full spool filesystems and a full target pool ------------------------------
+
+    def _watch_source_spool(self) -> None:
+        """The sender pauses ``zfs send`` on a full spool filesystem (never fails it): tell the user, once."""
+        paused = self.src_daemon.get("paused") == "no-space"
+        if paused and not self.src_room.full:
+            self.emit("warning", host=self.src.name, detail="source spool filesystem is full: zfs send is paused "
+                      "(not failed) until there is room under the spool directory; the transfer then continues")
+        elif not paused and self.src_room.full:
+            self.emit("note", host=self.src.name, detail="source spool filesystem has room again: zfs send "
+                      "continues")
+        self.src_room.full = paused
+
+    def _target_spool_full(self) -> None:
+        """A chunk was refused for lack of room on the target: hold chunks back with a growing delay
+        (each try moves a whole chunk over the link), and tell the user once per episode."""
+        room = self.dst_room
+        room.backoff = min(max(1.0, 2 * room.backoff), self.opts.max_backoff)
+        room.until = time.monotonic() + room.backoff
+        if not room.full:
+            room.full = True
+            self.emit("warning", host=self.dst.name, detail="target spool filesystem is full: chunks wait in the "
+                      "source spool (nothing is lost) until there is room under the spool directory")
+
+    def _target_spool_ok(self) -> None:
+        room = self.dst_room
+        room.backoff, room.until = 0.0, 0.0
+        if room.full:
+            room.full = False
+            self.emit("note", host=self.dst.name, detail="target spool filesystem has room again")
+
+    async def _target_full(self, err: ZfsReceiveFailed) -> TargetFull:
+        """``zfs receive`` ran out of space: how much the stream needs, how much the target has."""
+        argv = self.dst_daemon.get("argv") or ["?"]
+        dataset = str(argv[-1])
+        needed = int(self.src_daemon.get("raw_bytes", 0))
+        if not self.src_daemon.get("eof"):
+            needed = max(needed, self.estimate)
+        try:
+            found = await Zfs(self.dst.host).available(dataset)
+        except (ZchunkError, LinkDown):
+            found = None
+        where, free = found if found is not None else (dataset.split("/")[0], None)
+        stderr = str(err.fields.get("stderr") or "").strip().splitlines()
+        return TargetFull(host=self.dst.name, dataset=dataset, needed=human_bytes(needed), where=where,
+                          free=human_bytes(free) if free is not None else "unknown",
+                          stderr=stderr[-1] if stderr else "out of space")
+
     def _emit_progress(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_progress_event < 1.0:
@@ -336,6 +409,8 @@ class Transfer:
     # -- workers -------------------------------------------------------------
 
     def _pick(self) -> int | None:
+        if time.monotonic() < self.dst_room.until:
+            return None  # the target spool is full: the poller wakes us again
         limit = self.dst_next + self.window
         for seq in sorted(self.src_chunks):
             if seq >= limit:
@@ -380,6 +455,7 @@ class Transfer:
                 self._link_ok(self.dst.name)
                 if stored:
                     self.dst_stored.add(seq)
+                    self._target_spool_ok()
             except LinkDown as e:
                 await close_all(e.host)
                 raise
@@ -414,9 +490,17 @@ class Transfer:
         elif code == "no-chunk":
             return  # already consumed and released; the next status shows it
         elif code == "spool-no-space":
-            self.emit("warning", host=self.dst.name, detail="target spool filesystem full; waiting")
+            self._target_spool_full()
         else:
             raise e
+
+
+_NO_SPACE_WORDS = ("out of space", "no space left", "disk quota exceeded", "enospc", "edquot")
+
+
+def _out_of_space(stderr: str) -> bool:
+    low = stderr.lower()
+    return any(w in low for w in _NO_SPACE_WORDS)
 
 
 async def _quietly(coro: Any) -> None:

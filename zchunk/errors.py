@@ -193,6 +193,14 @@ class ZfsReceiveFailed(ZchunkError):
     exit_code = 12
 
 
+class TargetFull(ZchunkError):
+    """{host}: no space to receive {dataset}: the stream needs about {needed}, {where} has {free} free ({stderr})"""
+
+    exit_code = 12
+    fix = ("free space on {where} (or grow its pool), then run the same command again; the source is untouched and "
+           "zfs discarded the partial receive (or kept it resumable, where zfs has resume tokens)")
+
+
 class AgentDied(ZchunkError):
     """{host}: the {role} agent of session {session} is gone ({state})"""
 

@@ -319,6 +319,17 @@ class Zfs:
         await self.run("rollback", *(["-r"] if destroy_newer else []), snapshot, dataset=snapshot,
                        action="roll back")
 
+    async def available(self, name: str) -> tuple[str, int] | None:
+        """Free space for ``name`` (``available``, bytes), from the nearest existing dataset at or above it:
+        (that dataset, bytes), or None when not even the pool answers."""
+        parts = name.split("@", 1)[0].split("/")
+        for n in range(len(parts), 0, -1):
+            where = "/".join(parts[:n])
+            value = await self.prop(where, "available")
+            if value is not None and value.isdigit():
+                return where, int(value)
+        return None
+
     async def guid(self, name: str) -> int | None:
         res = await self.run("get", "-H", "-p", "-o", "value", "guid", name, check=False)
         return _int(res.stdout.decode().strip()) if res.status == 0 else None

@@ -1,0 +1,210 @@
+"""Full disks (issue 5, item 7), for real: small filesystems filled while a transfer runs.
+
+- source spool filesystem full: ``zfs send`` pauses (never fails), the user is
+  warned once, nothing corrupt is spooled, and the transfer completes once
+  there is room again;
+- target spool filesystem full: chunks wait in the source spool, the user is
+  warned once, and the transfer completes once there is room again;
+- target *pool* full during ``zfs receive``: one clear error naming what the
+  stream needs and what the target has, the source untouched, no partial
+  dataset and no session directory left; the same command completes once the
+  pool has room.
+
+The two spools are separate tmpfs filesystems at the same path
+(``tests/spoolfs.py``): the coordinator, and with it the sender agent, runs in
+a private mount namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import need_root
+from tests.spoolfs import NsZchunk, PrivateMounts, Tmpfs, split_spools
+from tests.zc import Run, Zchunk, kill_matching
+from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool, zfs
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def spools(tmp_path: Path) -> Iterator[tuple[PrivateMounts, Tmpfs]]:
+    need_root("unshare", "nsenter", "mount")
+    with split_spools(tmp_path / "spoolfs", source_size=24 * MiB, target_size=24 * MiB) as both:
+        yield both
+
+
+@pytest.fixture
+def zc(tmp_path: Path, spools: tuple[PrivateMounts, Tmpfs], pool_factory: Any) -> Iterator[NsZchunk]:
+    """(After pool_factory, so its agents are killed before the pools are destroyed.)"""
+    z = NsZchunk(tmp_path, spools[0], sync_args=("--no-sync-snap",))
+    z.spool_dir = tmp_path / "spoolfs" / "zchunk"
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
+    src, dst = pool_factory(size="512M"), pool_factory(size="512M")
+    quiet_target_pool(dst)
+    return src, dst
+
+
+class Hog:
+    """Keeps a filesystem full while it runs: whatever room appears is taken again within 50 ms
+    (a disk other programs keep filling), except for the spool's own files' churn in between."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "hog"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Hog:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        with open(self.path, "ab", buffering=0) as f:
+            block = b"\x5a" * (64 << 10)
+            while not self.stop.is_set():
+                try:
+                    while True:
+                        f.write(block)
+                except OSError:
+                    pass
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def events_of(run: Run, kind: str, words: str) -> list[dict[str, Any]]:
+    return [e for e in run.of(kind) if words in str(e.get("detail", ""))]
+
+
+def assert_clean(zc: NsZchunk) -> None:
+    assert zc.session_dirs() == [], zc.session_dirs()
+    assert kill_matching(str(zc.spool_dir) + "/") == [], "an agent outlived its session"
+
+
+def test_source_spool_full_pauses_zfs_send_then_completes(zc: NsZchunk, pools: Any, spools: Any,
+                                                          sshd_local: lab.Sshd) -> None:
+    source_fs, _ = spools
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 16 * MiB, seed=51, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    bg = zc.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--spool-max", "4M", "--parallel", "2",
+                  "--ssh-config", str(sshd_local.ssh_config))
+    try:
+        bg.wait_for(lambda: (zc.agent_state("receive") or {}).get("next_seq", 0) >= 2, 60, "2 chunks received")
+        with Hog(source_fs.view()):
+            bg.wait_for(lambda: (zc.agent_state("send") or {}).get("paused") == "no-space", 60,
+                        "the sender to pause for lack of room")
+            at = (zc.agent_state("send") or {}).get("chunks", 0)
+            time.sleep(3)
+            sender = zc.agent_state("send") or {}
+            assert sender.get("state") == "running" and sender.get("paused") == "no-space", sender
+            assert sender.get("chunks", 0) <= at + 1, "no chunk can be spooled while the disk is full"
+            assert not list(zc.source_dirs()[0].joinpath("chunks").glob("*.tmp")), "no half-written chunk stays"
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    assert len(events_of(run, "warning", "source spool filesystem is full")) == 1, run.kinds()
+    assert events_of(run, "note", "source spool filesystem has room again"), run.kinds()
+    assert not run.of("chunk_discarded") and run.result()["transfer"]["discarded_chunks"] == 0
+    assert not run.of("link_down"), "a full disk is not a link failure"
+    assert_clean(zc)
+
+
+def test_target_spool_full_holds_chunks_back_then_completes(zc: NsZchunk, pools: Any, spools: Any,
+                                                            sshd_local: lab.Sshd) -> None:
+    _, target_fs = spools
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 16 * MiB, seed=52, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    bg = zc.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--spool-max", "4M", "--parallel", "2",
+                  "--ssh-config", str(sshd_local.ssh_config))
+    try:
+        bg.wait_for(lambda: (zc.agent_state("receive") or {}).get("next_seq", 0) >= 2, 60, "2 chunks received")
+        with Hog(target_fs.path):
+            bg.wait_for(lambda: events_of(Run([], 0, "", "", bg.events_so_far()), "warning",
+                                          "target spool filesystem is full"), 60, "the target-full warning")
+            time.sleep(3)
+            receiver = zc.agent_state("receive") or {}
+            assert receiver.get("state") == "running", receiver
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    assert len(events_of(run, "warning", "target spool filesystem is full")) == 1, run.kinds()
+    assert events_of(run, "note", "target spool filesystem has room again"), run.kinds()
+    assert not run.of("chunk_discarded") and run.result()["transfer"]["discarded_chunks"] == 0
+    assert not run.of("link_down"), "a full disk is not a link failure"
+    assert_clean(zc)
+
+
+@pytest.fixture
+def plain_zc(tmp_path: Path, pool_factory: Any) -> Iterator[Zchunk]:
+    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+def test_target_pool_full_is_one_clear_error_and_a_rerun_completes(plain_zc: Zchunk, pool_factory: Any,
+                                                                   sshd_local: lab.Sshd, tmp_path: Path) -> None:
+    zc = plain_zc
+    src_pool, dst_pool = pool_factory(size="512M"), pool_factory(size="64M")
+    quiet_target_pool(dst_pool)
+    src = make_source(src_pool, 96 * MiB, seed=53, compressible=0.0)
+    zfs("snapshot", f"{src_pool.name}@untouched")
+    dst = f"{dst_pool.name}/replica"
+    source_before = zfs("list", "-H", "-r", "-t", "all", "-o", "name,guid", src_pool.name)
+    target_before = zfs("list", "-H", "-r", "-t", "all", "-o", "name", dst_pool.name)
+    args = ["sync", src, f"local:{dst}", "--chunk-size", "4M", "--ssh-config", str(sshd_local.ssh_config)]
+
+    run = zc.run(*args)
+    assert run.returncode == 12, run.explain()
+    error, fix = run.stderr.strip().splitlines()[-2:]
+    assert "no space to receive" in error and dst in error, error
+    needs = float(error.split("needs about ")[1].split(" MiB")[0])
+    free = float(error.split(" has ")[1].split(" MiB free")[0])
+    assert needs >= 90 and free < 64, error
+    assert "free space on" in fix and "run the same command again" in fix, fix
+    assert json.loads(run.stdout.splitlines()[-1])["error"] == "TargetFull"
+    # the source untouched, no partial dataset, nothing left behind
+    assert zfs("list", "-H", "-r", "-t", "all", "-o", "name,guid", src_pool.name) == source_before
+    assert zfs("list", "-H", "-r", "-t", "all", "-o", "name", dst_pool.name) == target_before
+    assert not exists(dst)
+    assert zc.session_dirs() == [] and kill_matching(str(zc.spool_dir) + "/") == []
+    assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == ["failed"]
+
+    # room on the target: the same command completes
+    extra = tmp_path / "pools" / f"{dst_pool.name}-extra.pool"
+    with open(extra, "xb") as f:
+        f.truncate(256 * MiB)
+    subprocess.run(["zpool", "add", dst_pool.name, str(extra)], check=True, capture_output=True)
+    run = zc.run(*args)
+    assert run.returncode == 0, run.explain()
+    assert_replica(src, dst, "s1")
+    assert zc.session_dirs() == []
+    shutil.rmtree(zc.spool_dir, ignore_errors=True)
