@@ -117,7 +117,7 @@ def compress(codec: int, level: Optional[int], data: bytes) -> bytes:
     raise AgentError("unsupported", "unknown codec id %d" % codec)
 
 
-def decompress(codec: int, data: bytes, raw_len: int) -> bytes:
+def decompress(codec: int, data: Any, raw_len: int) -> bytes:
     # Bounded by raw_len whatever the payload claims (a zstd frame may declare any size).
     if raw_len <= 0:  # an empty chunk is always stored uncompressed
         if codec == CODEC_NONE and not data:
@@ -245,7 +245,7 @@ def decode_chunk(blob: bytes, expect_seq: int) -> bytes:
     if hdr.seq != expect_seq:
         raise AgentError("chunk-corrupt", "chunk file holds seq %d, expected %d" % (hdr.seq, expect_seq))
     try:
-        raw = decompress(hdr.codec, bytes(memoryview(blob)[CHUNK_HEADER_SIZE:]), hdr.raw_len)
+        raw = decompress(hdr.codec, memoryview(blob)[CHUNK_HEADER_SIZE:], hdr.raw_len)  # no payload copy
     except AgentError:
         raise
     except Exception as e:
@@ -429,9 +429,10 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
 def read_file_nofollow(path: str, limit: int) -> bytes:
     fd = open_nofollow(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise AgentError("chunk-corrupt", "%s is larger than %d bytes" % (path, limit))
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise AgentError("chunk-corrupt", "%s is larger than %d bytes" % (path, limit))
+        data = f.read(size)  # one allocation of the file's size, not of the limit
     return data
 
 
@@ -861,8 +862,10 @@ class ReceiverDaemon(Daemon):
             stream.update(raw)
             seq += 1
             raw_total += len(raw)
-            os.unlink(path)
+            # Progress first, then the file: a status between the two must never show the chunk
+            # as neither held nor consumed (the coordinator would move it again).
             self.save(next_seq=seq, raw_bytes=raw_total)
+            os.unlink(path)
             self.make_reserve()
         self.finish(stream, seq, raw_total, end or {})
 
@@ -939,7 +942,10 @@ class Server:
         self.send(FRAME_HELLO, 0, {"protocol": PROTOCOL_VERSION, "agent_version": AGENT_VERSION,
                                    "capabilities": capabilities(), "role": self.sess.role,
                                    "session": self.sess.cfg.get("id"), "host": socket.gethostname()})
-        ftype, _, payload = read_frame(self.rfile)
+        try:
+            ftype, _, payload = read_frame(self.rfile)
+        except EOFError:  # the coordinator went away before its hello: nothing to answer
+            return
         if ftype != FRAME_HELLO:
             raise AgentError("protocol", "expected the coordinator's hello first")
         hello = decode_message(payload)
@@ -963,6 +969,8 @@ class Server:
                 reply = handler(req_id, msg)
                 if reply is not None:
                     self.send(FRAME_REPLY, req_id, reply)
+            except EOFError:  # the channel closed in the middle of a request (e.g. put_chunk's data)
+                return
             except AgentError as e:
                 self.send(FRAME_ERROR, req_id, e.to_dict())
             except OSError as e:  # e.g. end.json on a full spool: an answer, not a dead channel
@@ -1282,7 +1290,10 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
 
 def cmd_serve(args: List[str]) -> None:
     sess = Session(args[0])
-    Server(sess, sys.stdin.buffer, sys.stdout.buffer).serve()
+    try:
+        Server(sess, sys.stdin.buffer, sys.stdout.buffer).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the channel died with the link: nothing to report, the coordinator reconnects
 
 
 def cmd_sessions(args: List[str]) -> Dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.zc import Zchunk, kill_matching
-from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool, wait_until
+from tests.zfsutil import add_change, assert_replica, exists, make_source, quiet_target_pool, snapshots, wait_until
 from zchunk import lab
 
 pytestmark = [pytest.mark.zfs, pytest.mark.netns]
@@ -222,7 +222,7 @@ def test_unreachable_host_is_a_clear_error(zc: Zchunk, pools: Any, tmp_path: Pat
     src_pool, dst_pool = pools
     src = make_source(src_pool, 1 * MiB, seed=27)
     port = lab.free_port()
-    run = zc.run("sync", src, f"127.0.0.1:{dst_pool.name}/r", "--ssh-port", str(port))
+    run = zc.run("sync", src, f"127.0.0.1:{dst_pool.name}/r", "--ssh-port", str(port), "--connect-patience", "2s")
     assert run.returncode == 5 and "cannot reach 127.0.0.1" in run.stderr, run.explain()
     assert zc.session_dirs() == []
 
@@ -372,3 +372,36 @@ def test_leftovers_of_a_dead_run_are_found_and_cleaned(zc: Zchunk, pools: Any, s
     assert run.returncode == 0, run.explain()
     assert run.of("stale_cleaned")
     assert_replica(src, dst, "s1")
+
+
+def test_replication_steps_ride_through_a_flapping_link(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                       sshd_dst: lab.Sshd, tmp_path: Path) -> None:
+    """Not only chunk moves: planning, holds, unmount, guid checks and pruning also retry through outages."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 4 * MiB, seed=35, compressible=0.0)
+    dst = f"{dst_pool.name}/replica"
+    wan.rate("dst", 16)
+    replication = Zchunk(tmp_path / "repl", sync_args=())
+    (tmp_path / "repl").mkdir()
+    args = ["sync", src, f"dst:{dst}", "--chunk-size", "1M", "--ssh-config", str(sshd_dst.ssh_config),
+            "--patience", "5m"]
+    assert replication.run(*args).returncode == 0
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.wait(2.5):
+            wan.outage("dst", 22, 1.5)
+
+    for i in range(2):
+        add_change(src, MiB, seed=36 + i, snap=f"c{i}")
+        t = in_thread(flap)
+        try:
+            run = replication.run(*args)
+        finally:
+            stop.set()
+            t.join()
+            stop.clear()
+        assert run.returncode == 0, run.explain()
+        newest = [s for s in snapshots(src) if "@zchunk_" in s][-1].split("@")[1]
+        assert_replica(src, dst, newest)
+    kill_matching(str(replication.spool_dir))

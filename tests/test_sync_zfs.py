@@ -156,3 +156,17 @@ def test_receive_failure_is_reported_with_zfs_stderr(zc: Zchunk, pools: tuple[la
     assert snapshots(dst) == [f"{dst}@s1"] and snapshots(src) == [f"{src}@s1", f"{src}@s2"]
     assert zc.session_dirs() == []
     assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == states
+
+
+def test_no_chunk_moves_twice_without_faults(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -> None:
+    """The target's journal of stored chunks has each chunk exactly once (a status taken while the
+    receiver consumed a chunk once made the coordinator move it again)."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 24 * MiB, seed=13, compressible=0.5)
+    dst = f"{dst_pool.name}/replica"
+    run = zc.run("sync", src, dst, "--chunk-size", "512K", "--keep")
+    assert run.returncode == 0, run.explain()
+    journal = next(d for d in zc.session_dirs() if d.name.endswith("-receive")) / "chunks.log"
+    stored = [int(line.split()[1]) for line in journal.read_text().splitlines()]
+    assert sorted(stored) == list(range(run.result()["transfer"]["total_chunks"])), stored
+    assert run.result()["transfer"]["wire_bytes"] <= sum(int(x.split()[2]) for x in journal.read_text().splitlines())

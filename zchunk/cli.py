@@ -20,7 +20,7 @@ from . import sync as lib
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
 from .replicate import ReplicateOptions, ReplicationResult, replicate
 from .session import default_state_dir
-from .transport import SshOptions
+from .transport import LinkDown, SshOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -53,6 +53,8 @@ def _run(coro: Any, json_out: bool) -> Any:
         return asyncio.run(coro)
     except E.ZchunkError as e:
         _fail(e, json_out)
+    except LinkDown as e:  # a link failure outside the engine's retries: say so, it is not a bug
+        _fail(E.HostUnreachable(host=e.host, reason=e.reason), json_out)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted: the agents keep their spools; continue with `zchunk resume ID` "
                          "(see `zchunk sessions`)\n")
@@ -87,6 +89,7 @@ def _options(**kw: Any) -> lib.SyncOptions:
     return lib.SyncOptions(
         spool_dir=kw.pop("spool_dir"), chunk_size=chunk, compress=compress, spool_max=spool_max,
         parallel=parallel, patience=parse_duration(kw.pop("patience"), "--patience"),
+        connect_patience=parse_duration(kw.pop("connect_patience", "30s"), "--connect-patience"),
         agent_idle_timeout=parse_duration(kw.pop("agent_idle_timeout"), "--agent-idle-timeout"),
         state_dir=kw.pop("state_dir") or default_state_dir(), ssh=ssh, keep=kw.pop("keep"),
         verbose=kw.pop("verbose"), python=kw.pop("python"))
@@ -102,6 +105,8 @@ SpoolMax = typer.Option("2G", "--spool-max", help="Spool cap per host; a full sp
 Parallel = typer.Option(4, "--parallel", help="Chunks in flight at once.")
 Patience = typer.Option("24h", "--patience", help="Keep retrying through outages until this long passes "
                         "without progress (e.g. 90s, 30m, 24h, 2d).")
+ConnectPatience = typer.Option("30s", "--connect-patience", help="How long to retry the first connection "
+                               "to a host before giving up (nothing has started yet).")
 IdleTimeout = typer.Option("24h", "--agent-idle-timeout", help="Agents exit after this long without "
                            "hearing from the coordinator.")
 StateDir = typer.Option(None, "--state-dir", help="Where the coordinator keeps session records "
@@ -172,7 +177,8 @@ def sync(
                                  "estimated sizes, holds, prunes, rollbacks) and change nothing."),
     spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
     spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
-    agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
+    connect_patience: str = ConnectPatience, agent_idle_timeout: str = IdleTimeout,
+    state_dir: Optional[Path] = StateDir,
     ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
     ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
     keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,
@@ -208,7 +214,8 @@ def sync(
     _finish_replication(result, json_out)
 
 
-_ENGINE_KEYS = ("spool_dir", "chunk_size", "compress", "spool_max", "parallel", "patience", "agent_idle_timeout",
+_ENGINE_KEYS = ("spool_dir", "chunk_size", "compress", "spool_max", "parallel", "patience", "connect_patience",
+                "agent_idle_timeout",
                 "state_dir", "ssh_config", "ssh_key", "ssh_port", "ssh_option", "keep", "verbose", "python")
 
 
@@ -229,7 +236,8 @@ def resume(
     session: str = typer.Argument(..., help="Session id (see `zchunk sessions`)."),
     spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
     spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
-    agent_idle_timeout: str = IdleTimeout, state_dir: Optional[Path] = StateDir,
+    connect_patience: str = ConnectPatience, agent_idle_timeout: str = IdleTimeout,
+    state_dir: Optional[Path] = StateDir,
     ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
     ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
     keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,

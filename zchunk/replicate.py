@@ -190,7 +190,7 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
 async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
     host = make_host(ep, opts.ssh, opts.python)
     try:
-        await first_contact(host)
+        await first_contact(host, opts.patience, opts.connect_patience)
         rep = await probe_host(host, opts)
     except BaseException:
         await host.close()

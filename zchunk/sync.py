@@ -39,6 +39,7 @@ class SyncOptions:
     spool_max: int = 2 << 30
     parallel: int = 4
     patience: float = 24 * 3600.0
+    connect_patience: float = 30.0
     agent_idle_timeout: float = 24 * 3600.0
     stall_timeout: float = 60.0
     state_dir: Path = field(default_factory=default_state_dir)
@@ -281,8 +282,8 @@ async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit
     src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
     dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
     try:
-        await first_contact(src_host)
-        await first_contact(dst_host)
+        await first_contact(src_host, opts.patience, opts.connect_patience)
+        await first_contact(dst_host, opts.patience, opts.connect_patience)
         if not rec.source_dir or not rec.target_dir or rec.state == "starting":
             rec.state, rec.reason = "failed", "the session never finished starting"
             store.save(rec)
@@ -358,8 +359,8 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> Ses
     src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
     dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
     try:
-        await first_contact(src_host)
-        await first_contact(dst_host)
+        await first_contact(src_host, opts.patience, opts.connect_patience)
+        await first_contact(dst_host, opts.patience, opts.connect_patience)
         for host, path in ((dst_host, rec.target_dir), (src_host, rec.source_dir)):
             if not path:
                 continue

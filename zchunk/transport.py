@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import asyncssh
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from .endpoint import Endpoint
 from .errors import AuthError, HostKeyError, HostUnreachable, UsageError
@@ -154,8 +155,9 @@ class LocalHost(Host):
         return CommandResult(proc.returncode or 0, out, err)
 
     async def open_pipe(self, argv: list[str]) -> AgentPipe:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 22)
+        proc = await asyncio.create_subprocess_exec(  # stderr: as over SSH, not on the user's terminal
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            limit=1 << 22)
 
         async def closer() -> None:
             if proc.stdin is not None and not proc.stdin.is_closing():
@@ -182,6 +184,7 @@ class SshHost(Host):
         self.name = endpoint.host_label
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
+        self.patience = 0.0  # > 0 once reached: one-shot commands then ride through outages
 
     def _connect_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
@@ -271,6 +274,22 @@ class SshHost(Host):
 
     async def run(self, argv: list[str], stdin: bytes | None = None,
                   timeout: float | None = 120.0) -> CommandResult:
+        """One command; once the host has been reached (``patience`` set by first_contact), a link
+        failure is retried with backoff until ``patience`` passes, like the engine's transfers."""
+        if self.patience <= 0:
+            return await self._run_once(argv, stdin, timeout)
+        retrying = AsyncRetrying(retry=retry_if_exception_type(LinkDown), reraise=True,
+                                 wait=wait_exponential_jitter(initial=0.25, max=5, jitter=1),
+                                 stop=stop_after_delay(self.patience))
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._run_once(argv, stdin, timeout)
+        except LinkDown as e:
+            raise HostUnreachable(host=self.name, reason=f"link down for longer than --patience ({e.reason})") from e
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, argv: list[str], stdin: bytes | None, timeout: float | None) -> CommandResult:
         conn = await self.connection()
         try:
             res = await asyncio.wait_for(
@@ -278,6 +297,9 @@ class SshHost(Host):
         except _TRANSIENT as e:
             self.drop(conn)
             raise LinkDown(self.name, _describe(e)) from e
+        if res.exit_status is None and res.exit_signal is None:
+            self.drop(conn)  # the channel closed without an exit status: the link died under it
+            raise LinkDown(self.name, "the command's channel closed before it finished")
         status = res.exit_status if res.exit_status is not None else 255
         return CommandResult(status, _as_bytes(res.stdout), _as_bytes(res.stderr))
 
@@ -353,10 +375,19 @@ def make_host(endpoint: Endpoint, opts: SshOptions, python: str | None = None) -
     return host
 
 
-async def first_contact(host: Host) -> None:
-    """Connect once before anything else; an unreachable host here is a plain error, not a retry."""
-    if isinstance(host, SshHost):
-        try:
-            await host.connection()
-        except LinkDown as e:
-            raise HostUnreachable(host=host.name, reason=e.reason) from e
+async def first_contact(host: Host, patience: float = 0.0, connect_patience: float = 30.0) -> None:
+    """Connect before anything else, retrying a link failure for ``connect_patience`` seconds (a
+    flapping link at the start of a cron run); past that an unreachable host is a plain error, since
+    nothing has started yet. From then on, commands retry through outages for ``patience`` seconds."""
+    if not isinstance(host, SshHost):
+        return
+    retrying = AsyncRetrying(retry=retry_if_exception_type(LinkDown), reraise=True,
+                             wait=wait_exponential_jitter(initial=0.25, max=5, jitter=1),
+                             stop=stop_after_delay(max(0.0, min(connect_patience, patience or connect_patience))))
+    try:
+        async for attempt in retrying:
+            with attempt:
+                await host.connection()
+    except LinkDown as e:
+        raise HostUnreachable(host=host.name, reason=e.reason) from e
+    host.patience = patience
