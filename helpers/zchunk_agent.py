@@ -239,6 +239,58 @@ def check_stored(blob: bytes) -> ChunkHeader:
     return hdr
 
 
+def raw_pieces(hdr: ChunkHeader, payload: Any, piece: int = 1 << 20) -> Any:
+    """The chunk's raw bytes, decompressed piece by piece (bounded: never more than ``raw_len`` + 1)."""
+    left = hdr.raw_len + 1
+    if hdr.codec == CODEC_NONE:
+        for i in range(0, len(payload), piece):
+            yield payload[i:i + piece]
+        return
+    if hdr.codec == CODEC_ZSTD:
+        if zstandard is None:
+            raise AgentError("unsupported", "chunk is zstd but zstandard is not importable")
+        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+            while left > 0:
+                out = reader.read(min(piece, left))
+                if not out:
+                    return
+                left -= len(out)
+                yield out
+        return
+    if hdr.codec == CODEC_ZLIB:
+        d = zlib.decompressobj()
+        data = payload
+        while left > 0:
+            out = d.decompress(data, min(piece, left))
+            data = d.unconsumed_tail
+            if not out:
+                return
+            left -= len(out)
+            yield out
+        return
+    raise AgentError("unsupported", "unknown codec id %d" % hdr.codec)
+
+
+def verified_chunk(blob: bytes, expect_seq: int) -> ChunkHeader:
+    """Check a chunk end to end without holding its raw bytes: framing, stored checksum, then the
+    raw checksum over a first decompression pass. ``raw_pieces`` then yields the very same bytes."""
+    hdr = check_stored(blob)
+    if hdr.seq != expect_seq:
+        raise AgentError("chunk-corrupt", "chunk file holds seq %d, expected %d" % (hdr.seq, expect_seq))
+    h, n = new_hasher(hdr.hash_alg), 0
+    try:
+        for out in raw_pieces(hdr, memoryview(blob)[CHUNK_HEADER_SIZE:]):
+            h.update(out)
+            n += len(out)
+    except AgentError:
+        raise
+    except Exception as e:
+        raise AgentError("chunk-corrupt", "chunk %d: decompression failed: %s" % (hdr.seq, e)) from e
+    if n != hdr.raw_len or h.digest() != hdr.raw_hash:
+        raise AgentError("chunk-corrupt", "chunk %d: raw bytes checksum mismatch" % hdr.seq)
+    return hdr
+
+
 def decode_chunk(blob: bytes, expect_seq: int) -> bytes:
     """Verify a chunk end to end and return its raw bytes (those zfs send wrote)."""
     hdr = check_stored(blob)
@@ -850,18 +902,20 @@ class ReceiverDaemon(Daemon):
                 time.sleep(0.05)
                 continue
             try:
-                raw = decode_chunk(blob, seq)
+                hdr = verified_chunk(blob, seq)
             except AgentError as e:
                 self.discard(path, seq, e.reason)
                 continue
-            try:
-                self.proc.stdin.write(raw)
+            try:  # second pass: the verified bytes, fed in pieces (memory: the stored chunk + a piece)
+                for piece in raw_pieces(hdr, memoryview(blob)[CHUNK_HEADER_SIZE:]):
+                    self.proc.stdin.write(piece)
+                    stream.update(piece)
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 return self.finish_failed(stream, seq, raw_total, "zfs receive closed its input")
-            stream.update(raw)
+            del blob
             seq += 1
-            raw_total += len(raw)
+            raw_total += hdr.raw_len
             # Progress first, then the file: a status between the two must never show the chunk
             # as neither held nor consumed (the coordinator would move it again).
             self.save(next_seq=seq, raw_bytes=raw_total)
@@ -1209,6 +1263,9 @@ def ensure_base(base: str) -> None:
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
+    except OSError as e:  # no parent, read-only, not a directory on the way...
+        raise AgentError("session-dir", "cannot create spool base directory %s: %s"
+                         % (base, e.strerror or e)) from None
     check_private_dir(base, "spool base directory")
 
 
@@ -1340,6 +1397,11 @@ def main(argv: List[str]) -> int:
         result = COMMANDS[argv[0]](argv[1:])
     except AgentError as e:
         sys.stdout.write(json.dumps({"error": e.to_dict()}) + "\n")
+        sys.stdout.flush()
+        return 1
+    except OSError as e:  # a sentence for the user, not a traceback
+        err = AgentError("os-error", "%s: %s" % (argv[0], e), errno=e.errno)
+        sys.stdout.write(json.dumps({"error": err.to_dict()}) + "\n")
         sys.stdout.flush()
         return 1
     if result is not None:

@@ -173,6 +173,12 @@ def test_a_group_or_world_writable_base_is_refused(base: Path, mode: int) -> Non
     assert os.listdir(base) == []
 
 
+def test_a_base_that_cannot_be_created_is_a_clear_refusal(tmp_path: Path) -> None:
+    for base in (tmp_path / "no" / "such" / "parent", tmp_path / "a-file" / "spool"):
+        (tmp_path / "a-file").write_text("x")
+        refused(*install(base), str(base), "cannot create spool base directory")
+
+
 def test_a_readable_but_not_writable_base_is_accepted(base: Path) -> None:
     base.mkdir()
     os.chmod(base, 0o755)  # only *writable* by others is a danger
