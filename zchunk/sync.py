@@ -332,6 +332,7 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
     emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
     await _remove_dirs(rec, src_host, dst_host, opts, emit)
     rec.state, rec.raw_bytes, rec.total_chunks = "done", result.raw_bytes, result.total_chunks
+    rec.chunks_received = result.total_chunks
     store.save(rec)
     return SyncResult(rec.id, f"{rec.snapshot} -> {rec.target_dataset}", transfer=result,
                       target_snapshot=f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}", guid=guid)
