@@ -10,6 +10,7 @@ sync snapshots of this identifier. ``dry_run`` plans and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -164,9 +165,15 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
                      ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
                      emit: Emitter) -> ReplicationResult:
     identifier = policy.identifier
-    src = await _side(source, opts)
+    got = await asyncio.gather(_side(source, opts), _side(target, opts), return_exceptions=True)
+    src_or_err, dst_or_err = got
+    if not isinstance(src_or_err, Side) or not isinstance(dst_or_err, Side):
+        for side in got:
+            if isinstance(side, Side):
+                await side.host.close()
+        raise src_or_err if isinstance(src_or_err, BaseException) else dst_or_err  # type: ignore[misc]
+    src, dst = src_or_err, dst_or_err
     try:
-        dst = await _side(target, opts)
         try:
             emit("preflight", source=report(src.rep), target=report(dst.rep), identifier=identifier)
             pairs = await _datasets(src, dst, ropts.recursive, excludes, emit)

@@ -199,10 +199,11 @@ class Zfs:
         return ds
 
     async def features(self) -> Features:
-        send = await self.run("send", "-?", check=False)
-        recv = await self.run("receive", "-?", check=False)
-        top = await self.run("-?", check=False)
-        ver = await self.run("version", check=False)
+        import asyncio
+
+        send, recv, top, ver = await asyncio.gather(  # one round trip's latency, not four
+            self.run("send", "-?", check=False), self.run("receive", "-?", check=False),
+            self.run("-?", check=False), self.run("version", check=False))
         version = (ver.stdout.decode().split("\n")[0].strip() if ver.status == 0
                    else "legacy zfs (no `zfs version`)")
         return Features(parse_usage_flags((send.stdout + send.stderr).decode(), "send"),
