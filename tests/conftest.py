@@ -107,3 +107,18 @@ def sshd_local(tmp_path: Path) -> Iterator[lab.Sshd]:
     need_ssh()
     with lab.Sshd(tmp_path / "sshd-local", port=lab.free_port(), alias="local") as server:
         yield server
+
+
+# --------------------------------------------------------------------------- chaos schedules
+# tests/test_chaos.py runs a few seeded fault schedules by default (CI); more on demand:
+#   pytest tests/test_chaos.py --schedules 200              seeds 1..200
+#   pytest tests/test_chaos.py --chaos-seed 17              replay seed 17 (what a failure prints)
+#   pytest tests/test_chaos.py --chaos-seed 1000 --schedules 50
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("zchunk chaos", "seeded fault schedules (tests/test_chaos.py)")
+    group.addoption("--schedules", type=int, default=None, metavar="N",
+                    help="run N chaos schedules (default: the few CI runs)")
+    group.addoption("--chaos-seed", type=int, default=None, metavar="S",
+                    help="first seed: replays schedule S (with --schedules N: seeds S..S+N-1)")

@@ -47,7 +47,7 @@ class EngineOptions:
     parallel: int = 4
     patience: float = 24 * 3600.0
     stall_timeout: float = 60.0
-    poll_interval: float = 0.25
+    poll_interval: float = 0.1  # status of both agents; also how soon a newly spooled chunk starts moving
     max_corrupt_retries: int = 5
     # Short enough that a 5 s outage costs little more than 5 s; one SSH connect
     # attempt per few seconds is cheap even over a 24 h outage.
