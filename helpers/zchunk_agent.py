@@ -682,10 +682,37 @@ class Daemon:
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        self.stop_zfs()
         self.save(state="aborted", reason="stopped by the coordinator")
         os._exit(0)
+
+    def stop_zfs(self, grace: float = 20.0) -> None:
+        """End our zfs process, so that it cleans up after itself before we are gone.
+
+        ``zfs receive`` gets end-of-file and time to exit: it then discards the
+        partial receive itself (or keeps it resumable, with -s) before it
+        exits. Killed instead, on zfs-fuse the partial dataset outlives it until
+        the daemon notices the closed pipe, and a stream restarted at once
+        finds the target "existing" without snapshots. ``zfs send`` is killed.
+        """
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if proc.stdin is not None:
+            try:  # the raw fd: we may be in a signal handler, inside a write to this very pipe
+                os.close(proc.stdin.fileno())
+            except (OSError, ValueError):
+                pass
+            try:
+                proc.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        proc.kill()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
     def save(self, **changes: Any) -> bool:
         """Write the state file; on a full filesystem give up the ballast and try again.
@@ -723,8 +750,7 @@ class Daemon:
 
     def check_idle(self) -> None:
         if self.sess.idle_for() > self.sess.idle_timeout:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.kill()
+            self.stop_zfs()
             self.save(state="aborted", reason="no coordinator contact for %ds" % self.sess.idle_timeout)
             log("idle timeout: exiting")
             os._exit(3)
@@ -1055,7 +1081,7 @@ class Server:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            for _ in range(100):
+            for _ in range(600):  # up to 30 s: the daemon lets zfs receive clean up first (stop_zfs)
                 if not pid_is_ours(pid, self.sess.path):
                     break
                 time.sleep(0.05)

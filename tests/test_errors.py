@@ -72,7 +72,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "patience": (11, {"PatienceExhausted"}),
     "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied", "TargetFull"}),
     "integrity": (13, {"IntegrityError"}),
-    "remote/command": (14, {"RemoteError", "CommandFailed"}),
+    "remote/command": (14, {"RemoteError", "CommandFailed", "SpoolFull"}),
     "partial": (15, {"PartialFailure"}),
 }
 

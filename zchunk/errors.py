@@ -220,6 +220,14 @@ class RemoteError(ZchunkError):
     exit_code = 14
 
 
+class SpoolFull(RemoteError):
+    """{host}: the spool filesystem is full: {reason}"""
+
+    exit_code = 14
+    fix = ("free space under the spool directory on {host} (or give --spool-dir on a larger filesystem), "
+           "then run the same command again")
+
+
 class CommandFailed(ZchunkError):
     """{host}: `{command}` failed (status {status}): {stderr}"""
 
@@ -236,6 +244,7 @@ class PartialFailure(ZchunkError):
 _REMOTE_CODES: dict[str, type[ZchunkError]] = {
     "session-dir": SessionDirError,
     "protocol": ProtocolError,
+    "spool-no-space": SpoolFull,  # where the engine does not wait for room itself (e.g. at install)
 }
 
 
@@ -253,7 +262,7 @@ def from_remote(host: str, err: Any) -> ZchunkError:
     details = dict(details) if isinstance(details, dict) else ({"value": details} if details else {})
     cls = _REMOTE_CODES.get(code)
     if cls is not None:
-        return cls(host=host, reason=reason, details=details)
+        return cls(host=host, code=code, reason=reason, details=details)
     return RemoteError(host=host, code=code, reason=reason, details=details)
 
 
