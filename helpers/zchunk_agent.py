@@ -1304,7 +1304,9 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
     if not sid or "/" in sid or sid.startswith("."):
         raise AgentError("bad-request", "bad session id %r" % sid)
     ensure_base(base)
-    path = os.path.join(base, sid)
+    # absolute: the daemon is recognised by this path in its command line (pid_is_ours), so the
+    # coordinator must name it exactly so, also for a relative --spool-dir (relative to the SSH login dir)
+    path = os.path.abspath(os.path.join(base, sid))
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:

@@ -118,6 +118,14 @@ def test_install_creates_private_directories_and_files(base: Path) -> None:
     assert json.loads((path / "session.json").read_text()) == config("receive")
 
 
+def test_a_relative_base_gives_an_absolute_session_path(tmp_path: Path) -> None:
+    """The daemon is recognised by its path in its command line: the coordinator must use the absolute one."""
+    p = subprocess.run([sys.executable, "-c", BOOTSTRAP, "install", "relative-spool", f"{SID}-send",
+                        json.dumps(config("send"))], input=AGENT_SOURCE, capture_output=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout
+    assert json.loads(p.stdout)["path"] == str(tmp_path / "relative-spool" / f"{SID}-send")
+
+
 def test_a_pre_created_session_directory_is_refused_and_left_alone(base: Path) -> None:
     base.mkdir(mode=0o700)
     planted = base / f"{SID}-receive"
@@ -369,3 +377,27 @@ def test_files_the_agent_creates_use_o_excl_or_o_nofollow() -> None:
             assert "O_NOFOLLOW" in flags or "O_EXCL" in flags, ast.unparse(call)
     plain = [n for n in ast.walk(tree_) if isinstance(n, ast.Call) and ast.unparse(n.func) == "open"]
     assert all("/proc/" in ast.unparse(n.args[0]) for n in plain), [ast.unparse(n) for n in plain]
+
+
+@pytest.mark.zfs
+def test_a_relative_spool_dir_works_end_to_end(pool_factory: Any, sshd_local: Any, tmp_path: Path) -> None:
+    """--spool-dir relative: to the coordinator's directory locally, to the login directory over SSH."""
+    from tests.zc import REPO, Zchunk, kill_matching
+    from tests.zfsutil import assert_replica, make_source
+
+    src_pool, dst_pool = pool_factory(size="256M"), pool_factory(size="256M")
+    src = make_source(src_pool, 2 << 20, seed=91)
+    zc = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
+    zc.spool_dir = Path(f"zchunk-test-relative-spool-{os.getpid()}")
+    try:
+        run = zc.run("sync", src, f"local:{dst_pool.name}/r", "--chunk-size", "256K", "--ssh-config",
+                     str(sshd_local.ssh_config))
+        assert run.returncode == 0, run.explain()
+        assert_replica(src, f"{dst_pool.name}/r", "s1")
+    finally:
+        kill_matching(str(zc.spool_dir))
+        for where in (REPO, Path(os.path.expanduser("~root"))):
+            d = where / zc.spool_dir
+            if d.is_dir():
+                assert list(d.iterdir()) == [], f"session directories left in {d}"
+                d.rmdir()
