@@ -10,11 +10,15 @@
   quoted to the host's zfs, which says it does not exist (exit 3); the canary
   never appears.
 - A real ``agent.py serve`` process fed garbage or hostile frames ends by
-  itself, without a traceback, in bounded memory.
+  itself, without a traceback, in bounded memory (a fake coordinator); the
+  coordinator's channel fed garbage by a fake agent raises only its own clear
+  errors and never reads beyond the frame bounds. (Fixed vectors, bounds and
+  in-process fuzzing of both ends are in tests/test_framing.py.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import string
@@ -32,9 +36,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import zchunk_agent as agent
+from tests.test_framing import NEEDS, FakePipe, agent_hello
 from tests.zc import REPO, Run, Zchunk, kill_matching, parse_events
 from tests.zfsutil import assert_replica, exists, snapshots, zfs
 from zchunk import lab
+from zchunk.errors import ZchunkError
+from zchunk.protocol import AgentChannel
+from zchunk.transport import LinkDown
 
 MiB = 1 << 20
 
@@ -356,3 +364,40 @@ def test_a_real_agent_fed_random_frames_ends_cleanly(installed_session: Path, pr
     status, peak, out, err = feed(installed_session, data + tail)
     assert b"Traceback" not in err, err.decode(errors="replace")
     assert status in (0, 1) and peak < MEMORY_BOUND_KIB
+
+
+# -- the coordinator fed garbage by a fake agent --------------------------------------------------
+
+
+class RecordingPipe(FakePipe):
+    """FakePipe that remembers how much each read asked for (what a real channel would allocate)."""
+
+    def __init__(self, incoming: bytes) -> None:
+        super().__init__(incoming)
+        self.asked: list[int] = []
+
+    async def readexactly(self, n: int) -> bytes:
+        self.asked.append(n)
+        return await super().readexactly(n)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(ftype=st.integers(0, 7), claim=st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+       garbage=st.binary(max_size=300), role=st.sampled_from(["send", "receive"]))
+def test_the_coordinator_fed_garbage_by_a_fake_agent_raises_only_clear_errors(
+        ftype: int, claim: int | None, garbage: bytes, role: str) -> None:
+    """After a good hello, anything as the reply to a request: a reply, or a ZchunkError (protocol, remote)
+    or LinkDown (retried by the engine) — never another exception, never a read beyond the frame bounds."""
+    reply = (agent.FRAME_HEADER.pack(b"ZC", 1, ftype, 1, claim) if claim is not None else b"") + garbage
+    pipe = RecordingPipe(agent_hello(role) + reply)
+    ch = AgentChannel(pipe, "fake", stall_timeout=1)  # type: ignore[arg-type]
+
+    async def go() -> dict[str, Any]:
+        await ch.handshake(NEEDS)
+        return await ch.request("status")
+
+    try:
+        assert isinstance(asyncio.run(go()), dict)
+    except (ZchunkError, LinkDown):
+        pass
+    assert max(pipe.asked) <= agent.MAX_DATA_FRAME
