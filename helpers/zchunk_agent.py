@@ -991,9 +991,13 @@ class ReceiverDaemon(Daemon):
 
 
 def log(text: str) -> None:
-    sys.stderr.write("%s zchunk-agent[%d]: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                    os.getpid(), text))
-    sys.stderr.flush()
+    """A line in daemon.log; best effort: a full spool filesystem must not crash the daemon by its log."""
+    try:
+        sys.stderr.write("%s zchunk-agent[%d]: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                        os.getpid(), text))
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -1317,6 +1321,9 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
         os.mkdir(os.path.join(path, "chunks"), 0o700)
         write_atomic(os.path.join(path, "agent.py"), AGENT_SOURCE)
         write_json(os.path.join(path, "session.json"), cfg)
+        # the daemon's ballast exists before the daemon: a filesystem that fills up between install
+        # and start still leaves it room for its first state write
+        write_atomic(os.path.join(path, "reserve"), os.urandom(RESERVE_BYTES), durable=False)
         Session(path).touch_heartbeat()
     except OSError as e:  # e.g. a full spool filesystem: leave nothing half-made behind
         remove_session_dir(path)
@@ -1362,8 +1369,12 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
         log("%s daemon started: %s" % (sess.role, " ".join(zfs_argv(sess.cfg))))
         daemon.run()
         log("%s daemon finished: %s" % (sess.role, daemon.st.get("state")))
-    except BaseException as e:  # the daemon must leave a reason behind
+    except BaseException as e:  # the daemon must leave a reason behind, also on a full filesystem
         log("daemon crashed: %r" % (e,))
+        try:
+            os.unlink(sess.file("reserve"))
+        except OSError:
+            pass
         try:
             write_json(sess.state_path, {"pid": os.getpid(), "state": "failed",
                                          "reason": "agent error: %s" % (e,)})

@@ -77,3 +77,30 @@ def test_receiver_agent_killed_restarts_from_the_base_and_says_so(zc: Zchunk, po
     assert not [n for n in zfs("list", "-H", "-r", "-t", "all", "-o", "name", dst_pool.name).split()
                 if "%" in n], "no partial receive (%recv clone) left"
     assert zc.session_dirs() == [] and kill_matching(str(zc.spool_dir) + "/") == []
+
+
+def test_a_daemon_that_never_started_is_an_agent_death_not_a_wait_for_patience() -> None:
+    """A daemon that died before writing any state looks "starting" forever: after start_timeout it is dead
+    (so the stream restarts) instead of a stall until --patience (24 h by default) runs out."""
+    import time
+
+    from zchunk.engine import AgentSide, EngineOptions, Transfer
+    from zchunk.errors import AgentDied
+
+    class NoHost:
+        name = "target"
+
+    def side(role: str) -> AgentSide:
+        return AgentSide(NoHost(), f"/spool/s-{role}", role, [])  # type: ignore[arg-type]
+
+    t = Transfer(side("send"), side("receive"), session_id="s", chunk_size=1 << 20, spool_max=1 << 22,
+                 estimate=0, opts=EngineOptions(start_timeout=0.2), emit=lambda *a, **k: None)
+    t.src_daemon = {"pid": 42, "state": "running"}
+    t.dst_daemon = {"state": "starting"}
+    t._check_daemons()  # just seen: give it time
+    time.sleep(0.3)
+    with pytest.raises(AgentDied) as e:
+        t._check_daemons()
+    assert "never started" in str(e.value) and "receive" in str(e.value)
+    t.dst_daemon = {"pid": 43, "state": "running"}
+    t._check_daemons()  # a daemon that wrote its state is fine

@@ -289,7 +289,7 @@ def test_chaos_schedule(lab_: Lab, chaos_seed: int) -> None:
     print(f"chaos {plan}")
     try:
         run_schedule(lab_, plan)
-    except BaseException as e:
+    except Exception as e:  # (not KeyboardInterrupt: ^C stops the run)
         detail = "\n".join(lab_.log)
         tails = "\n".join(r.explain()[-3000:] for r in lab_.runs[-2:])
         raise AssertionError(f"chaos schedule failed: {plan}\nreplay: pytest tests/test_chaos.py --chaos-seed "

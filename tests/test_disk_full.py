@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -208,3 +209,37 @@ def test_target_pool_full_is_one_clear_error_and_a_rerun_completes(plain_zc: Zch
     assert_replica(src, dst, "s1")
     assert zc.session_dirs() == []
     shutil.rmtree(zc.spool_dir, ignore_errors=True)
+
+
+def test_a_daemon_started_on_a_full_spool_still_reports_itself(tmp_path: Path) -> None:
+    """The spool filesystem fills up between install and start: the daemon still writes its state (from
+    the ballast install left), so the coordinator sees it running and paused rather than forever "starting"."""
+    need_root("mount")
+    from helpers import zchunk_agent as agent
+
+    fake_zfs = tmp_path / "fake-zfs"  # a `zfs send` that never ends: the daemon must be up, not done
+    fake_zfs.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake_zfs.chmod(0o755)
+    with Tmpfs(tmp_path / "small", 2 * MiB) as fs:
+        cfg = {"id": "20250101T000000Z-full", "role": "send", "codec": "zlib", "level": None,
+               "checksum": "blake2b-128", "chunk_size": MiB, "spool_max": MiB, "zfs": str(fake_zfs),
+               "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []}}
+        p = subprocess.run([sys.executable, "-c", agent.BOOTSTRAP, "install", str(fs.path / "spool"), "s-send",
+                            json.dumps(cfg)], input=Path(agent.__file__).read_bytes(), capture_output=True, timeout=60)
+        session = Path(json.loads(p.stdout)["path"])
+        filler = fs.fill()
+        started = subprocess.run([sys.executable, str(session / "agent.py"), "start", str(session)],
+                                 capture_output=True, timeout=60)
+        pid = json.loads(started.stdout)["pid"]
+        try:
+            deadline = time.monotonic() + 10
+            while not (session / "sender.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            state = json.loads((session / "sender.json").read_text())
+            assert state["pid"] == pid and state["state"] == "running", state
+            assert not (session / "reserve").exists(), "the ballast was given up for the state file"
+        finally:
+            filler.unlink()
+            subprocess.run([sys.executable, str(session / "agent.py"), "remove", str(session)], capture_output=True,
+                           timeout=60)
+        assert not session.exists()

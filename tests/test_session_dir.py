@@ -111,7 +111,7 @@ def test_install_creates_private_directories_and_files(base: Path) -> None:
     for d in (base, path, path / "chunks"):
         st = d.lstat()
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, d
-    for f in ("agent.py", "session.json", "heartbeat"):
+    for f in ("agent.py", "session.json", "heartbeat", "reserve"):
         st = (path / f).lstat()
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, f
     assert (path / "agent.py").read_bytes() == AGENT_SOURCE

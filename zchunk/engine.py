@@ -52,6 +52,9 @@ class EngineOptions:
     # Short enough that a 5 s outage costs little more than 5 s; one SSH connect
     # attempt per few seconds is cheap even over a 24 h outage.
     max_backoff: float = 5.0
+    # A daemon writes its state file as it starts; one that never did (it died at once, e.g. on a full
+    # spool filesystem) would otherwise look "starting" until patience runs out.
+    start_timeout: float = 60.0
 
 
 @dataclass
@@ -133,6 +136,7 @@ class Transfer:
         self.last_progress = time.monotonic()
         self.outage = _Outage()
         self.src_room, self.dst_room = _SpoolRoom(), _SpoolRoom()
+        self.starting_since: dict[str, float] = {}
         self.started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0)
         self.rate = 0.0
@@ -329,6 +333,14 @@ class Transfer:
             if st.get("state") in ("dead", "aborted"):
                 raise AgentDied(host=side.name, role=side.role, session=self.sid,
                                 state=st.get("reason") or st.get("state"))
+            if st.get("state") == "starting" and not st.get("pid"):
+                since = self.starting_since.setdefault(side.role, time.monotonic())
+                if time.monotonic() - since > self.opts.start_timeout:
+                    raise AgentDied(host=side.name, role=side.role, session=self.sid,
+                                    state=f"its daemon wrote no state in {self.opts.start_timeout:.0f}s: "
+                                    "it never started")
+            else:
+                self.starting_since.pop(side.role, None)
         if dst.get("state") == "done":
             if src.get("stream_hash") and dst.get("stream_hash") != src.get("stream_hash"):
                 raise IntegrityError(reason=f"whole-stream checksum: sender {src.get('stream_hash')}, "
