@@ -563,7 +563,12 @@ class Session:
         return done, parts, total
 
     def state(self) -> Dict[str, Any]:
-        st = read_json(self.state_path) or {"state": "starting"}
+        st = read_json(self.state_path)
+        if st is None:  # the daemon has not written its state (yet)
+            if self.idle_for() < NEVER_STARTED_AFTER:
+                return {"state": "starting"}
+            # installed but never started: its coordinator died in between (or the daemon at once)
+            return {"state": "dead", "reason": "its daemon never started"}
         pid = st.get("pid")
         if st.get("state") in ("starting", "running") and pid and not pid_is_ours(pid, self.path):
             st["state"] = "dead"
@@ -581,6 +586,11 @@ class Session:
             return time.time() - os.lstat(self.file("heartbeat")).st_mtime
         except FileNotFoundError:
             return 0.0
+
+
+#: A session directory whose daemon wrote no state and that had no coordinator contact for this long
+#: is dead: a live coordinator starts the daemon right after install (and touches the heartbeat).
+NEVER_STARTED_AFTER = 60.0
 
 
 def pid_is_ours(pid: int, session_path: str) -> bool:
