@@ -270,7 +270,8 @@ def inject(lab_: Lab, fault: Fault, args: list[str]) -> None:
 def pools_except(pool: lab.Pool, replica: str) -> str:
     """Every dataset and snapshot of the pool, with its guid, except the replica and its snapshots."""
     rows = zfs("list", "-H", "-r", "-t", "all", "-o", "name,guid", pool.name).splitlines()
-    return "\n".join(r for r in rows if not (r.startswith(replica + "\t") or r.startswith(replica + "@")))
+    return "\n".join(r for r in rows if not (r.startswith(replica + "\t") or r.startswith(replica + "@")
+                                             or "/zchunk-test-view-" in r))  # assert_replica's own clones
 
 
 def assert_nothing_left(lab_: Lab) -> None:
@@ -315,7 +316,9 @@ def run_schedule(lab_: Lab, plan: Schedule) -> None:
         time.sleep(fault.after)
         if lab_.running():
             inject(lab_, fault, args)
-    if plan.ending == "abort" and lab_.running():
+    # (abort a moving transfer: a coordinator killed while a restarted stream installs its agents leaves
+    # directories zchunk abort does not know, an open bug pinned in tests/test_concurrency.py)
+    if plan.ending == "abort" and lab_.wait_moving():
         abort_then_rerun(lab_, args, dst)
     run = lab_.finish()
     for _ in range(2):  # a clear, resumable error: the same command completes it
