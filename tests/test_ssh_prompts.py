@@ -111,11 +111,7 @@ def test_a_passphrase_protected_key_never_hangs_on_a_prompt(zc: Zchunk, pool_fac
     assert code != 0 and not exists(dst) and zc.session_dirs() == [], out
 
 
-@pytest.mark.parametrize("how", [
-    pytest.param("--ssh-key", marks=pytest.mark.xfail(strict=True, reason=(
-        "zchunk/transport.py does not catch asyncssh.KeyImportError from an encrypted --ssh-key: "
-        "an internal error (exit 70, traceback) instead of AuthError; see docs/reliability.md"))),
-    "IdentityFile"])
+@pytest.mark.parametrize("how", ["--ssh-key", "IdentityFile"])
 def test_a_passphrase_protected_key_is_an_authentication_error(zc: Zchunk, pool_factory: Any, sshd_local: Any,
                                                                locked_key: Path, tmp_path: Path, how: str) -> None:
     code, out, _, _ = attempt(zc, pool_factory, sshd_local, locked_key, tmp_path, how)

@@ -243,6 +243,11 @@ class SshHost(Host):
                                hostname=host) from e
         except asyncssh.PermissionDenied as e:
             raise AuthError(host=self.name, user=kw.get("username", "(default)"), reason=str(e)) from e
+        except asyncssh.KeyImportError as e:
+            # an encrypted --ssh-key: zchunk never asks for a passphrase (an agent would hang on it)
+            keys = ", ".join(kw.get("client_keys", [])) or "the key"
+            raise AuthError(host=self.name, user=kw.get("username", "(default)"),
+                            reason=f"cannot use {keys}: {e} (zchunk never prompts for passphrases)") from e
         except _TRANSIENT as e:
             raise LinkDown(self.name, _describe(e)) from e
 
