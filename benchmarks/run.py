@@ -172,7 +172,7 @@ class Bench:
         t0 = time.monotonic()
         lab.write_dataset(mountpoint(ds) / "data", self.size, seed=1, compressible_fraction=0.5)
         zfs("snapshot", f"{ds}@s1")
-        self.digests["s1"] = lab.tree_digest(mountpoint(ds))
+        self.digests["s1"] = lab.snapshot_digest(f"{ds}@s1")
         self.meta["stream_bytes"] = {"s1": stream_size(f"{ds}@s1")}
         log(f"source {ds}@s1: {self.size / MiB:.0f} MiB of files, "
             f"stream {self.meta['stream_bytes']['s1'] / MiB:.1f} MiB ({time.monotonic() - t0:.0f} s)")
@@ -182,7 +182,7 @@ class Bench:
         change = lab.parse_size(self.args.change)
         lab.write_dataset(mountpoint(ds) / "more", change, seed=2, compressible_fraction=0.5)
         zfs("snapshot", f"{ds}@s2")
-        self.digests["s2"] = lab.tree_digest(mountpoint(ds))
+        self.digests["s2"] = lab.snapshot_digest(f"{ds}@s2")
         self.meta["stream_bytes"]["s1->s2"] = stream_size(f"{ds}@s2", f"{ds}@s1")
 
     # ----------------------------------------------------------------- one run
@@ -252,7 +252,7 @@ class Bench:
         src_guid, dst_guid = zfs_get("guid", f"{job.dataset}@{job.snapshot}"), zfs_get("guid", snap)
         if src_guid != dst_guid:
             return False, f"guid differs: source {src_guid}, target {dst_guid}"
-        if lab.tree_digest(mountpoint(job.target)) != self.digests[job.snapshot]:
+        if lab.snapshot_digest(snap) != self.digests[job.snapshot]:
             return False, "files differ from the source"
         return True, "verified (guid and file digest)"
 
@@ -574,8 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.meta["total_s"] = round(time.monotonic() - started)
         bench.meta["loadavg_end"] = os.getloadavg()
         bench.save()
-    report.write({"meta": bench.meta, "runs": [asdict(r) for r in bench.results]}, report_path)
-    log(f"wrote {report_path} in {bench.meta['total_s']} s")
+        # Written also when tearing the lab down failed after the runs (zfs-fuse's "pool is busy").
+        if bench.results:
+            report.write({"meta": bench.meta, "runs": [asdict(r) for r in bench.results]}, report_path)
+            log(f"wrote {report_path} in {bench.meta['total_s']} s")
     return 0
 
 

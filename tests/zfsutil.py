@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,22 +70,7 @@ def mounted(dataset: str) -> Iterator[Path]:
                 time.sleep(1)
 
 
-def snapshot_digest(snapshot: str) -> str:
-    """tree_digest of a snapshot's files, read through a temporary clone mounted in a fresh directory
-    (replicas stay unmounted, and zfs-fuse cannot overlay-mount over child mountpoint directories)."""
-    pool = snapshot.split("/", 1)[0].split("@", 1)[0]
-    clone = f"{pool}/zchunk-test-view-{os.getpid()}"
-    where = Path(tempfile.mkdtemp(prefix="zchunk-view-"))
-    zfs("clone", "-o", f"mountpoint={where}", snapshot, clone)
-    try:
-        return lab.tree_digest(where)
-    finally:
-        for _ in range(30):
-            if subprocess.run(["zfs", "destroy", clone], capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
-        with contextlib.suppress(OSError):
-            where.rmdir()
+snapshot_digest = lab.snapshot_digest
 
 
 def same_content(src: str, dst: str, snap: str) -> bool:

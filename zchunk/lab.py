@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -424,6 +425,27 @@ def tree_digest(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- ssh
+
+
+def snapshot_digest(snapshot: str) -> str:
+    """tree_digest of a snapshot's files, read through a temporary clone mounted in a fresh directory.
+
+    Not the dataset's mountpoint: replicas stay unmounted, zfs-fuse cannot overlay-mount over child
+    mountpoint directories, and after a rollback and receive zfs-fuse's mount can show stale files.
+    """
+    pool = snapshot.split("/", 1)[0].split("@", 1)[0]
+    clone = f"{pool}/zchunk-test-view-{os.getpid()}"
+    where = Path(tempfile.mkdtemp(prefix="zchunk-view-"))
+    run(["zfs", "clone", "-o", f"mountpoint={where}", snapshot, clone])
+    try:
+        return tree_digest(where)
+    finally:
+        for _ in range(30):
+            if run(["zfs", "destroy", clone], check=False).returncode == 0:
+                break
+            time.sleep(1)
+        with contextlib.suppress(OSError):
+            where.rmdir()
 
 
 def _keygen(path: Path, comment: str) -> str:
