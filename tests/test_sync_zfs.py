@@ -170,3 +170,22 @@ def test_no_chunk_moves_twice_without_faults(zc: Zchunk, pools: tuple[lab.Pool, 
     stored = [int(line.split()[1]) for line in journal.read_text().splitlines()]
     assert sorted(stored) == list(range(run.result()["transfer"]["total_chunks"])), stored
     assert run.result()["transfer"]["wire_bytes"] <= sum(int(x.split()[2]) for x in journal.read_text().splitlines())
+
+
+def test_verbose_names_each_hosts_zfs_features(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], tier: str) -> None:
+    """`zchunk sync -v` says which ZFS each host runs and which optional features it has (issue 3, item 2)."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=7)
+    run = zc.run("sync", src, f"{dst_pool.name}/replica", "-v", "--dry-run", json_out=False)
+    assert run.returncode == 0, run.explain()
+    shown = run.stdout + run.stderr  # the text renderer writes to stderr
+    lines = [line for line in shown.splitlines() if line.startswith(("source ", "target "))]
+    assert len(lines) == 2, shown
+    for line in lines:
+        if tier == "openzfs":
+            assert "OpenZFS zfs-2.3" in line and "has holds, bookmarks, resume tokens" in line, line
+            assert "large blocks (-L)" in line.split("lacks")[0], line
+        else:
+            assert "legacy ZFS" in line and "resume tokens" in line.split("lacks")[1], line
+            assert "holds" in line.split("lacks")[0], "zfs-fuse (pool v23) has user holds: " + line
+    assert not exists(f"{dst_pool.name}/replica"), "a dry run changes nothing"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from zchunk.zfs import Features, dataset_from_props, parse_get_output, parse_usage_flags
+from zchunk.progress import describe_zfs
+from zchunk.zfs import Features, dataset_from_props, parse_commands, parse_get_output, parse_usage_flags
 
 # zfs-fuse 0.7.0 (Debian bookworm), pool v23: captured on this machine.
 ZFS_FUSE_SEND = (
@@ -221,3 +222,20 @@ def test_check_delegation_decides_from_zfs_allow() -> None:
     assert err.value.exit_code == 7 and "receive,create" in str(err.value) and "zfs allow -u USER" in err.value.hint
     legacy = Recorded(CommandResult(1, b"", b"internal error: /usr/lib/zfs/pyzfs.py not found"))
     assert asyncio.run(Zfs(legacy).check_delegation("tank/data", "zchunk", (), ("send",), "send")) is None
+
+
+def test_holds_and_implementation_come_from_the_command_list() -> None:
+    legacy = Features(commands=parse_commands("usage: zfs command args ...\n\thold [-r] <tag> <snapshot> ...\n"
+                                              "\trelease [-r] <tag> <snapshot> ...\n"))
+    assert legacy.holds and not legacy.openzfs and "legacy" in legacy.summary()["implementation"]
+    current = Features(commands=parse_commands("\tversion\n\thold <tag> <snapshot>\n\trelease <tag> <snapshot>\n"))
+    assert current.holds and current.summary()["implementation"] == "OpenZFS"
+    assert not Features(commands=parse_commands("\tsnapshot <snap>\n")).holds
+
+
+def test_verbose_feature_line_names_what_a_host_has_and_lacks() -> None:
+    line = describe_zfs(features(ZFS_FUSE_SEND, ZFS_FUSE_RECEIVE).summary())
+    assert line.startswith("legacy ZFS") and "lacks" in line and "resume tokens" in line.split("lacks")[1]
+    line = describe_zfs(Features(parse_usage_flags(OPENZFS_SEND, "send"), parse_usage_flags(OPENZFS_RECEIVE, "receive"),
+                                 "zfs-2.3.4-1", frozenset({"version", "hold", "release", "bookmark"})).summary())
+    assert line.startswith("OpenZFS zfs-2.3.4-1: has holds, bookmarks, resume tokens") and "lacks nothing" in line

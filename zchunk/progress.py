@@ -44,6 +44,23 @@ class JsonRenderer:
         self.out.flush()
 
 
+_FEATURE_NAMES = {"holds": "holds", "bookmarks": "bookmarks", "resume_tokens": "resume tokens (send -t, receive -s)",
+                  "send_estimate": "send -nP estimates", "receive_u": "receive -u", "receive_props": "receive -o",
+                  "raw": "raw sends (-w)", "compressed": "compressed sends (-c)", "large_blocks": "large blocks (-L)",
+                  "embedded": "embedded data (-e)"}
+
+
+def describe_zfs(summary: dict[str, Any]) -> str:
+    """One host's zfs features (``Features.summary()``) as one readable line for ``-v``."""
+    has = [text for key, text in _FEATURE_NAMES.items() if summary.get(key)]
+    lacks = [text for key, text in _FEATURE_NAMES.items() if key in summary and not summary[key]]
+    head = summary.get("implementation", "zfs")
+    version = summary.get("version", "")
+    if version and not version.startswith("legacy"):
+        head += f" {version}"
+    return f"{head}: has {', '.join(has) or 'none of the optional features'}; lacks {', '.join(lacks) or 'nothing'}"
+
+
 class TextRenderer:
     """Human output; on a TTY the progress line is redrawn in place."""
 
@@ -76,7 +93,7 @@ class TextRenderer:
         if self.verbose:
             for side in ("source", "target"):
                 r = f[side]
-                self._line(f"{side} {r['host']}: python {r['python']}, zfs {r['zfs']}, "
+                self._line(f"{side} {r['host']}: python {r['python']}; {describe_zfs(r['zfs'])}; "
                            f"agent capabilities {' '.join(r['capabilities'])}")
 
     def on_plan(self, f: dict[str, Any]) -> None:

@@ -57,6 +57,14 @@ class Features:
         return "bookmark" in self.commands
 
     @property
+    def holds(self) -> bool:
+        return {"hold", "release"} <= self.commands
+
+    @property
+    def implementation(self) -> str:
+        return "OpenZFS" if self.openzfs else "legacy ZFS (zfs-fuse or Solaris-era, no `zfs version`)"
+
+    @property
     def receive_props(self) -> bool:
         return "o" in self.recv_flags
 
@@ -77,7 +85,8 @@ class Features:
         return "u" in self.recv_flags
 
     def summary(self) -> dict[str, object]:
-        return {"version": self.version, "resume_tokens": self.resume_tokens,
+        return {"implementation": self.implementation, "version": self.version, "holds": self.holds,
+                "resume_tokens": self.resume_tokens,
                 "send_estimate": self.send_estimate, "receive_u": self.receive_unmounted,
                 "bookmarks": self.bookmarks, "receive_props": self.receive_props,
                 "raw": "w" in self.send_flags, "compressed": "c" in self.send_flags,
