@@ -83,13 +83,7 @@ def second_run_during_first(first: Zchunk, second: Zchunk, pool_factory: Any, ss
     return outcome
 
 
-FULL_PLANS_FIRST = pytest.mark.xfail(strict=True, reason=(
-    "replicate.py plans before it looks for live sessions on the target: a target being received shows as "
-    "existing without snapshots, so the second run says NoCommonSnapshot (exit 4) and advises destroying the "
-    "target; see docs/reliability.md"))
-
-
-@pytest.mark.parametrize("kind", [pytest.param("full", marks=FULL_PLANS_FIRST), "incremental"])
+@pytest.mark.parametrize("kind", ["full", "incremental"])
 def test_a_coordinator_with_its_own_state_refuses_a_target_another_one_is_receiving(
         coordinators: tuple[Zchunk, Zchunk], pool_factory: Any, sshd_local: lab.Sshd, kind: str) -> None:
     out = second_run_during_first(*coordinators, pool_factory, sshd_local, kind)
@@ -101,12 +95,7 @@ def test_a_coordinator_with_its_own_state_refuses_a_target_another_one_is_receiv
     assert out.live_dirs_untouched, "the refused run touched nothing of the live session"
 
 
-SNAPSHOTS_FIRST = pytest.mark.xfail(strict=True, reason=(
-    "replicate.py takes the sync snapshot before it looks for live sessions on the target, and the refusal "
-    "leaves it behind; see docs/reliability.md"))
-
-
-@pytest.mark.parametrize("kind", ["full", pytest.param("incremental", marks=SNAPSHOTS_FIRST)])
+@pytest.mark.parametrize("kind", ["full", "incremental"])
 def test_a_refused_second_coordinator_takes_no_snapshot(coordinators: tuple[Zchunk, Zchunk], pool_factory: Any,
                                                        sshd_local: lab.Sshd, kind: str) -> None:
     out = second_run_during_first(*coordinators, pool_factory, sshd_local, kind)
@@ -160,25 +149,60 @@ def test_an_orphaned_session_directory_does_not_block_the_target(tmp_path: Path,
         kill_matching(str(zc.spool_dir))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "zchunk/sync.py records a session directory only after its install returned: a coordinator killed in "
-    "between leaves directories that `zchunk abort` does not know; abort could also try "
-    "<spool_base>/<id>-<role>; see docs/reliability.md"))
-def test_abort_removes_the_directories_of_a_session_killed_while_installing(tmp_path: Path, pool_factory: Any,
-                                                                          sshd_local: lab.Sshd) -> None:
+def killed_while_installing(zc: Zchunk, sshd: lab.Sshd, src: str, dst: str, sid: str, state: str = "starting",
+                            roles: tuple[str, ...] = ("receive", "send")) -> list[Path]:
+    """A session of ``zc``'s state as a coordinator killed between install and recording leaves it: the
+    record (no directory in it) and the directories install made on the hosts, their daemons never started."""
     from zchunk.session import SessionRecord, StateStore
 
+    rec = SessionRecord(id=sid, source=src, target=f"local:{dst}", snapshot=f"{src}@s1", snapshot_guid=1, base=None,
+                        target_dataset=dst, source_dir="", target_dir="", spool_base=str(zc.spool_dir),
+                        codec="zlib", checksum="blake2b-128", chunk_size=1 << 20, spool_max=4 << 20, estimate=0,
+                        ssh={"config": str(sshd.ssh_config), "key": None, "port": None, "options": {}},
+                        state=state)
+    StateStore(zc.state_dir).save(rec)
+    return [orphan(zc.spool_dir, sid, role, dst if role == "receive" else src, idle=0) for role in roles]
+
+
+def test_abort_removes_the_directories_of_a_session_killed_while_installing(tmp_path: Path, pool_factory: Any,
+                                                                          sshd_local: lab.Sshd) -> None:
     zc = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
     src_pool, dst_pool = pool_factory(size="256M"), pool_factory(size="256M")
     src = make_source(src_pool, 1 * MiB, seed=84)
     dst = f"{dst_pool.name}/replica"
     sid = "20250101T000000Z-1dead1ed"
-    rec = SessionRecord(id=sid, source=src, target=f"local:{dst}", snapshot=f"{src}@s1", snapshot_guid=1, base=None,
-                        target_dataset=dst, source_dir="", target_dir="", spool_base=str(zc.spool_dir),
-                        codec="zlib", checksum="blake2b-128", chunk_size=1 << 20, spool_max=4 << 20, estimate=0,
-                        ssh={"config": str(sshd_local.ssh_config), "key": None, "port": None, "options": {}})
-    StateStore(zc.state_dir).save(rec)  # state "starting", no directory recorded yet
-    dirs = [orphan(zc.spool_dir, sid, "receive", dst, idle=0), orphan(zc.spool_dir, sid, "send", src, idle=0)]
+    dirs = killed_while_installing(zc, sshd_local, src, dst, sid)
     run = zc.run("abort", sid, "--ssh-config", str(sshd_local.ssh_config))
     assert run.returncode == 0, run.explain()
     assert [d for d in dirs if d.exists()] == [], "zchunk abort left the session's directories behind"
+
+
+@pytest.mark.parametrize("state", ["starting", "failed"])
+def test_a_rerun_cleans_a_session_killed_while_installing(tmp_path: Path, pool_factory: Any, sshd_local: lab.Sshd,
+                                                          state: str) -> None:
+    """Chaos seed 17: the rerun reattached to the never-started session, said its agents were gone, then
+    refused with "already being replicated by session <that same one> (pid None)": the receive directory
+    install had made was in no record, its heartbeat was fresh, so it looked "starting". ``failed``: the
+    session was already given up (the install finished on the host after the rerun had looked)."""
+    zc = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
+    src_pool, dst_pool = pool_factory(size="256M"), pool_factory(size="256M")
+    quiet_target_pool(dst_pool)
+    src = make_source(src_pool, 2 * MiB, seed=85)
+    dst = f"{dst_pool.name}/replica"
+    sid = "20250101T000000Z-2dead2ed"
+    roles = ("receive", "send") if state == "starting" else ("receive",)
+    dirs = killed_while_installing(zc, sshd_local, src, dst, sid, state, roles)
+    try:
+        start = time.monotonic()
+        run = zc.run("sync", src, f"local:{dst}", "--chunk-size", "256K", "--ssh-config", str(sshd_local.ssh_config))
+        assert run.returncode == 0, run.explain()
+        assert time.monotonic() - start < 40, "cleaned at once, not after the never-started minute"
+        if state == "starting":
+            assert [e["session"] for e in run.of("reattach")] == [sid]
+        else:
+            assert [e["path"] for e in run.of("stale_cleaned")] == [str(dirs[0])]
+        assert [d for d in dirs if d.exists()] == []
+        assert_replica(src, dst, "s1")
+        assert zc.session_dirs() == []
+    finally:
+        kill_matching(str(zc.spool_dir))

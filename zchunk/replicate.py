@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,13 +32,13 @@ from .plan import (
 )
 from .session import StateStore, TargetLock
 from .sync import (
-    AGENT_SOURCE,
     Emitter,
     HostReport,
     StreamSpec,
     SyncOptions,
     SyncResult,
     agent_command,
+    list_spool,
     probe_host,
     report,
     resume,
@@ -254,6 +253,11 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     dst_ds = await dst.zfs.dataset(dst_name)
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
     await _check_delegation(src, dst, src_name, dst_name, dst_ds)
+    if not ropts.dry_run:
+        # before anything is planned or taken: a target another session is receiving looks like one without
+        # a common snapshot, and a refused run must leave no sync snapshot behind
+        if await _other_sessions(dst, dst_name, opts, store, emit):
+            dst_ds = await dst.zfs.dataset(dst_name)  # what the target holds with the leftovers gone
     results: list[SyncResult] = []
     if dst_ds is not None and dst.rep.features.resume_tokens and not ropts.dry_run:
         resumed = await _resume_partial(src, dst, src_ds, dst_ds, opts, store, emit)
@@ -284,7 +288,6 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
          properties=props, dry_run=ropts.dry_run)
     if ropts.dry_run:
         return DatasetOutcome(src_name, dst_name, "planned")
-    await _other_sessions(dst, dst_name, opts, store, emit)
     await _prepare_target(dst, dst_name, plan, emit)
     tag = f"zchunk_{policy.identifier}"
     if plan.common is not None and plan.target_common is not None:
@@ -319,22 +322,56 @@ def _label(side: Side, dataset: str) -> str:
     return str(Endpoint(dataset, side.endpoint.host, side.endpoint.user))
 
 
-async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: StateStore, emit: Emitter) -> None:
-    """Another live session receiving into this dataset refuses the run; a dead one's leftovers are cleaned."""
-    res = await dst.host.run([dst.host.python, "-c", agent_mod.BOOTSTRAP, "sessions", opts.spool_dir],
-                             stdin=AGENT_SOURCE)
+#: How long a session directory of another coordinator may stay "starting" (installed, its daemon not yet
+#: started) before the run decides: the agent calls it dead after a minute without contact.
+SETTLE_TIMEOUT = agent_mod.NEVER_STARTED_AFTER + 15.0
+
+
+async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: StateStore, emit: Emitter) -> bool:
+    """Another live session receiving into this dataset refuses the run, naming its daemon's pid; a dead
+    one's leftovers are cleaned. Runs before anything is planned or changed, so a refusal leaves nothing.
+
+    Dead means: the host says so (daemon gone, never started, finished, failed), or the session is one of
+    this state directory's that is no longer active (its coordinator, this one earlier, gave up on it, e.g.
+    it was killed while installing the agents). A daemon that is dead never blocks a run. Another
+    coordinator's directory that is still "starting" is waited for until it runs (refused) or is dead.
+    True if something was cleaned."""
+    cleaned = False
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    said_waiting = False
+    while True:
+        starting = None
+        for s in await list_spool(dst.host, opts.spool_dir):
+            if s.get("role") != "receive" or s.get("dataset") != dst_name:
+                continue
+            sid, state, pid = str(s.get("session") or s["id"]), s.get("state"), s.get("pid")
+            live = state in ("running", "starting")
+            if live and not _given_up(store, sid):
+                if pid:
+                    raise E.AlreadyRunning(target=_label(dst, dst_name), session=sid, pid=pid, host=dst.label)
+                starting = sid
+                continue
+            await agent_command(dst.host, opts, s["path"], "remove", s["path"])
+            emit("stale_cleaned", host=dst.label, path=s["path"], state=state if not live else "abandoned")
+            cleaned = True
+        if starting is None:
+            return cleaned
+        if time.monotonic() > deadline:  # still installed, never started and kept alive: someone is there
+            raise E.AlreadyRunning(target=_label(dst, dst_name), session=starting, pid="not started yet",
+                                   host=dst.label)
+        if not said_waiting:
+            emit("note", host=dst.label, detail=f"session {starting} is starting on {_label(dst, dst_name)}: "
+                 "waiting until it runs or is found dead")
+            said_waiting = True
+        await asyncio.sleep(1.0)
+
+
+def _given_up(store: StateStore, sid: str) -> bool:
+    """A session of this state directory that is no longer active: whatever of it is left is dead."""
     try:
-        listing = json.loads(res.stdout.decode().strip().splitlines()[-1]).get("sessions", [])
-    except (ValueError, IndexError):
-        return
-    for s in listing:
-        if s.get("role") != "receive" or s.get("dataset") != dst_name:
-            continue
-        if s.get("state") in ("running", "starting"):
-            raise E.AlreadyRunning(target=_label(dst, dst_name), session=s.get("session") or s["id"],
-                                   pid=s.get("pid"), host=dst.label)
-        await agent_command(dst.host, opts, s["path"], "remove", s["path"])
-        emit("stale_cleaned", host=dst.label, path=s["path"], state=s.get("state"))
+        return not store.load(sid).active
+    except E.SessionNotFound:
+        return False
 
 
 async def _check_target_parent(dst: Side, dst_name: str, dst_ds: Dataset | None, ropts: ReplicateOptions) -> None:

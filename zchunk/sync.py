@@ -338,17 +338,41 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
                       target_snapshot=f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}", guid=guid)
 
 
+async def list_spool(host: Host, spool_base: str) -> list[dict[str, Any]]:
+    """The session directories under a host's spool base, as its agent sees them (role, state, pid, ...)."""
+    res = await host.run([host.python, "-c", agent_mod.BOOTSTRAP, "sessions", spool_base], stdin=AGENT_SOURCE)
+    try:
+        listing = json.loads(res.stdout.decode().strip().splitlines()[-1]).get("sessions", [])
+    except (ValueError, IndexError, AttributeError):
+        return []
+    return [s for s in listing if isinstance(s, dict) and "path" in s]
+
+
+async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
+    """The directory of ``rec`` in ``role`` on ``host``: the recorded one, or else whatever the host holds
+    under the name install gives it (``<spool_base>/<id>-<role>``). A coordinator killed between an install
+    and recording its answer leaves such a directory that only the host knows of."""
+    recorded = rec.source_dir if role == "send" else rec.target_dir
+    if recorded:
+        return [recorded]
+    return [s["path"] for s in await list_spool(host, rec.spool_base) if s.get("id") == f"{rec.id}-{role}"]
+
+
 async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
                        emit: Emitter) -> None:
-    """Stop both agents and remove both session directories (kept with --keep)."""
-    for host, path in ((src_host, rec.source_dir), (dst_host, rec.target_dir)):
-        if not path:
-            continue
-        args = ["remove", path] + (["keep"] if opts.keep else [])
+    """Stop both agents and remove both session directories (kept with --keep), also unrecorded ones."""
+    for host, role in ((src_host, "send"), (dst_host, "receive")):
         try:
-            await agent_command(host, opts, path, *args)
+            paths = await session_dirs(rec, host, role)
         except (E.ZchunkError, LinkDown) as e:
-            emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
+            emit("warning", host=host.name, detail=f"could not look for {rec.id}-{role} in {rec.spool_base}: {e}")
+            continue
+        for path in paths:
+            args = ["remove", path] + (["keep"] if opts.keep else [])
+            try:
+                await agent_command(host, opts, path, *args)
+            except (E.ZchunkError, LinkDown) as e:
+                emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
     emit("cleaned", kept=opts.keep)
 
 
@@ -362,15 +386,14 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> Ses
     try:
         await first_contact(src_host, opts.patience, opts.connect_patience)
         await first_contact(dst_host, opts.patience, opts.connect_patience)
-        for host, path in ((dst_host, rec.target_dir), (src_host, rec.source_dir)):
-            if not path:
-                continue
-            res = await host.run(["test", "-d", path])
-            if res.status != 0:
-                emit("warning", host=host.name, detail=f"{path} is already gone")
-                continue
-            await agent_command(host, opts, path, "remove", path)
-            emit("removed", host=host.name, path=path)
+        for host, role in ((dst_host, "receive"), (src_host, "send")):
+            for path in await session_dirs(rec, host, role):  # unrecorded ones too (killed while installing)
+                res = await host.run(["test", "-d", path])
+                if res.status != 0:
+                    emit("warning", host=host.name, detail=f"{path} is already gone")
+                    continue
+                await agent_command(host, opts, path, "remove", path)
+                emit("removed", host=host.name, path=path)
         rec.state, rec.reason = "aborted", "aborted by the user"
         store.save(rec)
         return rec
