@@ -5,8 +5,10 @@ zfs-fuse tier they are deselected by marker (-m "not openzfs"), never skipped.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -159,3 +161,65 @@ def test_volumes_replicate_and_type_mismatch_is_refused(zc: Zchunk, pools: Any) 
     fs = make_source(dst_pool, MiB, seed=80, name="fs")
     run = zc.run("sync", vol, fs, "--no-sync-snap")
     assert run.returncode == 4 and "volume" in run.stderr and "filesystem" in run.stderr, run.explain()
+
+
+DELEGATE = "zchunkdeleg"
+
+
+@pytest.fixture
+def delegate_user() -> Iterator[str]:
+    """A non-root account in the VM (its root filesystem is a throwaway overlay); removed after."""
+    if subprocess.run(["id", DELEGATE], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", DELEGATE], check=True)
+    subprocess.run(["usermod", "-p", "*", DELEGATE], check=True)  # not locked: sshd with UsePAM no
+    # A real host's udev rule (OpenZFS's 90-zfs.rules) makes /dev/zfs 0666; the VM has no udev.
+    mode = os.stat("/dev/zfs").st_mode & 0o777
+    os.chmod("/dev/zfs", 0o666)
+    yield DELEGATE
+    os.chmod("/dev/zfs", mode)
+    subprocess.run(["pkill", "-KILL", "-u", DELEGATE], capture_output=True)
+    subprocess.run(["userdel", "-r", DELEGATE], capture_output=True)
+
+
+def test_a_non_root_user_with_zfs_allow_replicates_over_ssh(zc: Zchunk, pools: Any, delegate_user: str) -> None:
+    """Both hosts reached as a non-root user over a real sshd (relay): refused with the `zfs allow`
+    to run until delegated, then a full and an incremental replica with holds (INSTALL.md's recipe)."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=91)
+    zfs("create", f"{dst_pool.name}/backup")
+    dst = f"{dst_pool.name}/backup/replica"
+    # sshd reads AuthorizedKeysFile as the user: the lab's files must be reachable by it
+    work = Path(tempfile.mkdtemp(prefix="zchunk-deleg-", dir="/var/tmp"))
+    work.chmod(0o755)
+    try:
+        with lab.Sshd(work / "sshd", port=lab.free_port(), alias="deleg") as server:
+            (work / "sshd").chmod(0o755)
+            server.authorized_keys.chmod(0o644)
+            config = work / "ssh_config"
+            config.write_text(server.ssh_config.read_text().replace("User root", f"User {delegate_user}"))
+            zc.spool_dir = Path(f"/home/{delegate_user}/spool")  # a base this user owns, not root's
+            argv = ("sync", f"deleg:{src}", f"deleg:{dst}", "--ssh-config", str(config))
+
+            refused = zc.run(*argv)
+            assert refused.returncode == 7, refused.explain()
+            error = refused.of("error")[0]
+            assert "zfs allow -u" in error["hint"] and delegate_user in error["message"] + error["hint"], error
+            assert snapshots(src) == [f"{src}@s1"] and not exists(dst), "a refusal changes nothing"
+
+            zfs("allow", "-u", delegate_user, "send,snapshot,hold,release,destroy,mount", src)
+            zfs("allow", "-u", delegate_user, "receive,create,mount,hold,release,destroy", f"{dst_pool.name}/backup")
+            run = zc.run(*argv, "--identifier", "d")
+            assert run.returncode == 0, run.explain()
+            first = own(src, "d")[-1]
+            assert_replica(src, dst, first.split("@")[1])
+            assert holds(first) == {"zchunk_d"} and holds(dst + "@" + first.split("@")[1]) == {"zchunk_d"}
+
+            add_change(src, MiB, seed=92, snap="s2")
+            run = zc.run(*argv, "--identifier", "d")
+            assert run.returncode == 0, run.explain()
+            assert run.of("plan")[0]["send_kind"] == "incremental", run.explain()
+            second = own(src, "d")[-1]
+            assert_replica(src, dst, second.split("@")[1])
+            assert not exists(first), "the old sync snapshot was released and pruned by the delegated user"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 
 from zchunk.progress import describe_zfs
-from zchunk.zfs import Features, dataset_from_props, parse_commands, parse_get_output, parse_usage_flags
+from zchunk.zfs import (
+    Features,
+    dataset_from_props,
+    parse_commands,
+    parse_get_output,
+    parse_usage_flags,
+    receive_perms,
+    send_perms,
+)
 
 # zfs-fuse 0.7.0 (Debian bookworm), pool v23: captured on this machine.
 ZFS_FUSE_SEND = (
@@ -219,7 +227,8 @@ def test_check_delegation_decides_from_zfs_allow() -> None:
     assert ok.argv == ["zfs", "allow", "tank/data"]
     with pytest.raises(PermissionDenied) as err:
         asyncio.run(Zfs(ok).check_delegation("tank/data", "zchunk", (), ("receive", "create"), "receive into"))
-    assert err.value.exit_code == 7 and "receive,create" in str(err.value) and "zfs allow -u USER" in err.value.hint
+    assert err.value.exit_code == 7 and "receive,create" in str(err.value)
+    assert "zfs allow -u zchunk receive,create tank/data" in err.value.hint
     legacy = Recorded(CommandResult(1, b"", b"internal error: /usr/lib/zfs/pyzfs.py not found"))
     assert asyncio.run(Zfs(legacy).check_delegation("tank/data", "zchunk", (), ("send",), "send")) is None
 
@@ -239,3 +248,11 @@ def test_verbose_feature_line_names_what_a_host_has_and_lacks() -> None:
     line = describe_zfs(Features(parse_usage_flags(OPENZFS_SEND, "send"), parse_usage_flags(OPENZFS_RECEIVE, "receive"),
                                  "zfs-2.3.4-1", frozenset({"version", "hold", "release", "bookmark"})).summary())
     assert line.startswith("OpenZFS zfs-2.3.4-1: has holds, bookmarks, resume tokens") and "lacks nothing" in line
+
+
+def test_delegation_asked_for_is_what_the_run_will_do() -> None:
+    assert send_perms(sync_snap=False, holds=False, bookmark=False) == ("send",)
+    assert set(send_perms(sync_snap=True, holds=True, bookmark=True)) == {
+        "send", "snapshot", "destroy", "mount", "hold", "release", "bookmark"}
+    assert receive_perms(sync_snap=False, holds=False, rollback=False) == ("receive", "create", "mount")
+    assert {"hold", "release", "destroy", "rollback"} <= set(receive_perms(sync_snap=True, holds=True, rollback=True))

@@ -138,7 +138,7 @@ class PermissionDenied(ZchunkError):
     """{host}: not allowed to {action} {dataset}: {reason}"""
 
     exit_code = 7
-    fix = "run as root or delegate: zfs allow -u USER {perms} {dataset}"
+    fix = "run as root or delegate: zfs allow -u {user} {perms} {dataset}"
 
 
 class SessionDirError(ZchunkError):

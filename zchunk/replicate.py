@@ -45,7 +45,7 @@ from .sync import (
     run_stream,
 )
 from .transport import Host, first_contact, make_host
-from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Snapshot, Zfs
+from .zfs import Dataset, Snapshot, Zfs, receive_perms, send_perms
 
 # Properties never copied by --preserve-properties: they would clash with the
 # source's mounts and shares or cannot be set on receive.
@@ -201,7 +201,9 @@ async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
     except BaseException:
         await host.close()
         raise
-    return Side(ep, host, rep, Zfs(host))
+    zfs = Zfs(host)
+    zfs.user = rep.user
+    return Side(ep, host, rep, zfs)
 
 
 async def _datasets(src: Side, dst: Side, recursive: bool, excludes: tuple[re.Pattern[str], ...],
@@ -252,7 +254,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     src_ds = await src.zfs.require(src_name)
     dst_ds = await dst.zfs.dataset(dst_name)
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
-    await _check_delegation(src, dst, src_name, dst_name, dst_ds)
+    await _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts)
     if not ropts.dry_run:
         # before anything is planned or taken: a target another session is receiving looks like one without
         # a common snapshot, and a refused run must leave no sync snapshot behind
@@ -381,12 +383,16 @@ async def _check_target_parent(dst: Side, dst_name: str, dst_ds: Dataset | None,
             raise E.UnknownDataset(host=dst.label, dataset=parent, dataset_parent=parent.split("/")[0])
 
 
-async def _check_delegation(src: Side, dst: Side, src_name: str, dst_name: str, dst_ds: Dataset | None) -> None:
+async def _check_delegation(src: Side, dst: Side, src_name: str, dst_name: str, dst_ds: Dataset | None,
+                            ropts: ReplicateOptions) -> None:
+    """A non-root user on either side: everything this run will do is delegated, before anything is done."""
     if src.rep.uid != 0:
-        await src.zfs.check_delegation(src_name, src.rep.user, src.rep.groups, SEND_PERMS, "send")
+        perms = send_perms(ropts.sync_snap, src.rep.features.holds, ropts.create_bookmark)
+        await src.zfs.check_delegation(src_name, src.rep.user, src.rep.groups, perms, "send")
     if dst.rep.uid != 0:
         anchor = dst_name if dst_ds is not None else dst_name.rsplit("/", 1)[0]
-        await dst.zfs.check_delegation(anchor, dst.rep.user, dst.rep.groups, RECEIVE_PERMS, "receive into")
+        perms = receive_perms(ropts.sync_snap, dst.rep.features.holds, ropts.rollback)
+        await dst.zfs.check_delegation(anchor, dst.rep.user, dst.rep.groups, perms, "receive into")
 
 
 def _with_planned_snapshot(ds: Dataset, name: str) -> Dataset:

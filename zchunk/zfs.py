@@ -170,11 +170,45 @@ SEND_PERMS = ("send",)
 RECEIVE_PERMS = ("receive", "create", "mount")
 
 
+# The delegation a failed command needs, for PermissionDenied's hint.
+_PERMS_FOR = {"send": "send", "snapshot": "snapshot", "destroy": "destroy,mount", "hold": "hold",
+              "release": "release", "rollback": "rollback", "bookmark": "bookmark"}
+
+
+def send_perms(sync_snap: bool, holds: bool, bookmark: bool) -> tuple[str, ...]:
+    """What a non-root user needs delegated on a source dataset for a run with these options.
+
+    Sync snapshots are taken and later pruned (destroying a snapshot needs ``mount`` as well);
+    the incremental base is held and released where this zfs has holds.
+    """
+    perms = list(SEND_PERMS)
+    if sync_snap:
+        perms += ["snapshot", "destroy", "mount"]
+    if holds:
+        perms += ["hold", "release"]
+    if bookmark:
+        perms.append("bookmark")
+    return tuple(perms)
+
+
+def receive_perms(sync_snap: bool, holds: bool, rollback: bool) -> tuple[str, ...]:
+    """What a non-root user needs delegated where the replica is received (itself, or its parent)."""
+    perms = list(RECEIVE_PERMS)
+    if holds:
+        perms += ["hold", "release"]
+    if sync_snap or rollback:
+        perms.append("destroy")  # pruning old sync snapshots; a rollback destroys newer ones
+    if rollback:
+        perms.append("rollback")
+    return tuple(perms)
+
+
 class Zfs:
     """zfs on one host."""
 
     def __init__(self, host: Host, command: str = "zfs") -> None:
         self.host, self.command = host, command
+        self.user = "USER"  # the remote login, for error hints; set once the host was probed
 
     async def run(self, *args: str, check: bool = True, dataset: str = "", action: str = "") -> CommandResult:
         argv = [self.command, *args]
@@ -184,9 +218,9 @@ class Zfs:
         if check and res.status != 0:
             err = res.err_text
             if "permission denied" in err.lower():
-                raise PermissionDenied(host=self.host.name, action=action or args[0], dataset=dataset,
-                                       reason=err, perms="send,snapshot,hold" if action == "send"
-                                       else "receive,create,mount")
+                what = action or args[0]
+                raise PermissionDenied(host=self.host.name, action=what, dataset=dataset, reason=err,
+                                       perms=_PERMS_FOR.get(what, "receive,create,mount"), user=self.user)
             raise CommandFailed(host=self.host.name, command=" ".join(argv), status=res.status, stderr=err)
         return res
 
@@ -245,7 +279,7 @@ class Zfs:
         missing = [p for p in needed if p not in parse_allow(res.stdout.decode(), user, groups)]
         if missing:
             raise PermissionDenied(host=self.host.name, action=action, dataset=dataset,
-                                   reason=f"user {user} lacks {','.join(missing)}", perms=",".join(needed))
+                                   reason=f"user {user} lacks {','.join(missing)}", perms=",".join(needed), user=user)
         return True
 
     async def snapshot(self, name: str) -> None:
