@@ -42,6 +42,9 @@ class ProcRecord:
     cpu_s: float = 0.0
     hwm_bytes: int = 0
     in_tree: bool = False  # a descendant of a root at its last sample (counted by wait4)
+    # /proc/PID/io at its last sample: bytes it dirtied for storage minus those it truncated or
+    # unlinked before writeback (a chunk file deleted while still in the page cache never hits disk)
+    disk_write_bytes: int = 0
 
 
 @dataclass
@@ -54,6 +57,14 @@ class Usage:
 
     def cpu_outside_tree(self) -> float:
         return sum(p.cpu_s for p in self.processes if not p.in_tree)
+
+    def disk_writes(self, side: str) -> int:
+        """Bytes the tool's processes on ``side`` left to be written to storage (see ProcRecord).
+
+        Summed over all of them: one process may write a file another deletes (zchunk's channel
+        server stores a chunk, the receiver daemon unlinks it), so only the sum is meaningful.
+        """
+        return sum(p.disk_write_bytes for p in self.processes if p.side == side)
 
     def peak(self, role: str | None = None, side: str | None = None) -> tuple[int, str]:
         """Largest VmHWM among matching processes, and which process it was."""
@@ -90,6 +101,18 @@ def _hwm(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _disk_writes(pid: int) -> int | None:
+    """write_bytes - cancelled_write_bytes from /proc/PID/io (None when unreadable)."""
+    fields = {}
+    for line in _read(f"/proc/{pid}/io").split("\n"):
+        name, _, value = line.partition(":")
+        if value.strip().isdigit():
+            fields[name] = int(value)
+    if "write_bytes" not in fields:
+        return None
+    return fields["write_bytes"] - fields.get("cancelled_write_bytes", 0)
 
 
 def _netns(pid: int) -> str:
@@ -211,6 +234,8 @@ class ProcWatch(threading.Thread):
         rec.role = self._role(pid, rec, matched, stats)
         rec.cpu_s = max(rec.cpu_s, st[2])
         rec.hwm_bytes = max(rec.hwm_bytes, _hwm(pid))
+        if (written := _disk_writes(pid)) is not None:
+            rec.disk_write_bytes = written
         rec.in_tree = in_tree
 
     def _role(self, pid: int, rec: ProcRecord, matched: set[int],

@@ -84,8 +84,8 @@ def reason_short(r: dict[str, Any]) -> str:
 
 def memory_table(res: Results) -> list[str]:
     lines = ["| scenario | tool | coordinator | sender agent | receiver agent | largest local process "
-             "| largest target process | spool peak send / receive |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| largest target process | spool peak send / receive | MiB left for the disk local / target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for scen in res.scenarios:
         for tool in res.tools:
             runs = res.timed(scen, tool)
@@ -93,6 +93,9 @@ def memory_table(res: Results) -> list[str]:
                 continue
 
             spool = "–"
+            local = max((r.get("disk_writes", {}).get("local", 0) for r in runs), default=0)
+            target = max((r.get("disk_writes", {}).get("target", 0) for r in runs), default=0)
+            disk = f"{local / MiB:.1f} / {target / MiB:.1f}"
             if tool == "zchunk":
                 send = max((v for r in runs for k, v in r["spool_peak"].items() if k.endswith("-send")), default=0)
                 recv = max((v for r in runs for k, v in r["spool_peak"].items() if k.endswith("-receive")),
@@ -100,7 +103,7 @@ def memory_table(res: Results) -> list[str]:
                 spool = f"{send / MiB:.0f} / {recv / MiB:.0f}"
             lines.append(f"| {scen} | {tool} | {peak_of(runs, 'coordinator')} | {peak_of(runs, 'sender agent')} "
                          f"| {peak_of(runs, 'receiver agent')} | {largest_on(runs, 'local')} "
-                         f"| {largest_on(runs, 'target')} | {spool} |")
+                         f"| {largest_on(runs, 'target')} | {spool} | {disk} |")
     return lines
 
 

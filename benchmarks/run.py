@@ -66,6 +66,9 @@ class RunResult:
     outages: int
     rss: dict[str, int] = field(default_factory=dict)  # role -> peak VmHWM bytes
     spool_peak: dict[str, int] = field(default_factory=dict)
+    # side -> bytes the tool's processes there left for the disk: zchunk's spool files minus those
+    # deleted while still in the page cache (zfs writes go through the zfs-fuse daemon, not counted)
+    disk_writes: dict[str, int] = field(default_factory=dict)
     zchunk: dict[str, Any] = field(default_factory=dict)  # phases and the result event
     leftovers: list[str] = field(default_factory=list)
     log: str = ""
@@ -224,7 +227,9 @@ class Bench:
             cpu_s=round(tree_cpu + usage.cpu_outside_tree(), 2), cpu_by=cpu_split(tree_cpu, usage),
             daemon_cpu_s=round(usage.daemon_cpu_s, 2),
             outage_s=round(overlap(outages, start, end), 1), outages=sum(a < end for a, _ in outages),
-            rss=rss_summary(usage), spool_peak=usage.spool_peak, log=str(logbase.relative_to(self.out)))
+            rss=rss_summary(usage), spool_peak=usage.spool_peak,
+            disk_writes={side: usage.disk_writes(side) for side in ("local", "target")},
+            log=str(logbase.relative_to(self.out)))
         if tool.name == "zchunk":
             result.zchunk = zchunk_phases(stdout, launched, launched + (end - start))
         if code is None:
