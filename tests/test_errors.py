@@ -62,7 +62,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "generic": (1, {"ZchunkError"}),
     "bad input": (2, {"UsageError", "BadDatasetName"}),
     "unknown dataset": (3, {"UnknownDataset", "NoSnapshot"}),
-    "plan refused": (4, {"NoCommonSnapshot", "TargetDiverged", "TypeMismatch"}),
+    "plan refused": (4, {"NoCommonSnapshot", "TargetDiverged", "TypeMismatch", "StreamIncompatible"}),
     "unreachable": (5, {"HostUnreachable", "HostKeyError", "AuthError"}),
     "missing python3/zfs": (6, {"MissingPython", "OldPython", "MissingZfs"}),
     "permission": (7, {"PermissionDenied"}),

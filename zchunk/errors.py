@@ -91,6 +91,15 @@ class UpToDate(ZchunkError):
     exit_code = 0
 
 
+class StreamIncompatible(ZchunkError):
+    """{target} ({target_zfs}) cannot receive {source}: its stream would carry feature {feature} ({flag}: {why})"""
+
+    exit_code = 4
+    fix = ("nothing was changed. {target} knows filesystem (ZPL) versions up to {zpl_max}, pool version "
+           "{pool_version}; replicate {source} to an OpenZFS target instead (legacy ZFS receives only streams "
+           "without feature flags, e.g. back from a replica it once sent itself)")
+
+
 class HostUnreachable(ZchunkError):
     """cannot reach {host}: {reason}"""
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from helpers import zchunk_agent as agent_mod
 
+from . import compat
 from . import errors as E
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .plan import (
@@ -255,6 +256,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     dst_ds = await dst.zfs.dataset(dst_name)
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
     await _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts)
+    # before the sync snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature
+    await compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name)
     if not ropts.dry_run:
         # before anything is planned or taken: a target another session is receiving looks like one without
         # a common snapshot, and a refused run must leave no sync snapshot behind
