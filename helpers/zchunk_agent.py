@@ -531,12 +531,21 @@ class Session:
         self.level = cfg.get("level")
         self.hash_alg = HASH_IDS[cfg["checksum"]]
         self.chunk_size = int(cfg["chunk_size"])
+        # Chunk n holds min(chunk_size, first_chunk * 2**n) raw bytes (absent: all chunk_size), so the
+        # first bytes reach zfs receive after a small chunk, not after a whole chunk_size one.
+        self.first_chunk = max(1, min(self.chunk_size, int(cfg.get("first_chunk", self.chunk_size))))
         self.spool_max = int(cfg["spool_max"])
         self.idle_timeout = float(cfg.get("idle_timeout", 86400))
         self.state_path = os.path.join(self.path, "sender.json" if self.role == "send" else "receiver.json")
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def chunk_limit(self, seq: int) -> int:
+        """Raw bytes of chunk ``seq`` (the last chunk of a stream may be shorter)."""
+        if seq >= 63 or self.first_chunk << seq >= self.chunk_size:
+            return self.chunk_size
+        return self.first_chunk << seq
 
     def chunk_path(self, seq: int, suffix: str = ".chunk") -> str:
         return os.path.join(self.chunks, chunk_name(seq) + suffix)
@@ -795,8 +804,9 @@ class SenderDaemon(Daemon):
         seq, raw_total, stored_total = 0, 0, 0
         while True:
             enc = ChunkEncoder(sess.codec, sess.level, sess.hash_alg)
-            while enc.raw_len < sess.chunk_size:
-                piece = pieces.next(sess.chunk_size - enc.raw_len)
+            limit = sess.chunk_limit(seq)
+            while enc.raw_len < limit:
+                piece = pieces.next(limit - enc.raw_len)
                 if not piece:
                     break
                 stream.update(piece)

@@ -636,3 +636,33 @@ def test_relay_chunk_refuses_more_data_than_announced() -> None:
 
     with pytest.raises(E.ProtocolError):
         run(go())
+
+
+# -- chunk sizes: the ramp ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first, sizes", [
+    (None, [1 << 20, 1 << 20, 1 << 20, 1 << 19]),  # no first_chunk: every chunk full size
+    (1 << 18, [1 << 18, 1 << 19, 1 << 20, 1 << 20, 1 << 18]),  # 256K, 512K, then 1M: zfs receive starts sooner
+    (1 << 30, [1 << 20, 1 << 20, 1 << 20, 1 << 19]),  # never above chunk_size
+])
+def test_sender_ramps_chunk_sizes_from_first_chunk(tmp_path: Path, first: int | None, sizes: list[int]) -> None:
+    """Chunk n holds min(chunk_size, first_chunk * 2**n) raw bytes; the stream's bytes are all there, in order."""
+    stream = bytes(range(256)) * (sum(sizes) // 256)
+    (tmp_path / "stream").write_bytes(stream)
+    fake_zfs = tmp_path / "fake-zfs"
+    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
+    fake_zfs.chmod(0o755)
+    path = make_session(tmp_path, "send")
+    cfg = json.loads((path / "session.json").read_text())
+    cfg.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []}})
+    if first is not None:
+        cfg["first_chunk"] = first
+    (path / "session.json").write_text(json.dumps(cfg))
+    sess = wire.Session(str(path))
+    assert [sess.chunk_limit(n) for n in range(len(sizes) - 1)] == sizes[:-1]  # the last one is what is left
+    wire.SenderDaemon(sess).run()
+    chunks = sorted((path / "chunks").glob("*.chunk"))
+    assert [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).raw_len for c in chunks] == sizes
+    assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream
+    assert sess.chunk_limit(10**6) == 1 << 20

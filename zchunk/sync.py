@@ -29,6 +29,9 @@ from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
 
 AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()
 MIN_PYTHON = (3, 9)
+# Chunk n holds min(chunk_size, FIRST_CHUNK * 2**n) raw bytes: zfs receive starts after 1 MiB has been
+# spooled, moved and verified instead of a whole --chunk-size chunk (docs/chunk-format.md).
+FIRST_CHUNK = 1 << 20
 
 
 @dataclass
@@ -164,7 +167,8 @@ class StreamSpec:
 def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamSpec, idle: float) -> dict[str, Any]:
     cfg: dict[str, Any] = {"id": rec.id, "role": role, "codec": rec.codec, "level": level,
                            "checksum": rec.checksum, "chunk_size": rec.chunk_size,
-                           "spool_max": rec.spool_max, "idle_timeout": idle}
+                           "first_chunk": min(rec.chunk_size, FIRST_CHUNK), "spool_max": rec.spool_max,
+                           "idle_timeout": idle}
     plan = spec.plan
     if role == "send":
         cfg["send"] = {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
