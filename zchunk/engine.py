@@ -55,6 +55,9 @@ class EngineOptions:
     # A daemon writes its state file as it starts; one that never did (it died at once, e.g. on a full
     # spool filesystem) would otherwise look "starting" until patience runs out.
     start_timeout: float = 60.0
+    # Parallel moves go in sequence order: a later chunk forwards data only while the lowest one in
+    # flight has forwarded nothing for this long (it waits on its link: room for the others).
+    overtake_idle: float = 0.02
 
 
 @dataclass
@@ -126,6 +129,8 @@ class Transfer:
         self.dst_next = 0
         self.dst_daemon: dict[str, Any] = {}
         self.in_flight: set[int] = set()
+        self.moving: dict[int, float] = {}  # chunks being relayed -> when each last forwarded data
+        self._turn = asyncio.Event()  # set (and replaced) when the set of moving chunks changes
         self.finish_sent = False
         self.wire_bytes = 0
         self.seen_events = 0
@@ -252,8 +257,14 @@ class Transfer:
             return st
 
         async def once() -> None:
-            src_st = await poll_side(self.src)
-            dst_st = await poll_side(self.dst)
+            # Both at once (each may first have to start its agent server); both finish before a failure
+            # is raised, so no request is left pending on a channel that the retry then uses again.
+            src_st, dst_st = await asyncio.gather(poll_side(self.src), poll_side(self.dst),
+                                                  return_exceptions=True)
+            for st in (src_st, dst_st):
+                if isinstance(st, BaseException):
+                    raise st
+            assert isinstance(src_st, dict) and isinstance(dst_st, dict)
             self._absorb(src_st, dst_st)
             src_ch = await channel(self.src)
             if self.dst_next > 0 and any(s < self.dst_next for s in self.src_chunks):
@@ -442,12 +453,21 @@ class Transfer:
                         ch.pipe.drop_connection()
                     await _quietly(ch.close())
 
+        async def open_channels(quietly: bool = False) -> None:
+            """Both channels, opened concurrently (each starts an agent server process on its host)."""
+            sides = [side for side in (self.src, self.dst) if chans[side.role] is None]
+            opened = await asyncio.gather(*(side.open_channel(self.opts) for side in sides),
+                                          return_exceptions=True)
+            for side, ch in zip(sides, opened):
+                if isinstance(ch, AgentChannel):
+                    chans[side.role] = ch
+            for ch in opened:
+                if isinstance(ch, BaseException) and not (quietly and isinstance(ch, Exception)):
+                    raise ch
+
         async def move(seq: int) -> None:
             try:
-                if chans["send"] is None:
-                    chans["send"] = await self.src.open_channel(self.opts)
-                if chans["receive"] is None:
-                    chans["receive"] = await self.dst.open_channel(self.opts)
+                await open_channels()
                 src_ch, dst_ch = chans["send"], chans["receive"]
                 assert src_ch is not None and dst_ch is not None
                 st = await dst_ch.request("status")
@@ -460,9 +480,17 @@ class Transfer:
 
                 def moved(n: int) -> None:
                     self.wire_bytes += n
+                    self.moving[seq] = time.monotonic()
                     self.progressed()
 
-                stored = await relay_chunk(src_ch, dst_ch, seq, have, moved)
+                self.moving[seq] = time.monotonic()
+                try:
+                    stored = await relay_chunk(src_ch, dst_ch, seq, have, moved,
+                                               functools.partial(self._turn_of, seq))
+                finally:
+                    self.moving.pop(seq, None)
+                    self._turn.set()
+                    self._turn = asyncio.Event()
                 self._link_ok(self.src.name)
                 self._link_ok(self.dst.name)
                 if stored:
@@ -473,12 +501,24 @@ class Transfer:
                 raise
 
         try:
+            # The first worker is ready before the first chunk is spooled, not after (a failure here is
+            # retried by move). The others open theirs when they get a chunk: each channel starts an agent
+            # process on its host, and ten starting at once delay the first chunk by half a second.
+            if wid == 0:
+                await open_channels(quietly=True)
             while not self.done.is_set():
                 seq = self._pick()
                 if seq is None:
                     self.changed.clear()
                     await self.changed.wait()
                     continue
+                if chans["send"] is None or chans["receive"] is None:
+                    # Open them before taking a chunk, so that meanwhile a worker that is ready moves the
+                    # lowest one (a failure is left to move(), which retries).
+                    await open_channels(quietly=True)
+                    seq = self._pick()
+                    if seq is None:
+                        continue
                 self.in_flight.add(seq)
                 try:
                     await self._with_retries(self.dst.name, functools.partial(move, seq))
@@ -490,6 +530,24 @@ class Transfer:
                     self.changed.set()
         finally:
             await close_all()
+
+    async def _turn_of(self, seq: int) -> None:
+        """Wait until chunk ``seq`` may forward its next data frame.
+
+        The lowest chunk in flight always may: ``zfs receive`` needs it first, so a later chunk
+        never slows it down (on a fast link the moves share the CPU, on a slow one the link).
+        A later chunk may while the lowest one is idle (its link or its source is slower than
+        one channel can use, e.g. a long fat link), so parallel moves still fill such a link.
+        """
+        while True:
+            lowest = min(self.moving)
+            idle = time.monotonic() - self.moving[lowest]
+            if lowest == seq or idle >= self.opts.overtake_idle:
+                return
+            try:
+                await asyncio.wait_for(self._turn.wait(), self.opts.overtake_idle - idle)
+            except asyncio.TimeoutError:
+                pass
 
     def _on_remote_error(self, seq: int, e: RemoteError) -> None:
         code = e.fields.get("code")

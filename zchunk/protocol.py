@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,10 +121,11 @@ _KNOWN_FIELDS = {"role", "daemon", "chunks", "parts", "spool_bytes", "spool_max"
 
 
 async def relay_chunk(src: AgentChannel, dst: AgentChannel, seq: int, offset: int,
-                      on_bytes: Any = None) -> bool:
+                      on_bytes: Any = None, turn: Callable[[], Awaitable[None]] | None = None) -> bool:
     """Stream chunk ``seq`` from ``offset`` out of the source spool into the target spool.
 
-    Data frames are forwarded as they arrive (bounded memory: one frame).
+    Data frames are forwarded as they arrive (bounded memory: one frame); ``turn``, if given, is
+    awaited before each one is read (the engine's ordering of parallel moves).
     Returns True when the target holds the complete, verified chunk.
     """
     src_id = src._send_request("get_chunk", {"seq": seq, "offset": offset})
@@ -134,6 +136,8 @@ async def relay_chunk(src: AgentChannel, dst: AgentChannel, seq: int, offset: in
                                              "total": total})
     moved = 0
     while moved < length:
+        if turn is not None:
+            await turn()
         ftype, rid, payload = await src._read()
         if ftype != wire.FRAME_DATA or rid != src_id:
             raise ProtocolError(host=src.host, reason=f"expected chunk data, got type {ftype} id {rid}")
