@@ -215,7 +215,19 @@ class SshHost(Host):
         strict = self._strict_host_key_checking()
         if strict == "no":
             kw["known_hosts"] = None
+        if "ciphers" in o:
+            kw["encryption_algs"] = [c.strip() for c in o["ciphers"].split(",") if c.strip()]
+        elif not self._config_sets("ciphers"):
+            kw["encryption_algs"] = preferred_ciphers()
         return kw
+
+    def _config_sets(self, key: str) -> bool:
+        """Whether the ssh config asyncssh reads (--ssh-config, else ~/.ssh/config) sets ``key`` for this host."""
+        path = self.opts.config if self.opts.config is not None else Path("~/.ssh/config").expanduser()
+        try:
+            return _config_value(path, self.endpoint.host or "", key) is not None
+        except OSError:
+            return False
 
     def _strict_host_key_checking(self) -> str:
         if "stricthostkeychecking" in self.opts.options:
@@ -349,6 +361,31 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
     return str(e) or type(e).__name__
+
+
+def preferred_ciphers() -> list[str]:
+    """asyncssh's default ciphers, AES-GCM first where the CPU has AES instructions.
+
+    asyncssh encrypts every packet from Python; its chacha20-poly1305 (first by default, and
+    what OpenSSH picks) costs twice the CPU of AES-GCM per byte: 0.26 vs 0.13 s for 100 MiB,
+    0.49 vs 0.31 s wall, on the benchmark machine, and chunks are moved at CPU speed on fast links.
+    """
+    algs = [a.decode() for a in asyncssh.encryption.get_default_encryption_algs()]
+    if not _cpu_has_aes():
+        return algs
+    gcm = [a for a in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if a in algs]
+    return gcm + [a for a in algs if a not in gcm]
+
+
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return "aes" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
 
 
 def _config_value(path: Path, host: str, key: str) -> str | None:
