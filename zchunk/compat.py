@@ -13,13 +13,23 @@ zfs-fuse 0.7 (pool version 23, ZPL version 4; tests/test_cross_impl.py):
 - zfs-fuse sends no feature flags at all: zfs-fuse -> OpenZFS always works, full and incremental,
   and such a replica (ZPL 4) can go back to zfs-fuse incrementally.
 
+A stream without flags is not enough: zfs-fuse also needs the filesystem's root directory at object 3.
+Its FUSE layer maps the FUSE root (inode 1) to object 3, where legacy ZFS creates it (master node 1,
+delete queue 2, root 3), instead of reading ROOT from the master node. OpenZFS allocates the root
+elsewhere (33 for ``-o version=4``, 34 for ZPL 5): such a filesystem is received "successfully" and
+cannot be read ("No such file or directory"). OpenZFS replicas of legacy filesystems keep object 3.
+zchunk cannot tell zfs-fuse from other legacy ZFS (no ``zfs version``), so the rule covers them all.
+
 What cannot work is refused here, once per dataset, before a sync snapshot is taken or any agent is
-started, naming the stream feature (``StreamIncompatible``). An OpenZFS target receives whatever a
-plain send of an OpenZFS source of the same or an older release carries, so nothing is asked then.
+started, naming the stream feature (``StreamIncompatible``) or the root object
+(``RootObjectIncompatible``; ``RootObjectUnknown`` when it cannot be learned). An OpenZFS target
+receives whatever a plain send of an OpenZFS source of the same or an older release carries, and
+reads it, so nothing is asked then.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 
@@ -30,6 +40,8 @@ from .zfs import Features, Zfs
 ZPL_VERSION_SA = 5
 #: Pool version that brought system attributes (SPA_VERSION_SA); feature-flag pools (OpenZFS) have them.
 SPA_VERSION_SA = 24
+#: The only root directory object zfs-fuse can read (see above).
+LEGACY_ROOT_OBJECT = 3
 
 
 @dataclass(frozen=True)
@@ -73,14 +85,66 @@ def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
+def parse_zdb_root(master_node: str) -> int | None:
+    """The ROOT entry of a ZPL master node as ``zdb -dddd DATASET 1`` prints it (``ROOT = 33``)."""
+    m = re.search(r"(?m)^\s*ROOT = (\d+)\s*$", master_node)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class RootObject:
+    """The object number of a filesystem's root directory, how it was learned, or why it could not be."""
+
+    number: int | None
+    how: str
+
+
+async def root_object(zfs: Zfs, name: str, props: dict[str, str]) -> RootObject:
+    """Where ``name``'s root directory is: the inode of its mountpoint (ZFS inode numbers are object
+    numbers) when mounted, else the master node as zdb reads it (the user must be able to read the
+    pool's devices). Not ``.zfs/snapshot/SNAP``: the control directory gives it a made-up inode."""
+    mountpoint = props.get("mountpoint", "")
+    unseen = "it is not mounted"
+    if props.get("mounted") == "yes" and mountpoint.startswith("/"):
+        res = await zfs.host.run(["stat", "-c", "%i", mountpoint])
+        inode = res.stdout.decode().strip()
+        if res.status == 0 and inode.isdigit():
+            return RootObject(int(inode), f"the inode of {mountpoint}")
+        unseen = f"`stat {mountpoint}` failed ({_last_line(res.err_text) or res.status})"
+    elif props.get("mounted") == "yes":
+        unseen = f"its mountpoint is {mountpoint}, not a path to stat"
+    argv = ["zdb", "-dddd", name, "1"]
+    try:
+        res = await zfs.host.run(argv, timeout=120)
+    except asyncio.TimeoutError:
+        return RootObject(None, f"{unseen} and `{' '.join(argv)}` did not answer in 120 s")
+    root = parse_zdb_root(res.stdout.decode("utf-8", "replace"))
+    if res.status == 0 and root is not None:
+        return RootObject(root, f"`{' '.join(argv)}`")
+    said = _last_line(res.err_text) or f"exit status {res.status}, no ROOT entry"
+    return RootObject(None, f"{unseen} and `{' '.join(argv)}` failed: {said}")
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else ""
+
+
 async def check_stream(src: Zfs, src_features: Features, src_name: str,
                        dst: Zfs, dst_features: Features, dst_name: str) -> None:
-    """Raise StreamIncompatible when ``dst``'s zfs cannot receive a plain send of ``src_name``."""
+    """Raise StreamIncompatible when ``dst``'s zfs cannot receive a plain send of ``src_name``, and
+    RootObjectIncompatible / RootObjectUnknown when it could receive but not read it."""
     if dst_features.openzfs:
         return
-    res = await src.run("get", "-H", "-p", "-o", "property,value", "type,version,dnodesize", src_name,
-                        check=False, dataset=src_name)
+    res = await src.run("get", "-H", "-p", "-o", "property,value", "type,version,dnodesize,mounted,mountpoint",
+                        src_name, check=False, dataset=src_name)
     props = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+    await _check_features(src, src_features, src_name, props, dst, dst_features, dst_name)
+    if src_features.openzfs and props.get("type") == "filesystem":
+        await _check_root(src, src_name, props, f"{dst.host.name}:{dst_name}", dst_features.implementation)
+
+
+async def _check_features(src: Zfs, src_features: Features, src_name: str, props: dict[str, str],
+                          dst: Zfs, dst_features: Features, dst_name: str) -> None:
     pool = src_name.split("/", 1)[0]
     large_dnode = False
     if props.get("dnodesize", "legacy") not in ("legacy", "-"):
@@ -99,6 +163,17 @@ async def check_stream(src: Zfs, src_features: Features, src_name: str,
                 flag=f"{feature.flag:#x}", why=feature.why, source_zfs=src_features.version,
                 target_zfs=dst_features.implementation, zpl_max=limits.zpl_max,
                 pool_version=pool_version or "unknown")
+
+
+async def _check_root(src: Zfs, src_name: str, props: dict[str, str], target: str, target_zfs: str) -> None:
+    root = await root_object(src, src_name, props)
+    source = f"{src.host.name}:{src_name}"
+    if root.number is None:
+        raise E.RootObjectUnknown(source=source, target=target, target_zfs=target_zfs, reason=root.how,
+                                  host=src.host.name, dataset=src_name)
+    if root.number != LEGACY_ROOT_OBJECT:
+        raise E.RootObjectIncompatible(source=source, target=target, target_zfs=target_zfs, root=root.number,
+                                       how=root.how)
 
 
 async def _pool_prop(zfs: Zfs, pool: str, prop: str) -> str | None:

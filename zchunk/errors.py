@@ -100,6 +100,25 @@ class StreamIncompatible(ZchunkError):
            "without feature flags, e.g. back from a replica it once sent itself)")
 
 
+class RootObjectIncompatible(ZchunkError):
+    """{target} could not read {source} once received: it was made by OpenZFS, its root is object {root}, not 3"""
+
+    exit_code = 4
+    fix = ("nothing was changed. zfs-fuse can only read filesystems whose root directory is object 3 (those legacy "
+           "ZFS created, and their OpenZFS replicas; never one OpenZFS created, also not with -o version=4), and "
+           "zchunk treats every {target_zfs} alike. {source}'s root was read from {how}. Replicate it to an "
+           "OpenZFS target, or copy its files into a filesystem created by {target}'s own zfs")
+
+
+class RootObjectUnknown(ZchunkError):
+    """cannot tell whether {target} ({target_zfs}) could read {source} once received: {reason}"""
+
+    exit_code = 4
+    fix = ("nothing was changed. zfs-fuse/legacy ZFS can only read filesystems whose root directory is object 3; "
+           "zchunk learns it from the mounted filesystem's root inode or from zdb. Mount it (`zfs mount {dataset}` "
+           "on {host}) or run zchunk as a user who can read the pool's devices there, then run again")
+
+
 class HostUnreachable(ZchunkError):
     """cannot reach {host}: {reason}"""
 
