@@ -103,6 +103,7 @@ def add_change_here(ds: str, snap: str) -> None:
     """A change to an unmounted replica: mount it for the write (zchunk receives with -u)."""
     zfs("mount", ds)
     try:
+        assert root_inode(ds) == 3, "a replica of a zfs-fuse filesystem keeps its root at object 3"
         add_change(ds, MiB, seed=83, snap=snap)
     finally:
         zfs("unmount", ds)
@@ -147,3 +148,43 @@ def make_source_in(ds: str) -> None:
     lab.write_dataset(Path(zfs("get", "-H", "-o", "value", "mountpoint", ds).strip()) / "data", 2 * MiB, seed=85)
     zfs("snapshot", f"{ds}@s1")
 
+
+
+def root_inode(ds: str) -> int:
+    out = subprocess.run(["stat", "-c", "%i", zfs("get", "-H", "-o", "value", "mountpoint", ds).strip()],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+def test_openzfs_made_filesystem_is_refused_though_its_stream_has_no_flags(zc: Zchunk, cross: dict[str, str],
+                                                                         pool_factory: Any) -> None:
+    """``-o version=4`` (dnodesize=legacy): zfs-fuse receives the stream, then finds no root directory (it
+    reads only object 3). Refused up front, the root read from the mountpoint, then (unmounted) by zdb."""
+    fpool = cross["ZCHUNK_CROSS_FUSE_POOL"]
+    oz = pool_factory(size="256M")
+    src = f"{oz.name}/v4"
+    zfs("create", "-o", "version=4", src)
+    make_source_in(src)
+    root = root_inode(src)
+    assert compat.parse_zdb_root(subprocess.run(["zdb", "-dddd", src, "1"], capture_output=True, text=True,
+                                                timeout=120).stdout) == root != 3
+    header = subprocess.run(f"zfs send {src}@s1 | zstream dump | grep -m1 features", shell=True,
+                            capture_output=True, text=True, timeout=120).stdout
+    assert int(header.split("=")[1].strip(), 16) == 0, "no stream feature gives it away"
+
+    # What zfs-fuse makes of it (received, root kept at that object, unreadable) was measured by hand
+    # (docs/openzfs-vm.md), not here: a mount of it leaves the pool busy, and twice the zfs-fuse daemon
+    # went away shortly after such a receive (cause not established).
+
+    dst, before = f"{fpool}/v4", snapshots(src)
+    for how in ("the inode of", "zdb -dddd"):
+        if how == "zdb -dddd":
+            zfs("unmount", src)
+        run = zc.run("sync", src, f"root@{FUSE_HOST}:{dst}", "--identifier", "v")
+        assert run.returncode == 4, run.explain()
+        assert f"its root is object {root}, not 3" in run.stderr and how in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        assert not run.of("session") and not run.of("snapshot"), "refused before any snapshot or agent"
+        assert snapshots(src) == before, "the source is untouched"
+        assert not fuse(cross, "exists", dst)
+        assert not zc.session_dirs(), "no session directory was made"
