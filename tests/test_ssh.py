@@ -118,3 +118,23 @@ def test_works_with_a_restricted_key(zc: Zchunk, pools: Any, sshd_local: lab.Ssh
                  "--ssh-config", str(sshd_local.ssh_config))
     assert run.returncode == 0, run.explain()
     assert_replica(src, f"{dst_pool.name}/r", "s1")
+
+
+def test_aes_gcm_is_preferred_unless_the_user_chose_ciphers(tmp_path: Path, monkeypatch: Any) -> None:
+    """Unit: asyncssh's chacha20 costs twice the CPU of AES-GCM per byte; a user's Ciphers always wins."""
+    from zchunk import transport
+    from zchunk.endpoint import parse_endpoint
+
+    monkeypatch.setattr(transport, "_cpu_has_aes", lambda: True)
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host other\n    Ciphers aes256-ctr\n")
+    host = transport.SshHost(parse_endpoint("dst:pool/ds"), transport.SshOptions(config=cfg))
+    algs = host._connect_kwargs()["encryption_algs"]
+    assert algs[0] == "aes128-gcm@openssh.com" and "chacha20-poly1305@openssh.com" in algs
+    cfg.write_text("Host dst\n    Ciphers aes256-ctr\n")
+    assert "encryption_algs" not in host._connect_kwargs()  # asyncssh takes the config's
+    opts = transport.SshOptions(config=cfg, options={"ciphers": "aes192-ctr,aes128-ctr"})
+    host = transport.SshHost(parse_endpoint("dst:pool/ds"), opts)
+    assert host._connect_kwargs()["encryption_algs"] == ["aes192-ctr", "aes128-ctr"]
+    monkeypatch.setattr(transport, "_cpu_has_aes", lambda: False)
+    assert transport.preferred_ciphers()[0] == "chacha20-poly1305@openssh.com"
