@@ -96,7 +96,12 @@ class Emitter:
 
 async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
     """python3 and zfs present and usable; nothing is written."""
-    res = await host.run([host.python, "-c", agent_mod.BOOTSTRAP, "probe"], stdin=AGENT_SOURCE)
+    # Both at once (the zfs probes are read-only); python's answer is judged first, as before.
+    res, features = await asyncio.gather(
+        host.run([host.python, "-c", agent_mod.BOOTSTRAP, "probe"], stdin=AGENT_SOURCE), Zfs(host).features(),
+        return_exceptions=True)
+    if isinstance(res, BaseException):
+        raise res
     if res.status == 127:
         raise E.MissingPython(host=host.name)
     try:
@@ -107,7 +112,8 @@ async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
     py = tuple(info.get("python", [0]))
     if py < MIN_PYTHON:
         raise E.OldPython(host=host.name, version=".".join(map(str, py)))
-    features = await Zfs(host).features()
+    if isinstance(features, BaseException):
+        raise features
     return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
                       str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")))
 
@@ -252,16 +258,29 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
 
 async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
                         src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore) -> None:
-    rec.target_dir = await install_agent(dst_host, opts, rec.id, agent_config(
-        rec, "receive", level, spec, opts.agent_idle_timeout))
+    # Both hosts at once (each step is a round trip and an agent process start). A directory one install
+    # made is recorded even when the other failed, so the caller's cleanup finds it.
+    installed = await asyncio.gather(
+        install_agent(dst_host, opts, rec.id, agent_config(rec, "receive", level, spec, opts.agent_idle_timeout)),
+        install_agent(src_host, opts, rec.id, agent_config(rec, "send", level, spec, opts.agent_idle_timeout)),
+        return_exceptions=True)
+    if isinstance(installed[0], str):
+        rec.target_dir = installed[0]
+    if isinstance(installed[1], str):
+        rec.source_dir = installed[1]
     store.save(rec)
-    rec.source_dir = await install_agent(src_host, opts, rec.id, agent_config(
-        rec, "send", level, spec, opts.agent_idle_timeout))
-    store.save(rec)
-    await agent_command(dst_host, opts, rec.target_dir, "start", rec.target_dir)
-    await agent_command(src_host, opts, rec.source_dir, "start", rec.source_dir)
+    _raise_first(installed)
+    _raise_first(await asyncio.gather(agent_command(dst_host, opts, rec.target_dir, "start", rec.target_dir),
+                                      agent_command(src_host, opts, rec.source_dir, "start", rec.source_dir),
+                                      return_exceptions=True))
     rec.state = "running"
     store.save(rec)
+
+
+def _raise_first(results: list[Any]) -> None:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 async def resume(session_id: str, opts: SyncOptions, on_event: Any = None, lock: bool = True) -> SyncResult:
@@ -365,18 +384,21 @@ async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
 async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
                        emit: Emitter) -> None:
     """Stop both agents and remove both session directories (kept with --keep), also unrecorded ones."""
-    for host, role in ((src_host, "send"), (dst_host, "receive")):
+    async def one_side(host: Host, role: str) -> None:
         try:
             paths = await session_dirs(rec, host, role)
         except (E.ZchunkError, LinkDown) as e:
             emit("warning", host=host.name, detail=f"could not look for {rec.id}-{role} in {rec.spool_base}: {e}")
-            continue
+            return
         for path in paths:
             args = ["remove", path] + (["keep"] if opts.keep else [])
             try:
                 await agent_command(host, opts, path, *args)
             except (E.ZchunkError, LinkDown) as e:
                 emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
+
+    _raise_first(await asyncio.gather(one_side(src_host, "send"), one_side(dst_host, "receive"),
+                                      return_exceptions=True))  # both hosts at once
     emit("cleaned", kept=opts.keep)
 
 
