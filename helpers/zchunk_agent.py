@@ -945,7 +945,7 @@ class ReceiverDaemon(Daemon):
                 # be before the coordinator's finish (end.json) arrives: only a failure is final.
                 if self.proc.poll() not in (None, 0):
                     return self.finish_failed(stream, seq, raw_total, "zfs receive exited early")
-                time.sleep(0.05)
+                time.sleep(0.02)
                 continue
             try:
                 hdr = verified_chunk(blob, seq)

@@ -158,6 +158,7 @@ class LocalHost(Host):
         proc = await asyncio.create_subprocess_exec(  # stderr: as over SSH, not on the user's terminal
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
             limit=1 << 22)
+        _widen_pipe(proc.stdout)
 
         async def closer() -> None:
             if proc.stdin is not None and not proc.stdin.is_closing():
@@ -169,6 +170,21 @@ class LocalHost(Host):
                 await proc.wait()
 
         return AgentPipe(proc.stdout, proc.stdin, closer, self.name)
+
+
+def _widen_pipe(reader: Any) -> None:
+    """1 MiB instead of 64 KiB in the agent's stdout pipe (Linux): chunk data then arrives in 256 KiB
+    reads, not 64 KiB ones, a quarter of the event-loop rounds per byte. Best effort."""
+    transport = getattr(reader, "_transport", None)
+    pipe = transport.get_extra_info("pipe") if transport is not None else None
+    if pipe is None:
+        return
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (OSError, ValueError):
+        pass
 
 
 _TRANSIENT = (OSError, asyncio.TimeoutError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
