@@ -507,7 +507,7 @@ class Transfer:
             if wid == 0:
                 await open_channels(quietly=True)
             while not self.done.is_set():
-                seq = self._pick()
+                seq = self._pick() if wid == 0 or self._overtaking() else None
                 if seq is None:
                     self.changed.clear()
                     await self.changed.wait()
@@ -530,6 +530,12 @@ class Transfer:
                     self.changed.set()
         finally:
             await close_all()
+
+    def _overtaking(self) -> bool:
+        """Whether a second move would use what the first leaves: the lowest chunk in flight is idle."""
+        if not self.moving:
+            return False
+        return time.monotonic() - self.moving[min(self.moving)] >= self.opts.overtake_idle
 
     async def _turn_of(self, seq: int) -> None:
         """Wait until chunk ``seq`` may forward its next data frame.
