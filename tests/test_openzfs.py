@@ -100,15 +100,17 @@ def test_receive_killed_then_resumed_from_its_token(zc: Zchunk, pools: Any) -> N
         run = bg.finish()
     finally:
         bg.stop()
-    assert run.returncode == 12, run.explain()
-    token = zfs("get", "-H", "-o", "value", "receive_resume_token", dst).strip()
-    assert token not in ("", "-"), "zfs receive -s left a resume token"
-    run = zc.run("sync", src, dst, "--no-sync-snap")
+    # the same run goes on from the token zfs receive -s left (issue 5, item 2), and says so
     assert run.returncode == 0, run.explain()
+    restart = run.of("restart")
+    assert restart and "resume token" in restart[0]["how"], run.explain()
     assert run.of("resume_token"), "the user is told the stream resumed from the token"
-    resumed = run.of("result")[0]["transfer"]["raw_bytes"]
+    sessions = run.of("session")
+    assert len(sessions) == 2, run.explain()
+    resumed = run.of("result")[-1]["transfer"]["raw_bytes"]
     assert resumed < 22 * MiB, f"the resumed stream is only what was missing ({resumed} bytes)"
     assert_replica(src, dst, "s1")
+    assert zfs("get", "-H", "-o", "value", "receive_resume_token", dst).strip() in ("", "-")
 
 
 def test_stale_token_is_discarded_with_one_line(zc: Zchunk, pools: Any) -> None:
@@ -120,13 +122,16 @@ def test_stale_token_is_discarded_with_one_line(zc: Zchunk, pools: Any) -> None:
     bg = zc.start("sync", src, dst, "--no-sync-snap", "--spool-max", "2M", "--parallel", "1")
     try:
         bg.wait_for(lambda: int((zc.agent_state("receive") or {}).get("next_seq", 0)) >= 4, 600, "4 chunks")
+        bg.kill9()  # the coordinator first, so it cannot go on from the token by itself
         kill_receiver(zc)
-        bg.finish()
+        kill_matching(str(zc.spool_dir))  # and the sender, so nothing sends s2 any more
     finally:
         bg.stop()
     wait_until(lambda: zfs("get", "-H", "-o", "value", "receive_resume_token", dst).strip() not in ("", "-"),
                30, "a resume token")
-    zfs("destroy", f"{src}@s2")  # the token's snapshot is gone on the source
+    # the token's snapshot is gone on the source (once the killed zfs send has let go of it)
+    wait_until(lambda: subprocess.run(["zfs", "destroy", f"{src}@s2"], capture_output=True).returncode == 0,
+               30, f"zfs destroy {src}@s2")
     add_change(src, MiB, seed=77, snap="s3")
     run = zc.run("sync", src, dst, "--no-sync-snap")
     assert run.returncode == 0, run.explain()
