@@ -327,6 +327,9 @@ class Pool:
         if not self._created:
             return
         deadline = time.monotonic() + self.destroy_timeout
+        # Looked for first: a failed `zpool destroy -f` detaches the mounts, and then a process inside
+        # one no longer shows where it is. Reported only if the pool stays busy.
+        holders = self._holders() or "no process under the mountpoint (zfs-fuse itself)"
         while True:
             proc = run(["zpool", "destroy", "-f", self.name], check=False)
             if proc.returncode == 0 or "no such pool" in proc.stderr:
@@ -334,12 +337,30 @@ class Pool:
             if time.monotonic() > deadline:
                 raise LabError(f"zpool destroy {self.name} still failing after "
                                f"{self.destroy_timeout:.0f} s: {proc.stderr.strip()}; "
-                               f"kept {self.file}")
+                               f"kept {self.file}; held by {holders}")
             time.sleep(0.5)
         self._created = False
         self.file.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.mountpoint.rmdir()
+
+    def _holders(self) -> str:
+        """Processes whose working directory, root or open files lie under the pool's mountpoint."""
+        top = str(self.mountpoint)
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+            with contextlib.suppress(OSError):
+                links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+            for link in links:
+                with contextlib.suppress(OSError):
+                    target = os.readlink(link)
+                    if target == top or target.startswith(top + "/"):
+                        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+                            cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")[:80].strip()
+                            found.append(f"{pid} ({cmd})")
+                        break
+        return ", ".join(found)
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
