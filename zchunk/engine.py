@@ -259,6 +259,8 @@ class Transfer:
         async def once() -> None:
             # Both at once (each may first have to start its agent server); both finish before a failure
             # is raised, so no request is left pending on a channel that the retry then uses again.
+            src_st: dict[str, Any] | BaseException
+            dst_st: dict[str, Any] | BaseException
             src_st, dst_st = await asyncio.gather(poll_side(self.src), poll_side(self.dst),
                                                   return_exceptions=True)
             for st in (src_st, dst_st):

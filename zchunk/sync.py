@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,7 @@ async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
     store.save(rec)
 
 
-def _raise_first(results: list[Any]) -> None:
+def _raise_first(results: Sequence[Any]) -> None:
     for r in results:
         if isinstance(r, BaseException):
             raise r
