@@ -8,6 +8,7 @@ bump CHUNK_VERSION and update docs/chunk-format.md in the same commit.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 import zlib
@@ -196,6 +197,18 @@ def assert_corrupt(blob: bytes, seq: int = SEQ) -> None:
     with pytest.raises(AgentError) as e2:
         decode_chunk(blob, seq)
     assert e2.value.code == "chunk-corrupt", e2.value.reason
+    # the receiver's way: one pass over the chunk file, both checksums
+    with pytest.raises(AgentError) as e3:
+        agent.verify_chunk(io.BytesIO(blob), len(blob), seq)
+    assert e3.value.code == "chunk-corrupt", e3.value.reason
+    # the receiver's serve, as the chunk arrives in pieces
+    check = agent.StoredCheck()
+    for i in range(0, len(blob), 5):
+        check.update(blob[i:i + 5])
+    with pytest.raises(AgentError) as e4:
+        if check.result().seq != seq:
+            raise AgentError("chunk-corrupt", "seq")
+    assert e4.value.code == "chunk-corrupt", e4.value.reason
 
 
 @pytest.mark.parametrize("header_hex,payload_hex", ALL_VECTORS)
@@ -304,6 +317,15 @@ def test_round_trip(raw: bytes, seq: int, codec: int, hash_alg: int, level: int 
     assert hdr.codec in (codec, CODEC_NONE)
     assert hdr.stored_len <= len(raw)  # never bigger than raw: falls back to codec none
     assert decode_chunk(blob, seq) == raw
+    # the receiver's way: verified from the file in one pass, then fed from it in small pieces
+    f = io.BytesIO(blob)
+    assert agent.verify_chunk(f, len(blob), seq).raw_hash == hdr.raw_hash
+    f.seek(CHUNK_HEADER_SIZE)
+    assert b"".join(agent.raw_pieces(hdr, f, piece=7)) == raw
+    check = agent.StoredCheck()
+    for i in range(0, len(blob), 11):
+        check.update(blob[i:i + 11])
+    assert check.result().stored_hash == hdr.stored_hash
 
 
 @settings(max_examples=200, deadline=None)

@@ -144,7 +144,8 @@ async def relay_chunk(src: AgentChannel, dst: AgentChannel, seq: int, offset: in
         moved += len(payload)
         if moved > length:
             raise ProtocolError(host=src.host, reason=f"chunk {seq}: more data than announced")
-        dst.pipe.write(wire.encode_frame(wire.FRAME_DATA, dst_id, payload))
+        dst.pipe.write(wire.frame_header(wire.FRAME_DATA, dst_id, len(payload)))
+        dst.pipe.write(payload)  # apart, not header + payload: that copied every forwarded byte once more
         await dst.pipe.drain()
         if on_bytes is not None:
             on_bytes(len(payload))
