@@ -62,6 +62,38 @@ def find_agents(needle: str) -> dict[str, int]:
     return found
 
 
+class ChunkTrace:
+    """When each chunk was spooled (source), stored (target) and fed to zfs receive: the spool
+    directories and the receiver's state file, looked at every 20 ms."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool, self.t0 = spool, time.monotonic()
+        self.seen: dict[tuple[str, int], float] = {}
+
+    def look(self) -> None:
+        now = time.monotonic() - self.t0
+        for d in self.spool.glob("*-send/chunks"):
+            for f in d.glob("*.chunk"):
+                self.seen.setdefault(("spooled", int(f.stem)), now)
+        for d in self.spool.glob("*-receive"):
+            for f in (d / "chunks").glob("*.chunk"):
+                self.seen.setdefault(("stored", int(f.stem)), now)
+            try:
+                fed = int(json.loads((d / "receiver.json").read_text()).get("next_seq", 0))
+            except (OSError, ValueError):
+                continue
+            for seq in range(fed):
+                self.seen.setdefault(("fed", seq), now)
+
+    def table(self) -> str:
+        seqs = sorted({seq for _, seq in self.seen})
+        lines = ["  chunks (seconds from the start: spooled / stored on the target / fed to zfs receive):"]
+        for seq in seqs:
+            cols = [self.seen.get((k, seq)) for k in ("spooled", "stored", "fed")]
+            lines.append(f"    {seq:4d}  " + "  ".join(f"{c:6.2f}" if c is not None else "     -" for c in cols))
+        return "\n".join(lines)
+
+
 def summarize(collapsed: Path, top: int) -> list[str]:
     """Self and total sample counts per function from py-spy's raw (collapsed) output."""
     own: collections.Counter[str] = collections.Counter()
@@ -143,7 +175,9 @@ def main() -> int:
             cpu: dict[str, float] = {}
             agents: dict[str, int] = {}
             coord_pid = 0
+            trace = ChunkTrace(tool.spool(job))
             while coord.poll() is None:
+                trace.look()
                 if not coord_pid:  # under py-spy, the coordinator is its child
                     kids = subprocess.run(["pgrep", "-P", str(coord.pid)], capture_output=True, text=True)
                     coord_pid = int(kids.stdout.split()[0]) if spy and kids.stdout.split() else (
@@ -159,7 +193,7 @@ def main() -> int:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for role, pid in agents.items():
                     cpu[role] = max(cpu.get(role, 0.0), cpu_seconds(pid))
-                time.sleep(0.05)
+                time.sleep(0.02)
             elapsed = time.monotonic() - t0
             daemon_cpu = cpu_seconds(daemon) - daemon_cpu0
             for p in spies.values():
@@ -171,6 +205,7 @@ def main() -> int:
             print(f"zchunk sync {args.size}, rate {args.rate or 'none'}: exit {coord.returncode} in {elapsed:.1f} s")
             groups = ["coordinator", "sender-daemon", "sender-serve", "receiver-daemon", "receiver-serve"]
             print(timeline(out / "zchunk.out"))
+            print(trace.table())
             print(f"  zfs-fuse daemon (both pools, shared): {daemon_cpu:.2f} CPU s")
             for group in groups:
                 names = [n for n in cpu if n == group or n.startswith(group + "-")]

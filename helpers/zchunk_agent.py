@@ -645,6 +645,8 @@ class Session:
         # Chunk n holds min(chunk_size, first_chunk * 2**n) raw bytes (absent: all chunk_size), so the
         # first bytes reach zfs receive after a small chunk, not after a whole chunk_size one.
         self.first_chunk = max(1, min(self.chunk_size, int(cfg.get("first_chunk", self.chunk_size))))
+        # The stream's expected size (raw bytes; 0: unknown): the last chunks get smaller towards it.
+        self.expected = max(0, int(cfg.get("expected_bytes") or 0))
         self.spool_max = int(cfg["spool_max"])
         self.idle_timeout = float(cfg.get("idle_timeout", 86400))
         self.state_path = os.path.join(self.path, "sender.json" if self.role == "send" else "receiver.json")
@@ -652,11 +654,19 @@ class Session:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
-    def chunk_limit(self, seq: int) -> int:
-        """Raw bytes of chunk ``seq`` (the last chunk of a stream may be shorter)."""
-        if seq >= 63 or self.first_chunk << seq >= self.chunk_size:
-            return self.chunk_size
-        return self.first_chunk << seq
+    def chunk_limit(self, seq: int, done: int = 0) -> int:
+        """Raw bytes of chunk ``seq``, ``done`` raw bytes into the stream (the last chunk may be shorter).
+
+        Up: 1, 2, 4, ... x ``first_chunk`` to ``chunk_size``, so zfs receive starts early. Down, when
+        the stream's size is expected: at most half of what is expected to be left (at least
+        4 x ``first_chunk``), so the chunk that is still on its way when zfs send ends is a small
+        one. Past the expected size, an eighth of the bytes so far counts as "left".
+        """
+        limit = self.chunk_size if seq >= 63 else min(self.chunk_size, self.first_chunk << seq)
+        if self.expected:
+            left = self.expected - done if done < self.expected else done // 8
+            limit = min(limit, max(4 * self.first_chunk, left // 2))
+        return max(1, limit)
 
     def chunk_path(self, seq: int, suffix: str = ".chunk") -> str:
         return os.path.join(self.chunks, chunk_name(seq) + suffix)
@@ -921,8 +931,8 @@ class SenderDaemon(Daemon):
         stream = new_hasher(sess.hash_alg)
         seq, raw_total, stored_total = 0, 0, 0
         while True:
-            enc = ChunkEncoder(sess.codec, sess.level, sess.hash_alg)
-            limit = sess.chunk_limit(seq)
+            enc = ChunkEncoder(sess.codec, self.level(), sess.hash_alg)
+            limit = sess.chunk_limit(seq, raw_total)
             while enc.raw_len < limit:
                 piece = pieces.next(limit - enc.raw_len)
                 if not piece:
@@ -949,6 +959,18 @@ class SenderDaemon(Daemon):
             return
         self.save_final(state="done", eof=True, total_chunks=seq, raw_bytes=raw_total,
                   stream_hash=stream.hexdigest(), zfs_exit=0, zfs_stderr=self.zfs_stderr())
+
+    def level(self) -> Optional[int]:
+        """The compression level of the next chunk: the session's, if it set one; else adaptive.
+
+        While the link takes chunks as fast as they are made (at most two wait in the spool),
+        compressing harder only costs CPU that zfs and the transfer need: level 1. Once chunks
+        queue up for the link, every byte saved is time saved: level 3 (the codecs' default here).
+        """
+        if self.sess.level is not None or self.sess.codec == CODEC_NONE:
+            return self.sess.level
+        done, _parts, _used = self.sess.spool_listing()
+        return 1 if len(done) <= 2 else 3
 
     def wait_for_room(self, need: int) -> None:
         """Backpressure: while the spool is full we stop reading zfs send (it blocks, never fails)."""
@@ -1510,7 +1532,11 @@ def ensure_base(base: str) -> None:
 
 
 def cmd_install(args: List[str]) -> Dict[str, Any]:
-    """install BASE ID  (session.json on stdin after the agent source, see bootstrap)."""
+    """install BASE ID CFG [start]  (the agent source on stdin, see bootstrap).
+
+    With ``start``, the installed agent then starts the daemon in the same process (``exec`` of
+    ``agent.py start DIR``, so the daemon's command line names its directory): one round trip
+    and one interpreter start instead of two. The reply is then ``start``'s, with ``path``."""
     base, sid = args[0], args[1]
     cfg = json.loads(args[2])
     if AGENT_SOURCE is None:
@@ -1540,6 +1566,11 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
         if e.errno in NO_SPACE:
             raise AgentError("spool-no-space", "spool filesystem of %s is full: %s" % (base, e)) from None
         raise
+    if args[3:4] == ["start"]:
+        agent = os.path.join(path, "agent.py")
+        python = sys.executable or "python3"
+        sys.stdout.flush()
+        os.execv(python, [python, agent, "start", path])
     return {"path": path}
 
 
@@ -1549,7 +1580,7 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
     zfs_argv(sess.cfg)  # refuse bad arguments before forking
     st = sess.state()
     if st.get("state") in ("running",):
-        return {"pid": st["pid"], "already": True}
+        return {"pid": st["pid"], "already": True, "path": sess.path}
     logfd = open_nofollow(sess.file("daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -1559,7 +1590,7 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
         with os.fdopen(rfd, "rb") as r:
             data = r.read()
         os.waitpid(pid, 0)
-        return {"pid": int(data or b"0")}
+        return {"pid": int(data or b"0"), "path": sess.path}
     os.close(rfd)
     os.setsid()
     if os.fork():

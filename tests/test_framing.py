@@ -666,3 +666,30 @@ def test_sender_ramps_chunk_sizes_from_first_chunk(tmp_path: Path, first: int | 
     assert [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).raw_len for c in chunks] == sizes
     assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream
     assert sess.chunk_limit(10**6) == 1 << 20
+
+
+@pytest.mark.parametrize("expected, sizes_mib", [
+    # as expected: up 1, 2, 4, 8, then half of what is left (8.5, 4.25), 4 MiB at the least, the rest
+    (32 << 20, [1, 2, 4, 8, 8.5, 4.25, 4, 0.25]),
+    # larger than expected (8 MiB): past it, an eighth of what was sent counts as left (still under 4 MiB)
+    (8 << 20, [1, 2, 4, 4, 4, 4, 1]),
+])
+def test_last_chunks_get_smaller_towards_the_expected_size(tmp_path: Path, expected: int,
+                                                           sizes_mib: list[float]) -> None:
+    """The chunk still on its way when zfs send ends is a small one (first_chunk 1 MiB, chunk_size 16 MiB)."""
+    sizes = [int(m * (1 << 20)) for m in sizes_mib]
+    stream = bytes(range(256)) * (sum(sizes) // 256)
+    (tmp_path / "stream").write_bytes(stream)
+    fake_zfs = tmp_path / "fake-zfs"
+    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
+    fake_zfs.chmod(0o755)
+    path = make_session(tmp_path, "send")
+    cfg = json.loads((path / "session.json").read_text())
+    cfg.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []},
+                "chunk_size": 16 << 20, "first_chunk": 1 << 20, "expected_bytes": expected,
+                "spool_max": 1 << 30})
+    (path / "session.json").write_text(json.dumps(cfg))
+    wire.SenderDaemon(wire.Session(str(path))).run()
+    chunks = sorted((path / "chunks").glob("*.chunk"))
+    assert [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).raw_len for c in chunks] == sizes
+    assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream

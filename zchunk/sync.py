@@ -174,7 +174,8 @@ class StreamSpec:
 def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamSpec, idle: float) -> dict[str, Any]:
     cfg: dict[str, Any] = {"id": rec.id, "role": role, "codec": rec.codec, "level": level,
                            "checksum": rec.checksum, "chunk_size": rec.chunk_size,
-                           "first_chunk": min(rec.chunk_size, FIRST_CHUNK), "spool_max": rec.spool_max,
+                           "first_chunk": min(rec.chunk_size, FIRST_CHUNK), "expected_bytes": rec.estimate,
+                           "spool_max": rec.spool_max,
                            "idle_timeout": idle}
     plan = spec.plan
     if role == "send":
@@ -186,11 +187,12 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamS
     return cfg
 
 
-async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, Any]) -> str:
-    """Create ``<spool-dir>/<session>-<role>`` (both may be on one host) holding the agent."""
+async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, Any], start: bool = False) -> str:
+    """Create ``<spool-dir>/<session>-<role>`` (both may be on one host) holding the agent, and with
+    ``start`` start its daemon in the same command."""
     dirname = f"{sid}-{cfg['role']}"
     argv = [host.python, "-c", agent_mod.BOOTSTRAP, "install", opts.spool_dir, dirname, json.dumps(cfg)]
-    res = await host.run(argv, stdin=AGENT_SOURCE)
+    res = await host.run(argv + (["start"] if start else []), stdin=AGENT_SOURCE)
     reply = _agent_reply(host, res.stdout, res.err_text)
     return str(reply["path"])
 
@@ -259,11 +261,14 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
 
 async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
                         src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore) -> None:
-    # Both hosts at once (each step is a round trip and an agent process start). A directory one install
-    # made is recorded even when the other failed, so the caller's cleanup finds it.
+    # Both hosts at once, each in one command (install, then start the daemon: one round trip and one
+    # agent process start). A directory one side made is recorded even when the other failed, so the
+    # caller's cleanup finds it; one made by a command that never answered is found by its name.
     installed = await asyncio.gather(
-        install_agent(dst_host, opts, rec.id, agent_config(rec, "receive", level, spec, opts.agent_idle_timeout)),
-        install_agent(src_host, opts, rec.id, agent_config(rec, "send", level, spec, opts.agent_idle_timeout)),
+        install_agent(dst_host, opts, rec.id, agent_config(rec, "receive", level, spec, opts.agent_idle_timeout),
+                      start=True),
+        install_agent(src_host, opts, rec.id, agent_config(rec, "send", level, spec, opts.agent_idle_timeout),
+                      start=True),
         return_exceptions=True)
     if isinstance(installed[0], str):
         rec.target_dir = installed[0]
@@ -271,9 +276,6 @@ async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
         rec.source_dir = installed[1]
     store.save(rec)
     _raise_first(installed)
-    _raise_first(await asyncio.gather(agent_command(dst_host, opts, rec.target_dir, "start", rec.target_dir),
-                                      agent_command(src_host, opts, rec.source_dir, "start", rec.source_dir),
-                                      return_exceptions=True))
     rec.state = "running"
     store.save(rec)
 
