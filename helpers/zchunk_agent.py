@@ -671,6 +671,19 @@ class Session:
     def chunk_path(self, seq: int, suffix: str = ".chunk") -> str:
         return os.path.join(self.chunks, chunk_name(seq) + suffix)
 
+    def oldest_chunk_age(self) -> float:
+        """Seconds the oldest complete chunk in the spool has been there (0 when there is none)."""
+        oldest = None
+        with os.scandir(self.chunks) as it:
+            for e in it:
+                if e.name.endswith(".chunk"):
+                    try:
+                        mtime = e.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    oldest = mtime if oldest is None else min(oldest, mtime)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
     def spool_listing(self) -> Tuple[Dict[int, int], Dict[int, int], int]:
         """({seq: size} of complete chunks, {seq: size} of partial ones, total bytes on disk)."""
         done: Dict[int, int] = {}
@@ -788,6 +801,8 @@ def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
 
 
 RESERVE_BYTES = 256 * 1024
+# A chunk this many seconds in the source spool is waiting for the link: compress harder (adaptive level).
+SLOW_LINK_AGE = 2.0
 
 
 class Daemon:
@@ -963,14 +978,13 @@ class SenderDaemon(Daemon):
     def level(self) -> Optional[int]:
         """The compression level of the next chunk: the session's, if it set one; else adaptive.
 
-        While the link takes chunks as fast as they are made (at most two wait in the spool),
-        compressing harder only costs CPU that zfs and the transfer need: level 1. Once chunks
-        queue up for the link, every byte saved is time saved: level 3 (the codecs' default here).
+        While the link takes chunks about as fast as they are made (none has waited in the spool
+        for ``SLOW_LINK_AGE`` seconds), compressing harder only costs CPU that zfs and the transfer
+        need: level 1. Once chunks wait for the link, every byte saved is time saved: level 3.
         """
         if self.sess.level is not None or self.sess.codec == CODEC_NONE:
             return self.sess.level
-        done, _parts, _used = self.sess.spool_listing()
-        return 1 if len(done) <= 2 else 3
+        return 3 if self.sess.oldest_chunk_age() > SLOW_LINK_AGE else 1
 
     def wait_for_room(self, need: int) -> None:
         """Backpressure: while the spool is full we stop reading zfs send (it blocks, never fails)."""

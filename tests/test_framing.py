@@ -35,7 +35,7 @@ from helpers.zchunk_agent import (
     read_frame,
 )
 from zchunk import errors as E
-from zchunk.protocol import ALLOWED_OPS, COORDINATOR_CAPS, AgentChannel, relay_chunk
+from zchunk.protocol import ALLOWED_OPS, COORDINATOR_CAPS, AgentChannel, ChannelChunks, LocalSpoolChunks, relay_chunk
 from zchunk.transport import LinkDown
 
 # -- fixed vectors -----------------------------------------------------------------
@@ -611,7 +611,7 @@ def test_relay_chunk_forwards_data_frames_from_the_offset(offset: int) -> None:
     async def go() -> tuple[bool, FakePipe, FakePipe]:
         src, spipe = await connected("send", src_frames)
         dst, dpipe = await connected("receive", encode_message(FRAME_REPLY, 1, {"stored": True}))
-        stored = await relay_chunk(src, dst, 4, offset, moved.append)
+        stored = await relay_chunk(ChannelChunks(src), dst, 4, offset, moved.append)
         return stored, spipe, dpipe
 
     stored, spipe, dpipe = run(go())
@@ -632,10 +632,49 @@ def test_relay_chunk_refuses_more_data_than_announced() -> None:
     async def go() -> None:
         src, _ = await connected("send", src_frames)
         dst, _ = await connected("receive")
-        await relay_chunk(src, dst, 0, 0)
+        await relay_chunk(ChannelChunks(src), dst, 0, 0)
 
     with pytest.raises(E.ProtocolError):
         run(go())
+
+
+@pytest.mark.parametrize("offset", [0, 13])
+def test_a_local_source_spool_is_relayed_straight_from_its_chunk_file(tmp_path: Path, offset: int) -> None:
+    """Push mode: the coordinator reads the local sender's chunk itself; the target sees the same frames."""
+    path = make_session(tmp_path, "send")
+    blob = wire.encode_chunk(4, os.urandom(3 << 20), wire.CODEC_NONE, None, wire.HASH_BLAKE2B)
+    (path / "chunks" / (wire.chunk_name(4) + ".chunk")).write_bytes(blob)
+    rest = blob[offset:]
+
+    async def go() -> tuple[bool, FakePipe]:
+        dst, dpipe = await connected("receive", encode_message(FRAME_REPLY, 1, {"stored": True}))
+        return await relay_chunk(LocalSpoolChunks(str(path), "localhost"), dst, 4, offset), dpipe
+
+    stored, dpipe = run(go())
+    sent = dpipe.sent()
+    assert stored is True
+    assert sent[0] == (FRAME_REQUEST, 1, {"seq": 4, "offset": offset, "length": len(rest),
+                                          "total": len(blob), "op": "put_chunk"})
+    assert all(t == FRAME_DATA and r == 1 and len(p) <= wire.DATA_PIECE for t, r, p in sent[1:])
+    assert b"".join(p for _, _, p in sent[1:]) == rest
+
+
+def test_a_local_source_spool_refuses_what_the_agent_refuses(tmp_path: Path) -> None:
+    """A missing chunk is the agent's no-chunk; a symlink in a chunk's place is never followed."""
+    path = make_session(tmp_path, "send")
+    (tmp_path / "elsewhere").write_bytes(b"secret")
+    (path / "chunks" / (wire.chunk_name(1) + ".chunk")).symlink_to(tmp_path / "elsewhere")
+
+    async def go(seq: int) -> None:
+        dst, _ = await connected("receive")
+        await relay_chunk(LocalSpoolChunks(str(path), "localhost"), dst, seq, 0)
+
+    with pytest.raises(E.RemoteError) as missing:
+        run(go(0))
+    assert missing.value.fields.get("code") == "no-chunk"
+    with pytest.raises(E.ZchunkError) as link:
+        run(go(1))
+    assert "symlink" in str(link.value)
 
 
 # -- chunk sizes: the ramp ------------------------------------------------------------

@@ -101,7 +101,7 @@ SpoolDir = typer.Option("/var/tmp/zchunk", "--spool-dir", help="Base directory f
 ChunkSize = typer.Option("32M", "--chunk-size", help="Raw bytes of zfs send stream per chunk (64K-256M).")
 Compress = typer.Option("auto", "--compress", help="Chunk compression: zstd[:LEVEL] (default when both "
                         "agents can), zlib[:LEVEL] or none. Without a LEVEL it adapts per chunk: 1 while the "
-                        "link takes chunks as fast as they are made, 3 once they queue for it.")
+                        "link takes chunks as fast as they are made, 3 once they wait for it (2 s).")
 SpoolMax = typer.Option("2G", "--spool-max", help="Spool cap per host; a full spool pauses zfs send.")
 Parallel = typer.Option(4, "--parallel", help="Chunks in flight at once.")
 Patience = typer.Option("24h", "--patience", help="Keep retrying through outages until this long passes "

@@ -33,8 +33,8 @@ from .errors import (
     ZfsSendFailed,
 )
 from .progress import human_bytes
-from .protocol import AgentChannel, relay_chunk
-from .transport import Host, LinkDown
+from .protocol import AgentChannel, ChannelChunks, ChunkSource, LocalSpoolChunks, relay_chunk
+from .transport import Host, LinkDown, LocalHost
 from .zfs import Zfs
 
 log = logging.getLogger("zchunk.engine")
@@ -72,6 +72,11 @@ class AgentSide:
     @property
     def name(self) -> str:
         return self.host.name
+
+    @property
+    def local(self) -> bool:
+        """On this machine: the coordinator may read this side's spool itself."""
+        return isinstance(self.host, LocalHost)
 
     async def open_channel(self, opts: EngineOptions) -> AgentChannel:
         argv = [self.host.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
@@ -446,6 +451,9 @@ class Transfer:
 
     async def _worker(self, wid: int) -> None:
         chans: dict[str, AgentChannel | None] = {"send": None, "receive": None}
+        # A source spool on this machine is read directly: no channel (and no serve process) for it.
+        local_src = LocalSpoolChunks(self.src.session_dir, self.src.name) if self.src.local else None
+        sides = [side for side in (self.src, self.dst) if not (side is self.src and local_src is not None)]
 
         async def close_all(failed_host: str | None = None) -> None:
             for role in ("send", "receive"):
@@ -457,10 +465,10 @@ class Transfer:
 
         async def open_channels(quietly: bool = False) -> None:
             """Both channels, opened concurrently (each starts an agent server process on its host)."""
-            sides = [side for side in (self.src, self.dst) if chans[side.role] is None]
-            opened = await asyncio.gather(*(side.open_channel(self.opts) for side in sides),
+            closed = [side for side in sides if chans[side.role] is None]
+            opened = await asyncio.gather(*(side.open_channel(self.opts) for side in closed),
                                           return_exceptions=True)
-            for side, ch in zip(sides, opened):
+            for side, ch in zip(closed, opened):
                 if isinstance(ch, AgentChannel):
                     chans[side.role] = ch
             for ch in opened:
@@ -471,7 +479,13 @@ class Transfer:
             try:
                 await open_channels()
                 src_ch, dst_ch = chans["send"], chans["receive"]
-                assert src_ch is not None and dst_ch is not None
+                assert dst_ch is not None
+                source: ChunkSource
+                if local_src is not None:
+                    source = local_src
+                else:
+                    assert src_ch is not None
+                    source = ChannelChunks(src_ch)
                 st = await dst_ch.request("status")
                 have = {int(k): int(v) for k, v in (st.get("parts") or {}).items()}.get(seq, 0)
                 if seq in set(int(s) for s in st.get("chunks", [])) or seq < int(
@@ -487,7 +501,7 @@ class Transfer:
 
                 self.moving[seq] = time.monotonic()
                 try:
-                    stored = await relay_chunk(src_ch, dst_ch, seq, have, moved,
+                    stored = await relay_chunk(source, dst_ch, seq, have, moved,
                                                functools.partial(self._turn_of, seq))
                 finally:
                     self.moving.pop(seq, None)
@@ -514,7 +528,7 @@ class Transfer:
                     self.changed.clear()
                     await self.changed.wait()
                     continue
-                if chans["send"] is None or chans["receive"] is None:
+                if any(chans[side.role] is None for side in sides):
                     # Open them before taking a chunk, so that meanwhile a worker that is ready moves the
                     # lowest one (a failure is left to move(), which retries).
                     await open_channels(quietly=True)
