@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -732,3 +733,19 @@ def test_last_chunks_get_smaller_towards_the_expected_size(tmp_path: Path, expec
     chunks = sorted((path / "chunks").glob("*.chunk"))
     assert [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).raw_len for c in chunks] == sizes
     assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream
+
+
+def test_adaptive_level_is_1_while_the_link_keeps_up_and_3_once_chunks_wait(tmp_path: Path) -> None:
+    """No level given: 1 while no chunk has waited SLOW_LINK_AGE in the source spool, then 3."""
+    path = make_session(tmp_path, "send")
+    daemon = wire.SenderDaemon(wire.Session(str(path)))
+    assert daemon.level() == 1  # empty spool
+    chunk = path / "chunks" / (wire.chunk_name(0) + ".chunk")
+    chunk.write_bytes(b"x")
+    assert daemon.level() == 1  # just made
+    old = time.time() - wire.SLOW_LINK_AGE - 1
+    os.utime(chunk, (old, old))
+    assert daemon.level() == 3  # waiting for the link
+    cfg = json.loads((path / "session.json").read_text())
+    (path / "session.json").write_text(json.dumps(dict(cfg, level=6)))
+    assert wire.SenderDaemon(wire.Session(str(path))).level() == 6  # --compress zstd:6 is kept
