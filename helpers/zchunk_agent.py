@@ -1520,6 +1520,7 @@ AGENT_SOURCE: Optional[bytes] = None  # set by the bootstrap when run from stdin
 
 
 def cmd_probe(args: List[str]) -> Dict[str, Any]:
+    """probe [BASE]: what this host can do; with BASE also ``sessions BASE`` (one round trip for both)."""
     import grp
     import pwd
     import shutil
@@ -1528,10 +1529,16 @@ def cmd_probe(args: List[str]) -> Dict[str, Any]:
         groups = [grp.getgrgid(g).gr_name for g in os.getgroups()]
     except KeyError:
         user, groups = str(os.geteuid()), []
+    listing: Dict[str, Any] = {}
+    if args:
+        try:
+            listing = cmd_sessions(args[:1])
+        except OSError:  # an unreadable base: left to `sessions`, asked for when needed, to report
+            pass
     return {"python": list(sys.version_info[:3]), "capabilities": capabilities(),
             "agent_version": AGENT_VERSION, "protocol": PROTOCOL_VERSION,
             "zfs": shutil.which("zfs"), "uid": os.geteuid(), "user": user, "groups": groups,
-            "host": socket.gethostname()}
+            "host": socket.gethostname(), **listing}
 
 
 def ensure_base(base: str) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,12 +312,16 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         await _move_holds(src, dst, tag, plan, newest, dst_name)
         if ropts.create_bookmark:
             await _bookmark(src, newest, policy.identifier, emit)
-    await _prune(src, src_prunes, tag, emit)
-    if plan.steps:  # what the target really holds now decides, not the forecast
-        after = await dst.zfs.require(dst_name)
-        dst_prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_sync_snaps,
+
+    async def prune_target() -> None:
+        prunes = dst_prunes
+        if plan.steps:  # what the target really holds now decides, not the forecast
+            after = await dst.zfs.require(dst_name)
+            prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_sync_snaps,
                                 {newest.guid} if newest is not None else set())
-    await _prune(dst, dst_prunes, tag, emit)
+        await _prune(dst, prunes, tag, emit)
+
+    await _both(_prune(src, src_prunes, tag, emit), prune_target())  # the new base is held on both by now
     if plan.up_to_date:
         emit("up_to_date", detail=f"{_label(dst, dst_name)} already has "
              f"{newest.short if newest else 'everything'}: nothing to send")
@@ -346,7 +351,10 @@ async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: St
     said_waiting = False
     while True:
         starting = None
-        for s in await list_spool(dst.host, opts.spool_dir):
+        # The first look is the probe's, taken a moment ago at preflight (one round trip saved); later
+        # ones, and those for the other datasets of a recursive run, ask the host again.
+        listing, dst.rep.sessions = dst.rep.sessions, None
+        for s in listing if listing is not None else await list_spool(dst.host, opts.spool_dir):
             if s.get("role") != "receive" or s.get("dataset") != dst_name:
                 continue
             sid, state, pid = str(s.get("session") or s["id"]), s.get("state"), s.get("pid")
@@ -506,13 +514,24 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
                       dst_name: str) -> None:
     """Hold the new common snapshot on both sides, then release the old base: always one held."""
     dst_snap = f"{dst_name}@{newest.short}"
-    await _hold(src, tag, newest.name, Emitter(None))
-    await _hold(dst, tag, dst_snap, Emitter(None))
+    await _both(_hold(src, tag, newest.name, Emitter(None)), _hold(dst, tag, dst_snap, Emitter(None)))
     if plan.common is not None and plan.common.guid != newest.guid:
-        if src.holds:
-            await src.zfs.release(tag, plan.common.name)
-        if dst.holds and plan.target_common is not None:
-            await dst.zfs.release(tag, plan.target_common.name)
+        async def release_source() -> None:
+            if src.holds and plan.common is not None:
+                await src.zfs.release(tag, plan.common.name)
+
+        async def release_target() -> None:
+            if dst.holds and plan.target_common is not None:
+                await dst.zfs.release(tag, plan.target_common.name)
+
+        await _both(release_source(), release_target())
+
+
+async def _both(source_step: Awaitable[Any], target_step: Awaitable[Any]) -> None:
+    """One step on each host, at once (each is a round trip); both finish before a failure is raised."""
+    for r in await asyncio.gather(source_step, target_step, return_exceptions=True):
+        if isinstance(r, BaseException):
+            raise r
 
 
 async def _bookmark(src: Side, newest: Snapshot, identifier: str, emit: Emitter) -> None:

@@ -25,7 +25,7 @@ from .endpoint import Endpoint, parse_endpoint
 from .engine import AgentSide, EngineOptions, Transfer, TransferResult
 from .plan import SendPlan
 from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
-from .transport import Host, LinkDown, SshOptions, first_contact, make_host
+from .transport import Host, LinkDown, LocalHost, SshOptions, first_contact, make_host
 from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
 
 AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()
@@ -65,6 +65,7 @@ class HostReport:
     user: str = "root"
     groups: tuple[str, ...] = ()
     hostname: str = "host"
+    sessions: list[dict[str, Any]] | None = None  # ``sessions --spool-dir`` as the probe saw it
 
 
 @dataclass
@@ -99,7 +100,8 @@ async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
     """python3 and zfs present and usable; nothing is written."""
     # Both at once (the zfs probes are read-only); python's answer is judged first, as before.
     res, features = await asyncio.gather(
-        host.run([host.python, "-c", agent_mod.BOOTSTRAP, "probe"], stdin=AGENT_SOURCE), Zfs(host).features(),
+        host.run([host.python, "-c", agent_mod.BOOTSTRAP, "probe", opts.spool_dir], stdin=AGENT_SOURCE),
+        Zfs(host).features(),
         return_exceptions=True)
     if isinstance(res, BaseException):
         raise res
@@ -116,7 +118,8 @@ async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
     if isinstance(features, BaseException):
         raise features
     return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
-                      str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")))
+                      str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")),
+                      _listing(info.get("sessions")) if "sessions" in info else None)
 
 
 def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int | None, str]:
@@ -198,8 +201,25 @@ async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, 
 
 
 async def agent_command(host: Host, opts: SyncOptions, session_dir: str, *args: str) -> dict[str, Any]:
+    if isinstance(host, LocalHost) and args and args[0] in _IN_PROCESS:
+        return await asyncio.to_thread(_agent_here, host, list(args))
     res = await host.run([host.python, f"{session_dir}/agent.py", *args])
     return _agent_reply(host, res.stdout, res.err_text)
+
+
+# Agent commands that neither fork nor keep state: on this machine they run in the coordinator (on a
+# thread), as the agent's own code under the agent's user, instead of starting an interpreter for them.
+_IN_PROCESS = {"remove"}
+
+
+def _agent_here(host: Host, argv: list[str]) -> dict[str, Any]:
+    try:
+        return dict(agent_mod.COMMANDS[argv[0]](argv[1:]) or {})
+    except agent_mod.AgentError as e:
+        raise E.from_remote(host.name, e.to_dict()) from e
+    except OSError as e:
+        raise E.from_remote(host.name, agent_mod.AgentError("os-error", f"{argv[0]}: {e}", errno=e.errno)
+                            .to_dict()) from e
 
 
 def _agent_reply(host: Host, stdout: bytes, stderr: str) -> dict[str, Any]:
@@ -350,13 +370,19 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
         store.save(rec)
         await _remove_dirs(rec, src_host, dst_host, opts, emit)
         raise
-    guid = await Zfs(dst_host).guid(f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}")
-    if guid != rec.snapshot_guid:
-        rec.state, rec.reason = "failed", "guid mismatch"
-        store.save(rec)
-        raise E.IntegrityError(reason=f"target snapshot guid {guid} != source guid {rec.snapshot_guid}")
-    emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
-    await _remove_dirs(rec, src_host, dst_host, opts, emit)
+    # The source's directory is of no more use once the target has the whole stream: removed while the
+    # guid is checked. The target's stays until then (its receiver.json is the evidence of a mismatch).
+    source_cleanup = asyncio.ensure_future(_remove_dirs(rec, src_host, dst_host, opts, emit, roles=("send",)))
+    try:
+        guid = await Zfs(dst_host).guid(f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}")
+        if guid != rec.snapshot_guid:
+            rec.state, rec.reason = "failed", "guid mismatch"
+            store.save(rec)
+            raise E.IntegrityError(reason=f"target snapshot guid {guid} != source guid {rec.snapshot_guid}")
+        emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
+        await _remove_dirs(rec, src_host, dst_host, opts, emit, roles=("receive",))
+    finally:
+        await source_cleanup
     rec.state, rec.raw_bytes, rec.total_chunks = "done", result.raw_bytes, result.total_chunks
     rec.chunks_received = result.total_chunks
     store.save(rec)
@@ -371,7 +397,11 @@ async def list_spool(host: Host, spool_base: str) -> list[dict[str, Any]]:
         listing = json.loads(res.stdout.decode().strip().splitlines()[-1]).get("sessions", [])
     except (ValueError, IndexError, AttributeError):
         return []
-    return [s for s in listing if isinstance(s, dict) and "path" in s]
+    return _listing(listing)
+
+
+def _listing(listing: Any) -> list[dict[str, Any]]:
+    return [s for s in listing if isinstance(s, dict) and "path" in s] if isinstance(listing, list) else []
 
 
 async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
@@ -385,8 +415,9 @@ async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
 
 
 async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
-                       emit: Emitter) -> None:
-    """Stop both agents and remove both session directories (kept with --keep), also unrecorded ones."""
+                       emit: Emitter, roles: tuple[str, ...] = ("send", "receive")) -> None:
+    """Stop the agents and remove the session directories (kept with --keep), also unrecorded ones; both
+    sides unless ``roles`` says which. ``cleaned`` is said once the receiving side's is done."""
     async def one_side(host: Host, role: str) -> None:
         try:
             paths = await session_dirs(rec, host, role)
@@ -400,9 +431,11 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             except (E.ZchunkError, LinkDown) as e:
                 emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
 
-    _raise_first(await asyncio.gather(one_side(src_host, "send"), one_side(dst_host, "receive"),
+    sides = [(src_host, "send"), (dst_host, "receive")]
+    _raise_first(await asyncio.gather(*(one_side(host, role) for host, role in sides if role in roles),
                                       return_exceptions=True))  # both hosts at once
-    emit("cleaned", kept=opts.keep)
+    if "receive" in roles:
+        emit("cleaned", kept=opts.keep)
 
 
 async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> SessionRecord:
