@@ -1553,11 +1553,12 @@ def ensure_base(base: str) -> None:
 
 
 def cmd_install(args: List[str]) -> Dict[str, Any]:
-    """install BASE ID CFG [start]  (the agent source on stdin, see bootstrap).
+    """install BASE ID CFG [start [DIR]]  (the agent source on stdin, see bootstrap).
 
-    With ``start``, the installed agent then starts the daemon in the same process (``exec`` of
-    ``agent.py start DIR``, so the daemon's command line names its directory): one round trip
-    and one interpreter start instead of two. The reply is then ``start``'s, with ``path``."""
+    With ``start``, the daemon is started in the same command: one round trip instead of two.
+    With ``DIR`` too (the session directory's absolute path, as the coordinator expects it) this
+    very process forks it, since its command line then names the directory; without, or if the
+    directory is another, it ``exec``s ``agent.py start DIR``. The reply is ``start``'s, with ``path``."""
     base, sid = args[0], args[1]
     cfg = json.loads(args[2])
     if AGENT_SOURCE is None:
@@ -1571,8 +1572,14 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        raise AgentError("session-dir", "session directory %s already exists: refusing to reuse it"
-                         % path) from None
+        if not _installed_already(path, cfg):
+            raise AgentError("session-dir", "session directory %s already exists: refusing to reuse it"
+                             % path) from None
+        # This very install, retried by the coordinator after the link died before its answer arrived
+        # (the name holds a fresh random session id, the base is private, the files are ours to the byte).
+        if args[3:4] == ["start"]:
+            return cmd_start([path])  # the daemon is not started twice (see cmd_start)
+        return {"path": path}
     check_private_dir(path, "session directory")
     try:
         os.mkdir(os.path.join(path, "chunks"), 0o700)
@@ -1588,6 +1595,10 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
             raise AgentError("spool-no-space", "spool filesystem of %s is full: %s" % (base, e)) from None
         raise
     if args[3:4] == ["start"]:
+        if args[4:5] == [path]:
+            # The coordinator named the directory: it is in this process's command line, so the daemon
+            # forked from here is recognised by it (pid_is_ours), and the source is compiled already.
+            return cmd_start([path])
         agent = os.path.join(path, "agent.py")
         python = sys.executable or "python3"
         sys.stdout.flush()
@@ -1595,12 +1606,36 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
     return {"path": path}
 
 
+def _installed_already(path: str, cfg: Dict[str, Any]) -> bool:
+    """Whether ``path`` is a complete install of exactly this session (a directory of ours, not a link)."""
+    try:
+        check_private_dir(path, "session directory")
+        with os.fdopen(open_nofollow(os.path.join(path, "agent.py"), os.O_RDONLY), "rb") as f:
+            same_agent = f.read(len(AGENT_SOURCE or b"") + 1) == AGENT_SOURCE
+        return same_agent and read_json(os.path.join(path, "session.json")) == cfg
+    except (AgentError, OSError, ValueError):
+        return False
+
+
 def cmd_start(args: List[str]) -> Dict[str, Any]:
-    """Fork the detached daemon of this session (double fork, setsid, stdio to daemon.log)."""
+    """Fork the detached daemon of this session (double fork, setsid, stdio to daemon.log).
+
+    Never twice: the daemon holds an exclusive lock on ``daemon.lock`` for its whole life (taken here
+    before forking, inherited), so a second ``start`` (a retried install, a stray command) finds it
+    taken and answers ``already`` instead of starting a second zfs send or receive."""
+    import fcntl
+
     sess = Session(args[0])
     zfs_argv(sess.cfg)  # refuse bad arguments before forking
+    lockfd = open_nofollow(sess.file("daemon.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lockfd)
+        return {"pid": sess.state().get("pid"), "already": True, "path": sess.path}
     st = sess.state()
     if st.get("state") in ("running",):
+        os.close(lockfd)
         return {"pid": st["pid"], "already": True, "path": sess.path}
     logfd = open_nofollow(sess.file("daemon.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     rfd, wfd = os.pipe()
@@ -1611,6 +1646,7 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
         with os.fdopen(rfd, "rb") as r:
             data = r.read()
         os.waitpid(pid, 0)
+        os.close(lockfd)  # the daemon holds it now
         return {"pid": int(data or b"0"), "path": sess.path}
     os.close(rfd)
     os.setsid()

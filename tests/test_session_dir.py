@@ -401,3 +401,25 @@ def test_a_relative_spool_dir_works_end_to_end(pool_factory: Any, sshd_local: An
             if d.is_dir():
                 assert list(d.iterdir()) == [], f"session directories left in {d}"
                 d.rmdir()
+
+
+def test_a_retried_install_is_taken_for_the_first_and_never_starts_a_second_daemon(base: Path) -> None:
+    """The link died before install's answer: the coordinator runs the same install again. The very same
+    files are found, the answer is the first one's, and the daemon (holding daemon.lock) is not doubled."""
+    argv = [sys.executable, "-c", BOOTSTRAP, "install", str(base), f"{SID}-receive", json.dumps(config("receive"))]
+    first = subprocess.run(argv, input=AGENT_SOURCE, capture_output=True, timeout=60)
+    assert first.returncode == 0, first.stdout
+    path = Path(json.loads(first.stdout)["path"])
+    again = subprocess.run(argv, input=AGENT_SOURCE, capture_output=True, timeout=60)
+    assert again.returncode == 0 and json.loads(again.stdout) == {"path": str(path)}, again.stdout
+    lock = path / "daemon.lock"
+    lock.touch(mode=0o600)
+    import fcntl
+    with open(lock, "r+") as held:  # as a running daemon holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        started = subprocess.run(argv + ["start"], input=AGENT_SOURCE, capture_output=True, timeout=60)
+    reply = json.loads(started.stdout.splitlines()[-1])
+    assert started.returncode == 0 and reply["already"] is True and reply["path"] == str(path), started.stdout
+    assert not (path / "receiver.json").exists(), "no second daemon was started"
+    other = dict(config("receive"), chunk_size=1 << 16)  # not this install: refused
+    refused(*bootstrap("install", str(base), f"{SID}-receive", json.dumps(other)), "already exists")

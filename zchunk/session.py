@@ -148,7 +148,8 @@ class StateStore:
                 out.append(_record(json.loads(p.read_text())))
             except (ValueError, TypeError):
                 continue  # a foreign or damaged file is not ours to interpret
-        return out
+        # oldest first by creation time: ids tell only the second, and two sessions may share one
+        return sorted(out, key=lambda r: (r.created, r.id))
 
     def find_active(self, source: str, target: str) -> SessionRecord | None:
         for rec in reversed(self.all()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import posixpath
 import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -195,7 +196,10 @@ async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, 
     ``start`` start its daemon in the same command."""
     dirname = f"{sid}-{cfg['role']}"
     argv = [host.python, "-c", agent_mod.BOOTSTRAP, "install", opts.spool_dir, dirname, json.dumps(cfg)]
-    res = await host.run(argv + (["start"] if start else []), stdin=AGENT_SOURCE)
+    if start:  # an absolute spool directory names the session's: the daemon is forked by install itself
+        argv += ["start"] + ([posixpath.normpath(posixpath.join(opts.spool_dir, dirname))]
+                             if opts.spool_dir.startswith("/") else [])
+    res = await host.run(argv, stdin=AGENT_SOURCE)
     reply = _agent_reply(host, res.stdout, res.err_text)
     return str(reply["path"])
 
