@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import run as bench  # noqa: E402
-from tools import PATH, Job  # noqa: E402
+from tools import PATH, Job, Zchunk  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 MiB = 1 << 20
@@ -161,6 +161,7 @@ def main() -> int:
             job = Job(ds, "s1", None, f"{b.dst.name}/prof", b.work / "run")
             job.workdir.mkdir(parents=True)
             tool = bench.TOOLS["zchunk"]
+            assert isinstance(tool, Zchunk)
             argv = [*tool.argv(job, b.far), *args.extra]
             spy = [] if args.no_spy else [str(PY_SPY), "record", "--format", "raw", "--rate", "200",
                                           "--nonblocking", "-o"]

@@ -11,7 +11,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 TARGETS = {
-    "nolimit": 1.2,  # zchunk / syncoid, fault-free at full speed: 1.0-1.2
+    "nolimit": 1.2,  # zchunk / syncoid, fault-free at full speed (the transfer engine's issue)
+    "nolimit-strict": 1.0,  # the same ratio, as the benchmark issue asks it
     "100mbit": 0.9,  # zchunk / syncoid on a 100 Mbit link
     "flap": 1.3,  # zchunk flap time / (its 100mbit time + outage time in the run)
     "agent_rss": 100 * MiB,  # per agent at 32 MiB chunks
@@ -176,11 +177,11 @@ def verdict(value: float | None, target: float, better: str = "le") -> str:
 
 def ratios(res: Results) -> list[str]:
     lines = ["| figure | value | target | verdict |", "|---|---|---|---|"]
-    for scen in ("nolimit", "100mbit"):
+    for scen, target in (("nolimit", "nolimit"), ("nolimit", "nolimit-strict"), ("100mbit", "100mbit")):
         z, s = res.time(scen, "zchunk"), res.time(scen, "syncoid")
         value = z / s if z and s else None
         lines.append(f"| {scen}: zchunk time / syncoid time | {fmt(value, 2)} "
-                     f"({fmt(z)} s / {fmt(s)} s) | ≤ {TARGETS[scen]} | {verdict(value, TARGETS[scen])} |")
+                     f"({fmt(z)} s / {fmt(s)} s) | ≤ {TARGETS[target]} | {verdict(value, TARGETS[target])} |")
     base = res.time("100mbit", "zchunk")
     flap_ok = res.ok("flap", "zchunk")
     if base and flap_ok:

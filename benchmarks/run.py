@@ -496,10 +496,13 @@ def snapshot_code(dest: Path) -> str:
         shutil.copytree(repo / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
         for path in sorted((dest / package).rglob("*.py")):
             digest.update(path.relative_to(dest).as_posix().encode() + b"\0" + path.read_bytes())
+    # Compiled once, as `pip install` does for an installed zchunk: otherwise every run would compile
+    # the coordinator's modules anew (PYTHONDONTWRITEBYTECODE, or a copy nobody compiled yet).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest)], check=True)
     zchunk_tool = TOOLS["zchunk"]
     assert isinstance(zchunk_tool, Zchunk)
     zchunk_tool.code = dest
-    return f"copy of zchunk/ and helpers/ taken at the start, sha256 {digest.hexdigest()[:12]}"
+    return f"copy of zchunk/ and helpers/ taken at the start, sha256 {digest.hexdigest()[:12]}, compiled"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

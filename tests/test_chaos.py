@@ -344,7 +344,10 @@ def abort_then_rerun(lab_: Lab, args: list[str], dst: str) -> None:
     lab_.note("kill -9 the coordinator, then zchunk abort")
     lab_.bg.kill9()
     lab_.runs.append(lab_.bg.finish(timeout=10))
-    active = [s for s in json.loads(zc.run("sessions").stdout) if s["state"] in ("starting", "running")]
+    # unfinished ones, and ended ones whose directories may remain (killed while cleaning up), as
+    # `zchunk sessions` lists them
+    active = [s for s in json.loads(zc.run("sessions").stdout)
+              if s["state"] in ("starting", "running") or s.get("dirs_left")]
     for s in active:
         run = zc.run("abort", s["id"], "--ssh-config", str(lab_.sshd.ssh_config), timeout=300)
         lab_.runs.append(run)

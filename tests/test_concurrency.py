@@ -206,3 +206,36 @@ def test_a_rerun_cleans_a_session_killed_while_installing(tmp_path: Path, pool_f
         assert zc.session_dirs() == []
     finally:
         kill_matching(str(zc.spool_dir))
+
+
+def test_a_session_killed_while_cleaning_up_is_cleaned_by_the_next_run(tmp_path: Path, pool_factory: Any,
+                                                                      sshd_local: lab.Sshd) -> None:
+    """Chaos seed 17 again: the coordinator was killed while removing a failed session's directories (the
+    removal was waiting out an outage). The record said "failed", so `zchunk abort` of the unfinished
+    sessions skipped it and its directories stayed. The record now says ``dirs_left`` until a removal of
+    both succeeded; `zchunk sessions` shows it, and the next run removes both sides' directories first."""
+    from zchunk.session import StateStore
+
+    zc = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
+    src_pool, dst_pool = pool_factory(size="256M"), pool_factory(size="256M")
+    quiet_target_pool(dst_pool)
+    src = make_source(src_pool, 2 * MiB, seed=86)
+    dst = f"{dst_pool.name}/replica"
+    sid = "20250101T000000Z-3dead3ed"
+    dirs = killed_while_installing(zc, sshd_local, src, dst, sid, "failed")
+    store = StateStore(zc.state_dir)
+    rec = store.load(sid)
+    rec.target_dir, rec.source_dir, rec.dirs_left = str(dirs[0]), str(dirs[1]), True
+    store.save(rec)
+    try:
+        listed = zc.run("sessions", json_out=False)
+        assert "directories left" in listed.stdout and f"zchunk abort {sid}" in listed.stdout, listed.stdout
+        run = zc.run("sync", src, f"local:{dst}", "--chunk-size", "256K", "--ssh-config", str(sshd_local.ssh_config))
+        assert run.returncode == 0, run.explain()
+        assert [e["session"] for e in run.of("leftovers")] == [sid]
+        assert [d for d in dirs if d.exists()] == [], "both sides' directories are gone"
+        assert store.load(sid).state == "failed" and not store.load(sid).dirs_left
+        assert_replica(src, dst, "s1")
+        assert zc.session_dirs() == []
+    finally:
+        kill_matching(str(zc.spool_dir))

@@ -271,8 +271,10 @@ def abort(
     rec = _run(lib.abort(session, opts, _renderer(json_out, False)), json_out)
     if json_out:
         print(json.dumps({"event": "result", "session": rec.id, "state": rec.state}))
-    else:
+    elif rec.state == "aborted":
         sys.stderr.write(f"aborted {rec.id}\n")
+    else:  # it had ended already: only what it left on the hosts was removed
+        sys.stderr.write(f"removed what session {rec.id} ({rec.state}) left on the hosts\n")
 
 
 @app.command()
@@ -292,7 +294,8 @@ def sessions(
     rows = [("ID", "STATE", "SOURCE", "TARGET", "DONE/ESTIMATE", "CHUNKS", "AGE")]
     for r in recs:
         chunks = f"{r.chunks_received}/{r.total_chunks}" if r.total_chunks else f"{r.chunks_received}/?"
-        rows.append((r.id, r.state, r.snapshot if r.source.count(":") == 0 else r.source, r.target,
+        state = f"{r.state} (directories left: zchunk abort {r.id})" if r.leftover else r.state
+        rows.append((r.id, state, r.snapshot if r.source.count(":") == 0 else r.source, r.target,
                      f"{human_bytes(r.raw_bytes)}/{human_bytes(r.estimate)}", chunks,
                      human_duration(now - r.created)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]

@@ -214,6 +214,9 @@ class TextRenderer:
     def on_restart(self, f: dict[str, Any]) -> None:
         self._line(f"{f['source']}: {f['reason']}; {f['how']}")
 
+    def on_leftovers(self, f: dict[str, Any]) -> None:
+        self._line(f"session {f['session']} ({f['state']}) left its directories on the hosts: removing them")
+
     def on_stale_cleaned(self, f: dict[str, Any]) -> None:
         self._line(f"{f['host']}: removed the leftovers of a dead session ({f['path']}, {f['state']})")
 

@@ -39,6 +39,7 @@ from .sync import (
     StreamSpec,
     SyncOptions,
     SyncResult,
+    abort,
     agent_command,
     list_spool,
     probe_host,
@@ -150,6 +151,13 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
             if on_event is not None:
                 on_event(kind, fields)
 
+        for ended in store.leftovers_under(str(source), str(target)):
+            # a coordinator killed while cleaning up: the directories of an ended session go first
+            emit("leftovers", session=ended.id, state=ended.state)
+            try:
+                await abort(ended.id, opts, on_event)
+            except E.ZchunkError as e:
+                emit("warning", host=str(target), detail=f"could not remove what ended session {ended.id} left: {e}")
         for active in store.active_under(str(source), str(target)):
             emit("reattach", session=active.id)
             try:

@@ -55,10 +55,18 @@ class SessionRecord:
     raw_bytes: int = 0
     chunks_received: int = 0
     total_chunks: int | None = None
+    # Its directories may exist on the hosts: from before the install until a removal of both succeeded
+    # (a coordinator killed while cleaning up leaves a finished or failed session with them).
+    dirs_left: bool = False
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
+
+    @property
+    def leftover(self) -> bool:
+        """Ended, but its session directories may still be on the hosts."""
+        return not self.active and self.dirs_left
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +171,13 @@ class StateStore:
             return name == root or name.startswith(root + "/")
 
         return [r for r in self.all() if r.active and under(r.source, source) and under(r.target, target)]
+
+    def leftovers_under(self, source: str, target: str) -> list[SessionRecord]:
+        """Ended sessions of this pair or of their children whose directories may still be on the hosts."""
+        def under(name: str, root: str) -> bool:
+            return name == root or name.startswith(root + "/")
+
+        return [r for r in self.all() if r.leftover and under(r.source, source) and under(r.target, target)]
 
     def remove(self, sid: str) -> None:
         self._path(sid).unlink(missing_ok=True)

@@ -268,14 +268,14 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         snapshot_guid=plan.snapshot.guid, base=plan.base.name if plan.base else None,
         target_dataset=plan.target, source_dir="", target_dir="", spool_base=opts.spool_dir,
         codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
-        estimate=estimate, ssh=record_ssh(opts))
+        estimate=estimate, ssh=record_ssh(opts), dirs_left=True)
     store.save(rec)
     try:
         await _start_agents(rec, spec, level, src_host, dst_host, opts, store)
     except (E.ZchunkError, LinkDown) as e:
         rec.state, rec.reason = "failed", f"could not start the agents: {e}"
         store.save(rec)
-        await _remove_dirs(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), emit)
+        await _cleanup(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), store, emit)
         if isinstance(e, LinkDown):
             raise E.HostUnreachable(host=e.host, reason=e.reason) from e
         raise
@@ -337,7 +337,7 @@ async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit
         if not rec.source_dir or not rec.target_dir or rec.state == "starting":
             rec.state, rec.reason = "failed", "the session never finished starting"
             store.save(rec)
-            await _remove_dirs(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), emit)
+            await _cleanup(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), store, emit)
             raise E.AgentDied(host=src_host.name, role="send", session=rec.id,
                               state="the session never finished starting")
         emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir, resumed=True)
@@ -372,7 +372,7 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
     except E.ZchunkError as e:
         rec.state, rec.reason = "failed", str(e)
         store.save(rec)
-        await _remove_dirs(rec, src_host, dst_host, opts, emit)
+        await _cleanup(rec, src_host, dst_host, opts, store, emit)
         raise
     # The source's directory is of no more use once the target has the whole stream: removed while the
     # guid is checked. The target's stays until then (its receiver.json is the evidence of a mismatch).
@@ -384,11 +384,12 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             store.save(rec)
             raise E.IntegrityError(reason=f"target snapshot guid {guid} != source guid {rec.snapshot_guid}")
         emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
-        await _remove_dirs(rec, src_host, dst_host, opts, emit, roles=("receive",))
+        target_removed = await _remove_dirs(rec, src_host, dst_host, opts, emit, roles=("receive",))
     finally:
-        await source_cleanup
+        source_removed = await source_cleanup
     rec.state, rec.raw_bytes, rec.total_chunks = "done", result.raw_bytes, result.total_chunks
     rec.chunks_received = result.total_chunks
+    rec.dirs_left = not (source_removed and target_removed or opts.keep)
     store.save(rec)
     return SyncResult(rec.id, f"{rec.snapshot} -> {rec.target_dataset}", transfer=result,
                       target_snapshot=f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}", guid=guid)
@@ -418,28 +419,41 @@ async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
     return [s["path"] for s in await list_spool(host, rec.spool_base) if s.get("id") == f"{rec.id}-{role}"]
 
 
+async def _cleanup(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore,
+                   emit: Emitter) -> None:
+    """``_remove_dirs`` of both sides, recorded: a session whose directories may remain says so."""
+    rec.dirs_left = not await _remove_dirs(rec, src_host, dst_host, opts, emit) and not opts.keep
+    store.save(rec)
+
+
 async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
-                       emit: Emitter, roles: tuple[str, ...] = ("send", "receive")) -> None:
+                       emit: Emitter, roles: tuple[str, ...] = ("send", "receive")) -> bool:
     """Stop the agents and remove the session directories (kept with --keep), also unrecorded ones; both
-    sides unless ``roles`` says which. ``cleaned`` is said once the receiving side's is done."""
-    async def one_side(host: Host, role: str) -> None:
+    sides unless ``roles`` says which. ``cleaned`` is said once the receiving side's is done. True when
+    every side did it (a side that could not is a warning, and the record keeps ``dirs_left``)."""
+    async def one_side(host: Host, role: str) -> bool:
         try:
             paths = await session_dirs(rec, host, role)
         except (E.ZchunkError, LinkDown) as e:
             emit("warning", host=host.name, detail=f"could not look for {rec.id}-{role} in {rec.spool_base}: {e}")
-            return
+            return False
+        done = True
         for path in paths:
             args = ["remove", path] + (["keep"] if opts.keep else [])
             try:
                 await agent_command(host, opts, path, *args)
             except (E.ZchunkError, LinkDown) as e:
                 emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
+                done = False
+        return done
 
     sides = [(src_host, "send"), (dst_host, "receive")]
-    _raise_first(await asyncio.gather(*(one_side(host, role) for host, role in sides if role in roles),
-                                      return_exceptions=True))  # both hosts at once
+    results = await asyncio.gather(*(one_side(host, role) for host, role in sides if role in roles),
+                                   return_exceptions=True)  # both hosts at once
+    _raise_first(results)
     if "receive" in roles:
         emit("cleaned", kept=opts.keep)
+    return all(r is True for r in results)
 
 
 async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> SessionRecord:
@@ -460,7 +474,9 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> Ses
                     continue
                 await agent_command(host, opts, path, "remove", path)
                 emit("removed", host=host.name, path=path)
-        rec.state, rec.reason = "aborted", "aborted by the user"
+        if rec.active:
+            rec.state, rec.reason = "aborted", "aborted by the user"
+        rec.dirs_left = False  # an ended session's leftovers: removed, its state and reason stay
         store.save(rec)
         return rec
     finally:
