@@ -228,7 +228,7 @@ class ProcWatch(threading.Thread):
         if rec is None:
             cmdline = self._cmdlines.get(key) or _read(f"/proc/{pid}/cmdline")
             side = "local" if _netns(pid) == self._own_ns else "target"
-            rec = ProcRecord(pid, st[3], cmdline[:300], side, "other")
+            rec = ProcRecord(pid, st[3], cmdline[:2000], side, "other")
             self._records[key] = rec
         # A forked daemon keeps its parent's command line but not its role: classify each time.
         rec.role = self._role(pid, rec, matched, stats)
@@ -242,10 +242,12 @@ class ProcWatch(threading.Thread):
               stats: dict[int, tuple[int, int, float, str]]) -> str:
         if pid in self.roots:
             return "coordinator"
-        if "agent.py" in rec.cmdline and pid in matched:
-            if "-send/agent.py" in rec.cmdline:
+        # agent.py start|serve DIR, or a daemon forked by `python3 -c BOOTSTRAP install BASE ID-ROLE ...`
+        if pid in matched and ("agent.py" in rec.cmdline or " install " in rec.cmdline):
+            words = rec.cmdline.split()
+            if "-send/agent.py" in rec.cmdline or any(w.endswith("-send") for w in words):
                 return "sender agent"
-            if "-receive/agent.py" in rec.cmdline:
+            if "-receive/agent.py" in rec.cmdline or any(w.endswith("-receive") for w in words):
                 return "receiver agent"
         return rec.comm if rec.role in ("other", rec.comm) else rec.role
 

@@ -564,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         bench.meta["zchunk_code"] = snapshot_code(bench.work / "code")
     started = time.monotonic()
     daemon = procwatch.daemon_pid()
+
+    def terminated(signum: int, frame: Any) -> None:  # kill PID: tear the lab down as ^C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         with bench.lab():
             ds = bench.make_source()
