@@ -939,8 +939,8 @@ class SenderDaemon(Daemon):
         argv = zfs_argv(sess.cfg)
         self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False)
         self.proc = self.spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        widen_pipe(self.proc.stdout.fileno())  # type: ignore[union-attr]
         assert self.proc.stdout is not None
+        widen_pipe(self.proc.stdout.fileno())
         pieces = PieceReader(self.proc.stdout)
         pieces.start()
         stream = new_hasher(sess.hash_alg)
@@ -1089,7 +1089,8 @@ class ReceiverDaemon(Daemon):
         argv = zfs_argv(sess.cfg)
         self.save(argv=argv, next_seq=0, raw_bytes=0)
         self.proc = self.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        widen_pipe(self.proc.stdin.fileno())  # type: ignore[union-attr]
+        assert self.proc.stdin is not None
+        widen_pipe(self.proc.stdin.fileno())
         feeder = Feeder(self)
         feeder.start()
         seq = 0
