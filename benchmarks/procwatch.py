@@ -42,9 +42,15 @@ class ProcRecord:
     cpu_s: float = 0.0
     hwm_bytes: int = 0
     in_tree: bool = False  # a descendant of a root at its last sample (counted by wait4)
-    # /proc/PID/io at its last sample: bytes it dirtied for storage minus those it truncated or
-    # unlinked before writeback (a chunk file deleted while still in the page cache never hits disk)
-    disk_write_bytes: int = 0
+    # Per thread, /proc/PID/task/TID/io at its last sample: bytes it dirtied for storage minus those it
+    # truncated or unlinked before writeback (a chunk file deleted while still in the page cache never hits
+    # disk). Per thread because /proc/PID/io adds the I/O of reaped children (a coordinator's would count
+    # its agent's again) and of exited threads; a thread's own file has only its own.
+    thread_writes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def disk_write_bytes(self) -> int:
+        return sum(self.thread_writes.values())
 
 
 @dataclass
@@ -103,16 +109,22 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _disk_writes(pid: int) -> int | None:
-    """write_bytes - cancelled_write_bytes from /proc/PID/io (None when unreadable)."""
-    fields = {}
-    for line in _read(f"/proc/{pid}/io").split("\n"):
-        name, _, value = line.partition(":")
-        if value.strip().isdigit():
-            fields[name] = int(value)
-    if "write_bytes" not in fields:
-        return None
-    return fields["write_bytes"] - fields.get("cancelled_write_bytes", 0)
+def _disk_writes(pid: int) -> dict[int, int]:
+    """write_bytes - cancelled_write_bytes of each live thread, from /proc/PID/task/TID/io (only its own)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        fields = {}
+        for line in _read(f"/proc/{pid}/task/{tid}/io").split("\n"):
+            name, _, value = line.partition(":")
+            if value.strip().isdigit():
+                fields[name] = int(value)
+        if "write_bytes" in fields:
+            out[int(tid)] = fields["write_bytes"] - fields.get("cancelled_write_bytes", 0)
+    return out
 
 
 def _netns(pid: int) -> str:
@@ -234,8 +246,7 @@ class ProcWatch(threading.Thread):
         rec.role = self._role(pid, rec, matched, stats)
         rec.cpu_s = max(rec.cpu_s, st[2])
         rec.hwm_bytes = max(rec.hwm_bytes, _hwm(pid))
-        if (written := _disk_writes(pid)) is not None:
-            rec.disk_write_bytes = written
+        rec.thread_writes.update(_disk_writes(pid))
         rec.in_tree = in_tree
 
     def _role(self, pid: int, rec: ProcRecord, matched: set[int],

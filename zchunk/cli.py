@@ -146,8 +146,8 @@ def _finish(result: lib.SyncResult, json_out: bool) -> None:
 
 @app.command()
 def sync(
-    source: str = typer.Argument(..., help="pool/dataset or [user@]host:pool/dataset"),
-    target: str = typer.Argument(..., help="pool/dataset or [user@]host:pool/dataset"),
+    source: str = typer.Argument(..., metavar="SOURCE", help="pool/dataset or \\[user@]host:pool/dataset"),
+    target: str = typer.Argument(..., metavar="TARGET", help="pool/dataset or \\[user@]host:pool/dataset"),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset "
                                    "(parents first, one session each)."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="With -r: skip datasets whose name "
@@ -235,7 +235,7 @@ def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
 
 @app.command()
 def resume(
-    session: str = typer.Argument(..., help="Session id (see `zchunk sessions`)."),
+    session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
     spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
     spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
     connect_patience: str = ConnectPatience, agent_idle_timeout: str = IdleTimeout,
@@ -255,7 +255,7 @@ def resume(
 
 @app.command()
 def abort(
-    session: str = typer.Argument(..., help="Session id (see `zchunk sessions`)."),
+    session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
     state_dir: Optional[Path] = StateDir, ssh_config: Optional[Path] = SshConfig,
     ssh_key: Optional[Path] = SshKey, ssh_port: Optional[int] = SshPort,
     ssh_option: Optional[list[str]] = SshOption, json_out: bool = Json, python: Optional[str] = Python,
