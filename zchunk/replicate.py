@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from helpers import zchunk_agent as agent_mod
 
@@ -261,8 +261,11 @@ def _restarting(src_name: str, dst: Side, err: E.ZchunkError, attempt: int, emit
 async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy,
                        ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
                        emit: Emitter) -> DatasetOutcome:
-    src_ds = await src.zfs.require(src_name)
-    dst_ds = await dst.zfs.dataset(dst_name)
+    got = await asyncio.gather(src.zfs.require(src_name), dst.zfs.dataset(dst_name), return_exceptions=True)
+    for r in got:  # both answered before an error is raised (the source's first)
+        if isinstance(r, BaseException):
+            raise r
+    src_ds, dst_ds = cast(Dataset, got[0]), cast("Dataset | None", got[1])
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
     await _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts)
     # before the sync snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature
@@ -486,11 +489,12 @@ async def _set_props(dst: Side, dst_name: str, props: tuple[tuple[str, str], ...
 async def _keep_unmounted(dst: Side, dst_name: str, first: bool, emit: Emitter) -> None:
     """What ``zfs receive -u`` does, for a zfs without it (zfs-fuse): a mounted replica changes as soon as
     anything touches it (atime, a child's mountpoint directory) and then refuses the next incremental."""
-    await dst.zfs.unmount(dst_name)
-    if first:
-        await dst.zfs.set(dst_name, "canmount", "noauto")
-        emit("note", host=dst.label, detail=f"{dst_name}: this zfs has no `receive -u`: unmounted the replica "
-             "and set canmount=noauto so it stays unchanged between syncs")
+    if not first:
+        await dst.zfs.unmount(dst_name)
+        return
+    await _both(dst.zfs.unmount(dst_name), dst.zfs.set(dst_name, "canmount", "noauto"))  # either order works
+    emit("note", host=dst.label, detail=f"{dst_name}: this zfs has no `receive -u`: unmounted the replica "
+         "and set canmount=noauto so it stays unchanged between syncs")
 
 
 def _recv_flags(dst: Side) -> tuple[str, ...]:
