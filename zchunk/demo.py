@@ -109,8 +109,9 @@ def _run(opts: DemoOptions, emit: Emit, workdir: Path, stack: contextlib.ExitSta
     finally:
         finished.set()
         cutter.join(timeout=opts.outage_seconds + 2)
-    src_digest = lab.tree_digest(src_pool.mountpoint / "data")
-    dst_digest = lab.tree_digest(dst_pool.mountpoint / "data")
+    # the replica stays unmounted (receive -u, or its emulation on zfs-fuse): its snapshot is read through a clone
+    src_digest = lab.snapshot_digest(f"{source}@seed")
+    dst_digest = lab.snapshot_digest(f"{target}@seed")
     if src_digest != dst_digest:
         raise UsageError(reason=f"demo replica content differs: {src_digest} != {dst_digest}")
     step(f"content verified: every file on the replica matches (sha256 {src_digest[:16]}...)")
