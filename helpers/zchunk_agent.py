@@ -714,7 +714,13 @@ class Session:
             return {"state": "dead", "reason": "its daemon never started"}
         pid = st.get("pid")
         if st.get("state") in ("starting", "running") and pid and not pid_is_ours(pid, self.path):
-            st["state"] = "dead"
+            # It may have written its final state and exited between the read and the check (a daemon
+            # always saves its end before it exits): only what the file says now, of a pid gone, is dead.
+            st = read_json(self.state_path) or st
+            now_pid = st.get("pid")
+            if st.get("state") in ("starting", "running") and not (
+                    now_pid and now_pid != pid and pid_is_ours(now_pid, self.path)):
+                st["state"] = "dead"
         return st
 
     def touch_heartbeat(self) -> None:

@@ -239,3 +239,36 @@ def test_a_session_killed_while_cleaning_up_is_cleaned_by_the_next_run(tmp_path:
         assert zc.session_dirs() == []
     finally:
         kill_matching(str(zc.spool_dir))
+
+
+# -- a daemon that ends while its status is read ----------------------------------------------------
+
+
+def test_a_daemon_ending_between_status_read_and_pid_check_is_not_dead(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status read the state file ("running", pid), then found the pid gone: the daemon had written
+    "done" and exited in between. Reported "dead", the coordinator restarted a finished stream (OpenZFS VM
+    in CI: a session recorded failed, the rerun found the snapshot there). The file is read again."""
+    import json
+    import sys
+
+    from helpers import zchunk_agent as agent
+
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    path = orphan(spool, "20260101T000000Z-0e0d0e0d", "receive", "pool/replica", idle=0)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    state_file = path / "receiver.json"
+    state_file.write_text(json.dumps({"state": "running", "pid": gone.pid, "next_seq": 3}))
+    real = agent.pid_is_ours
+
+    def daemon_finishes_meanwhile(pid: int, session_path: str) -> bool:
+        state_file.write_text(json.dumps({"state": "done", "pid": pid, "next_seq": 4, "zfs_exit": 0}))
+        return real(pid, session_path)
+
+    monkeypatch.setattr(agent, "pid_is_ours", daemon_finishes_meanwhile)
+    assert agent.Session(str(path)).state()["state"] == "done"
+    monkeypatch.setattr(agent, "pid_is_ours", real)
+    state_file.write_text(json.dumps({"state": "running", "pid": gone.pid}))
+    assert agent.Session(str(path)).state()["state"] == "dead", "a daemon gone without a final state is dead"

@@ -96,7 +96,8 @@ def test_full_then_incremental(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], rou
     run = zc.run("sync", route["src"](src), route["dst"](dst), *args)
     assert run.returncode == 0 and run.of("up_to_date"), run.explain()
     sessions = json.loads(zc.run("sessions", json_out=True).stdout)
-    assert [s["state"] for s in sessions] == ["done", "done"]
+    assert [s["state"] for s in sessions] == ["done", "done"], (
+        [(s["id"], s["state"], s.get("reason")) for s in sessions], run.explain())
 
 
 def test_relay_between_two_remote_hosts(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], sshd_src: lab.Sshd,
