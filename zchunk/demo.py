@@ -1,4 +1,4 @@
-"""``zchunk demo``: a real replication over a flaky simulated WAN, in about a minute.
+"""``zchunk demo``: a real replication over a flaky simulated WAN, in under a minute (44 s measured).
 
 Builds a throwaway lab (zfs-fuse pools on sparse files, a "target host" in a
 network namespace running its own sshd, a rate-limited veth as the WAN),
