@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import need_root
+from tests.zc import kill_matching
 from zchunk import lab
 
 ENV = {**os.environ, "PATH": lab.SYSTEM_PATH}
@@ -31,21 +32,6 @@ def _netns() -> set[str]:
 
 def _demo_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("zchunk-demo-*"))
-
-
-def _demo_pids(dirs: set[Path]) -> list[int]:
-    """Processes whose command line names one of the demo's work directories (its sshd, agents)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(str(d) in cmd for d in dirs):
-            found.append(int(entry.name))
-    return found
 
 
 def test_demo_replicates_through_cuts_and_leaves_nothing(tmp_path: Path) -> None:
@@ -68,12 +54,9 @@ def test_demo_replicates_through_cuts_and_leaves_nothing(tmp_path: Path) -> None
         took = time.monotonic() - start
         new_dirs = _demo_dirs() - dirs
         left = {"pools": sorted(_pools() - pools), "netns": sorted(_netns() - namespaces),
-                "dirs": sorted(map(str, new_dirs)), "pids": _demo_pids(new_dirs)}
-        for pid in left["pids"]:  # whatever the demo failed to stop, by pid, then its pools and namespaces
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                "dirs": sorted(map(str, new_dirs)),
+                # whatever the demo failed to stop (its sshd, agents), by pid, then its pools and namespaces
+                "pids": [pid for d in new_dirs for pid in kill_matching(str(d))]}
         for pool in left["pools"]:
             subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True, env=ENV)
         for ns in left["netns"]:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from helpers import zchunk_agent as agent_mod
 
@@ -261,11 +261,7 @@ def _restarting(src_name: str, dst: Side, err: E.ZchunkError, attempt: int, emit
 async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy,
                        ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
                        emit: Emitter) -> DatasetOutcome:
-    got = await asyncio.gather(src.zfs.require(src_name), dst.zfs.dataset(dst_name), return_exceptions=True)
-    for r in got:  # both answered before an error is raised (the source's first)
-        if isinstance(r, BaseException):
-            raise r
-    src_ds, dst_ds = cast(Dataset, got[0]), cast("Dataset | None", got[1])
+    src_ds, dst_ds = await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
     await _check_target_parent(dst, dst_name, dst_ds, ropts)
     await _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts)
     # before the sync snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature
@@ -539,11 +535,14 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
         await _both(release_source(), release_target())
 
 
-async def _both(source_step: Awaitable[Any], target_step: Awaitable[Any]) -> None:
-    """One step on each host, at once (each is a round trip); both finish before a failure is raised."""
-    for r in await asyncio.gather(source_step, target_step, return_exceptions=True):
+async def _both(source_step: Awaitable[Any], target_step: Awaitable[Any]) -> tuple[Any, Any]:
+    """One step on each host, at once (each is a round trip); both finish before a failure (the source's
+    first) is raised. Their results."""
+    got = await asyncio.gather(source_step, target_step, return_exceptions=True)
+    for r in got:
         if isinstance(r, BaseException):
             raise r
+    return got[0], got[1]
 
 
 async def _bookmark(src: Side, newest: Snapshot, identifier: str, emit: Emitter) -> None:
