@@ -42,7 +42,6 @@ O_EXCL (``open_nofollow``, docs/chunk-format.md "Safety rules").
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -96,6 +95,8 @@ def new_hasher(alg: int) -> Any:
             raise AgentError("unsupported", "xxh3-128 requested but xxhash is not importable")
         return xxhash.xxh3_128()
     if alg == HASH_BLAKE2B:
+        import hashlib  # here: its import loads OpenSSL (~10 ms of every agent start) for blake2b only
+
         return hashlib.blake2b(digest_size=16)
     raise AgentError("unsupported", "unknown checksum id %d" % alg)
 
@@ -1292,30 +1293,38 @@ class Server:
             if ftype != FRAME_REQUEST:
                 raise AgentError("protocol", "unexpected frame type %d outside a request" % ftype)
             msg = decode_message(payload)
-            self.sess.touch_heartbeat()
-            handler = self.handlers.get(str(msg.get("op")))
             try:
-                if handler is None:
-                    raise AgentError("bad-request", "operation %r is not allowed for a %s agent"
-                                     % (msg.get("op"), self.sess.role))
-                reply = handler(req_id, msg)
-                if reply is not None:
-                    self.send(FRAME_REPLY, req_id, reply)
+                out = self.answer(req_id, msg)
             except EOFError:  # the channel closed in the middle of a request (e.g. put_chunk's data)
                 return
-            except AgentError as e:
-                self.send(FRAME_ERROR, req_id, e.to_dict())
-            except OSError as e:  # e.g. end.json on a full spool: an answer, not a dead channel
-                if e.errno not in NO_SPACE:
-                    raise
-                self.send(FRAME_ERROR, req_id, AgentError(
-                    "spool-no-space", "%s spool filesystem is full" % ("source" if self.sess.role == "send"
-                                                                       else "target")).to_dict())
-            except (KeyError, ValueError, TypeError) as e:  # a malformed request, not a broken agent
-                self.send(FRAME_ERROR, req_id, AgentError(
-                    "bad-request", "malformed %r request: %s: %s" % (msg.get("op"), type(e).__name__, e)).to_dict())
+            if out is not None:
+                self.send(out[0], req_id, out[1])
             if msg.get("op") in ("cleanup", "abort"):
                 return
+
+    def answer(self, req_id: int, msg: Dict[str, Any]) -> Optional[Tuple[int, Dict[str, Any]]]:
+        """One request: the frame to answer with (REPLY or ERROR and its payload), or None when the
+        handler has sent its reply itself (get_chunk). The coordinator also calls this in its own
+        process for a session on its machine (``InProcessChannel``): no server process for status."""
+        self.sess.touch_heartbeat()
+        handler = self.handlers.get(str(msg.get("op")))
+        try:
+            if handler is None:
+                raise AgentError("bad-request", "operation %r is not allowed for a %s agent"
+                                 % (msg.get("op"), self.sess.role))
+            reply = handler(req_id, msg)
+            return None if reply is None else (FRAME_REPLY, reply)
+        except AgentError as e:
+            return FRAME_ERROR, e.to_dict()
+        except OSError as e:  # e.g. end.json on a full spool: an answer, not a dead channel
+            if e.errno not in NO_SPACE:
+                raise
+            return FRAME_ERROR, AgentError(
+                "spool-no-space", "%s spool filesystem is full" % ("source" if self.sess.role == "send"
+                                                                   else "target")).to_dict()
+        except (KeyError, ValueError, TypeError) as e:  # a malformed request, not a broken agent
+            return FRAME_ERROR, AgentError(
+                "bad-request", "malformed %r request: %s: %s" % (msg.get("op"), type(e).__name__, e)).to_dict()
 
     # -- common -------------------------------------------------------------
 

@@ -33,11 +33,15 @@ from .errors import (
     ZfsSendFailed,
 )
 from .progress import human_bytes
-from .protocol import AgentChannel, ChannelChunks, ChunkSource, LocalSpoolChunks, relay_chunk
+from .protocol import AgentChannel, ChannelChunks, ChunkSource, InProcessChannel, LocalSpoolChunks, relay_chunk
 from .transport import Host, LinkDown, LocalHost
 from .zfs import Zfs
 
 log = logging.getLogger("zchunk.engine")
+
+# Chunks 0..5 are 1, 2, 4, 8, 16 and 32 MiB (sync.FIRST_CHUNK doubling up to --chunk-size): the ramp.
+RAMP_CHUNKS = 6
+RAMP_SECONDS = 30.0
 
 Emit = Callable[..., None]
 
@@ -137,6 +141,8 @@ class Transfer:
         self.moving: dict[int, float] = {}  # chunks being relayed -> when each last forwarded data
         self._turn = asyncio.Event()  # set (and replaced) when the set of moving chunks changes
         self.finish_sent = False
+        # After a transfer that ended well: the status poller's channel to the receiver, still open
+        self.receiver_channel: AgentChannel | InProcessChannel | None = None
         self.wire_bytes = 0
         self.seen_events = 0
         self.corrupt_retries: dict[int, int] = {}
@@ -241,12 +247,13 @@ class Transfer:
     # -- status polling ------------------------------------------------------
 
     async def _poll_loop(self) -> None:
-        channels: dict[str, AgentChannel | None] = {"send": None, "receive": None}
+        channels: dict[str, AgentChannel | InProcessChannel | None] = {"send": None, "receive": None}
 
-        async def channel(side: AgentSide) -> AgentChannel:
+        async def channel(side: AgentSide) -> AgentChannel | InProcessChannel:
             ch = channels[side.role]
-            if ch is None:
-                ch = channels[side.role] = await side.open_channel(self.opts)
+            if ch is None:  # an agent on this machine is asked in process: no serve process to start
+                ch = channels[side.role] = (InProcessChannel(side.session_dir, side.name) if side.local
+                                            else await side.open_channel(self.opts))
             return ch
 
         async def poll_side(side: AgentSide) -> dict[str, Any]:
@@ -254,7 +261,7 @@ class Transfer:
                 st = await (await channel(side)).request("status")
             except LinkDown:
                 old, channels[side.role] = channels[side.role], None
-                if old is not None:
+                if isinstance(old, AgentChannel):
                     old.pipe.drop_connection()
                     await _quietly(old.close())
                 raise
@@ -307,11 +314,32 @@ class Transfer:
                     raise PatienceExhausted(waited=_fmt_duration(time.monotonic() - self.last_progress),
                                             patience=_fmt_duration(self.opts.patience),
                                             reason="the agents report no progress", session=self.sid)
-                await asyncio.sleep(self.opts.poll_interval)
+                await asyncio.sleep(self._poll_delay())
         finally:
+            if self.error is None and self.done.is_set():  # kept for the clean-up: no process to start for it
+                self.receiver_channel, channels["receive"] = channels["receive"], None
             for ch in channels.values():
                 if ch is not None:
                     await _quietly(ch.close())
+
+    async def close(self) -> None:
+        """Close the receiver's channel that a finished transfer kept open (``receiver_channel``)."""
+        ch, self.receiver_channel = self.receiver_channel, None
+        if ch is not None:
+            await _quietly(ch.close())
+
+    def _poll_delay(self) -> float:
+        """Until the next status poll: ``poll_interval``, or a fifth of it while nothing is in flight at
+        the two ends of a stream, where a late poll is time the whole transfer takes longer: the first
+        chunks (they double from 1 MiB: zfs receive waits for each) and the tail (everything moved, the
+        receiver finishing). In between an idle link waits for the source, and a chunk seen 0.1 s later
+        costs nothing at the end."""
+        if self.in_flight:
+            return self.opts.poll_interval
+        src = self.src_daemon
+        ramp = (int(src.get("chunks", 0)) < RAMP_CHUNKS and not src.get("eof") and not src.get("paused")
+                and time.monotonic() - self.started < RAMP_SECONDS)  # a slow source: no quick polls for long
+        return self.opts.poll_interval / 5 if ramp or self.finish_sent else self.opts.poll_interval
 
     def _absorb(self, src_st: dict[str, Any], dst_st: dict[str, Any]) -> None:
         before = (len(self.src_chunks), self.dst_next, int(self.src_daemon.get("chunks", 0)))

@@ -117,6 +117,47 @@ class AgentChannel:
         await self.pipe.close()
 
 
+class InProcessChannel:
+    """The requests without data frames (status, release, finish, cleanup) of a session on this machine,
+    answered in this process by the agent's own ``Server`` on a thread, as a ``serve`` process would.
+
+    The status poller's channel to a local agent: a ``serve`` process costs an interpreter start (a
+    quarter of a second while the daemon's compression has both cores) before the first chunk can
+    move. The coordinator runs as the agent's user here (``LocalSpoolChunks``, in-process ``remove``).
+    """
+
+    def __init__(self, session_dir: str, host: str) -> None:
+        self.session_dir, self.host = session_dir, host
+        self._server: wire.Server | None = None
+        self._ids = itertools.count(1)
+
+    def _answer(self, op: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        if self._server is None:
+            self._server = wire.Server(wire.Session(self.session_dir), None, None)  # type: ignore[arg-type]
+        role = self._server.sess.role
+        if op not in ALLOWED_OPS.get(role, set()) or op in ("get_chunk", "put_chunk"):
+            raise ProtocolError(host=self.host, reason=f"operation {op!r} is not answered in process "
+                                f"for a {role} agent")
+        return self._server.answer(next(self._ids), dict(fields, op=op))
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        try:
+            out = await asyncio.to_thread(self._answer, op, fields)
+        except wire.AgentError as e:  # the session directory itself (Session's checks)
+            raise from_remote(self.host, e.to_dict()) from e
+        except OSError as e:
+            raise from_remote(self.host, wire.AgentError("os-error", f"{op}: {e}", errno=e.errno)
+                              .to_dict()) from e
+        assert out is not None
+        ftype, msg = out
+        if ftype == wire.FRAME_ERROR:
+            raise from_remote(self.host, msg)
+        return msg
+
+    async def close(self) -> None:
+        return None
+
+
 _KNOWN_FIELDS = {"role", "daemon", "chunks", "parts", "spool_bytes", "spool_max", "seq", "offset",
                  "length", "total", "stored", "have", "released", "removed", "ok"}
 

@@ -25,6 +25,7 @@ from . import errors as E
 from .endpoint import Endpoint, parse_endpoint
 from .engine import AgentSide, EngineOptions, Transfer, TransferResult
 from .plan import SendPlan
+from .protocol import AgentChannel, InProcessChannel
 from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
 from .transport import Host, LinkDown, LocalHost, SshOptions, first_contact, make_host
 from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
@@ -384,8 +385,10 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             store.save(rec)
             raise E.IntegrityError(reason=f"target snapshot guid {guid} != source guid {rec.snapshot_guid}")
         emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
-        target_removed = await _remove_dirs(rec, src_host, dst_host, opts, emit, roles=("receive",))
+        target_removed = await _remove_dirs(rec, src_host, dst_host, opts, emit, roles=("receive",),
+                                            channel=transfer.receiver_channel)
     finally:
+        await transfer.close()
         source_removed = await source_cleanup
     rec.state, rec.raw_bytes, rec.total_chunks = "done", result.raw_bytes, result.total_chunks
     rec.chunks_received = result.total_chunks
@@ -427,10 +430,13 @@ async def _cleanup(rec: SessionRecord, src_host: Host, dst_host: Host, opts: Syn
 
 
 async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
-                       emit: Emitter, roles: tuple[str, ...] = ("send", "receive")) -> bool:
+                       emit: Emitter, roles: tuple[str, ...] = ("send", "receive"),
+                       channel: AgentChannel | InProcessChannel | None = None) -> bool:
     """Stop the agents and remove the session directories (kept with --keep), also unrecorded ones; both
     sides unless ``roles`` says which. ``cleaned`` is said once the receiving side's is done. True when
-    every side did it (a side that could not is a warning, and the record keeps ``dirs_left``)."""
+    every side did it (a side that could not is a warning, and the record keeps ``dirs_left``).
+    ``channel``, an open channel to the receiver (the finished transfer's), asks it there: one round
+    trip instead of an interpreter start on the target; on any failure the ``remove`` command follows."""
     async def one_side(host: Host, role: str) -> bool:
         try:
             paths = await session_dirs(rec, host, role)
@@ -439,10 +445,18 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             return False
         done = True
         for path in paths:
+            if role == "receive" and channel is not None and path == rec.target_dir:
+                try:
+                    await channel.request("cleanup", keep=opts.keep)
+                    continue
+                except (E.ZchunkError, LinkDown):
+                    pass  # the command below says what is wrong, if anything still is
             args = ["remove", path] + (["keep"] if opts.keep else [])
             try:
                 await agent_command(host, opts, path, *args)
             except (E.ZchunkError, LinkDown) as e:
+                if not opts.keep and await _gone(host, path):
+                    continue  # a retry: the attempt whose answer the link lost removed it
                 emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
                 done = False
         return done
@@ -454,6 +468,14 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
     if "receive" in roles:
         emit("cleaned", kept=opts.keep)
     return all(r is True for r in results)
+
+
+async def _gone(host: Host, path: str) -> bool:
+    """Whether ``path`` is certainly not there (False also when the host cannot say)."""
+    try:
+        return (await host.run(["test", "-e", path])).status == 1
+    except (E.ZchunkError, LinkDown):
+        return False
 
 
 async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> SessionRecord:
