@@ -43,6 +43,7 @@ from .sync import (
     agent_command,
     list_spool,
     probe_host,
+    raise_first,
     report,
     resume,
     run_stream,
@@ -262,10 +263,13 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
                        ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
                        emit: Emitter) -> DatasetOutcome:
     src_ds, dst_ds = await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
-    await _check_target_parent(dst, dst_name, dst_ds, ropts)
-    await _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts)
-    # before the sync snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature
-    await compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name)
+    # Read-only checks, all at once; the first failing in this order is the one reported. Before the sync
+    # snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature.
+    raise_first(await asyncio.gather(
+        _check_target_parent(dst, dst_name, dst_ds, ropts),
+        _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts),
+        compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name),
+        return_exceptions=True))
     if not ropts.dry_run:
         # before anything is planned or taken: a target another session is receiving looks like one without
         # a common snapshot, and a refused run must leave no sync snapshot behind

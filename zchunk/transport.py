@@ -10,6 +10,7 @@ and authentication failures are final.
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import os
 import shlex
 import socket
@@ -18,11 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import asyncssh
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from .endpoint import Endpoint
 from .errors import AuthError, HostKeyError, HostUnreachable, UsageError
+
+
+def _in_ld_cache(name: str) -> str | None:
+    """``ctypes.util.find_library`` without its compiler fallbacks: ld.so's cache only."""
+    return ctypes.util._findSoname_ldconfig(name)  # type: ignore[attr-defined]
+
+
+# asyncssh looks for liboqs (post-quantum key exchange) at import with find_library, which on Linux asks
+# ldconfig, then runs gcc, then ld: ~25 ms of every command's start where a compiler is installed. A
+# liboqs installed as a package is in ld.so's cache, which is all that is asked while asyncssh imports.
+_find_library = ctypes.util.find_library
+if hasattr(ctypes.util, "_findSoname_ldconfig"):
+    ctypes.util.find_library = _in_ld_cache
+try:
+    import asyncssh  # noqa: E402  (after the lookup is swapped)
+finally:
+    ctypes.util.find_library = _find_library
 
 
 class LinkDown(Exception):
