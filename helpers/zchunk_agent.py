@@ -741,6 +741,9 @@ class Session:
 #: A session directory whose daemon wrote no state and that had no coordinator contact for this long
 #: is dead: a live coordinator starts the daemon right after install (and touches the heartbeat).
 NEVER_STARTED_AFTER = 60.0
+#: How long ``serve DIR wait`` waits for install to make DIR, and how often it looks.
+INSTALL_WAIT = 60.0
+INSTALL_POLL = 0.005
 
 
 def pid_is_ours(pid: int, session_path: str) -> bool:
@@ -1699,6 +1702,10 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
 
 
 def cmd_serve(args: List[str]) -> None:
+    """serve DIR [wait]: the framed protocol on stdin/stdout. With ``wait`` (started through
+    ``SERVE_BOOTSTRAP`` while install is still making DIR), first wait for install to finish."""
+    if args[1:2] == ["wait"] and not wait_for_install(args[0]):
+        return
     sess = Session(args[0])
     for fd in (0, 1):  # from and to sshd (or the coordinator): chunk data in 1 MiB frames
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -1707,6 +1714,22 @@ def cmd_serve(args: List[str]) -> None:
         Server(sess, sys.stdin.buffer, sys.stdout.buffer).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the channel died with the link: nothing to report, the coordinator reconnects
+
+
+def wait_for_install(path: str) -> bool:
+    """Until install has made the session directory ``path`` (its last file, ``heartbeat``, is there):
+    True; False when the coordinator closed the channel first (its install failed: nothing to serve)."""
+    import select
+
+    heartbeat = os.path.join(path, "heartbeat")
+    deadline = time.monotonic() + INSTALL_WAIT
+    while not os.path.lexists(heartbeat):
+        if time.monotonic() > deadline:
+            raise AgentError("session-dir", "%s was not installed within %d s" % (path, INSTALL_WAIT))
+        # the coordinator sends nothing before this server's hello: stdin readable means closed
+        if select.select([sys.stdin.fileno()], [], [], INSTALL_POLL)[0]:
+            return False
+    return True
 
 
 def cmd_sessions(args: List[str]) -> Dict[str, Any]:
@@ -1770,6 +1793,15 @@ def main(argv: List[str]) -> int:
 #   python3 -c BOOTSTRAP CMD ARGS...   with this file's source on stdin.
 BOOTSTRAP = (
     "import sys;s=sys.stdin.buffer.read();g={'__name__':'zchunk_agent'};"
+    "exec(compile(s,'zchunk_agent','exec'),g);g['AGENT_SOURCE']=s;"
+    "sys.exit(g['main'](sys.argv[1:]))"
+)
+
+# A channel opened while install is still running (the coordinator's first ones, ready when install
+# answers instead of an interpreter start later):  python3 -c SERVE_BOOTSTRAP serve DIR wait,  its
+# stdin the source's length on a line, the source, then the channel's frames.
+SERVE_BOOTSTRAP = (
+    "import sys;f=sys.stdin.buffer;s=f.read(int(f.readline()));g={'__name__':'zchunk_agent'};"
     "exec(compile(s,'zchunk_agent','exec'),g);g['AGENT_SOURCE']=s;"
     "sys.exit(g['main'](sys.argv[1:]))"
 )

@@ -22,6 +22,8 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
+from helpers import zchunk_agent as wire
+
 from .errors import (
     AgentDied,
     IntegrityError,
@@ -82,11 +84,21 @@ class AgentSide:
         """On this machine: the coordinator may read this side's spool itself."""
         return isinstance(self.host, LocalHost)
 
-    async def open_channel(self, opts: EngineOptions) -> AgentChannel:
-        argv = [self.host.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
+    async def open_channel(self, opts: EngineOptions, source: bytes | None = None) -> AgentChannel:
+        """A ``serve`` process's channel. With ``source`` (the agent's), one started before install has
+        made the session directory: the source travels first on the channel (there is no ``agent.py``
+        yet) and the server answers once install is done, so the channel is ready when install is."""
+        if source is None:
+            argv = [self.host.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
+        else:
+            argv = [self.host.python, "-c", wire.SERVE_BOOTSTRAP, "serve", self.session_dir, "wait"]
         pipe = await self.host.open_pipe(argv)
         ch = AgentChannel(pipe, self.host.name, opts.stall_timeout)
         try:
+            if source is not None:
+                pipe.write(b"%d\n" % len(source))
+                pipe.write(source)
+                await pipe.drain()
             await ch.handshake(self.needs)
         except BaseException:
             await ch.close()
@@ -125,8 +137,12 @@ class _Outage:
 
 class Transfer:
     def __init__(self, src: AgentSide, dst: AgentSide, *, session_id: str, chunk_size: int,
-                 spool_max: int, estimate: int, opts: EngineOptions, emit: Emit) -> None:
+                 spool_max: int, estimate: int, opts: EngineOptions, emit: Emit,
+                 early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None) -> None:
         self.src, self.dst, self.sid = src, dst, session_id
+        # channels being opened while the agents were installed (open_channel with source), by role:
+        # the status poller's and the first worker's, taken before any new one is opened
+        self.early = early or {}
         self.opts, self.emit = opts, emit
         self.window = max(1, spool_max // max(1, chunk_size))
         self.estimate = estimate
@@ -226,6 +242,7 @@ class Transfer:
             for t in [poller, *workers]:
                 t.cancel()
             await asyncio.gather(poller, *workers, return_exceptions=True)
+            await close_early(self.early)
         if self.error is not None:
             raise self.error
         return TransferResult(
@@ -235,6 +252,17 @@ class Transfer:
             elapsed=time.monotonic() - self.started, outages=self.outage.count,
             outage_seconds=self.outage.total, discarded_chunks=int(self.dst_daemon.get("discarded", 0)),
             receiver=self.dst_daemon)
+
+    async def _open(self, side: AgentSide) -> AgentChannel:
+        """A channel to ``side``'s agent: one opened during install if any is left, else a new one
+        (also when that one failed: a new one says what is wrong, or is retried on a dead link)."""
+        pending = self.early.get(side.role) or []
+        while pending:
+            try:
+                return await pending.pop(0)
+            except (ZchunkError, LinkDown):
+                continue
+        return await side.open_channel(self.opts)
 
     async def _guard(self, coro: Any) -> None:
         try:
@@ -253,7 +281,7 @@ class Transfer:
             ch = channels[side.role]
             if ch is None:  # an agent on this machine is asked in process: no serve process to start
                 ch = channels[side.role] = (InProcessChannel(side.session_dir, side.name) if side.local
-                                            else await side.open_channel(self.opts))
+                                            else await self._open(side))
             return ch
 
         async def poll_side(side: AgentSide) -> dict[str, Any]:
@@ -494,8 +522,7 @@ class Transfer:
         async def open_channels(quietly: bool = False) -> None:
             """Both channels, opened concurrently (each starts an agent server process on its host)."""
             closed = [side for side in sides if chans[side.role] is None]
-            opened = await asyncio.gather(*(side.open_channel(self.opts) for side in closed),
-                                          return_exceptions=True)
+            opened = await asyncio.gather(*(self._open(side) for side in closed), return_exceptions=True)
             for side, ch in zip(closed, opened):
                 if isinstance(ch, AgentChannel):
                     chans[side.role] = ch
@@ -628,6 +655,18 @@ async def _quietly(coro: Any) -> None:
         await asyncio.wait_for(coro, 5)
     except (Exception, asyncio.TimeoutError):
         pass
+
+
+async def close_early(early: dict[str, list[asyncio.Task[AgentChannel]]]) -> None:
+    """Close the channels opened during install that nobody took (their servers exit at EOF)."""
+    tasks = [t for ts in early.values() for t in ts]
+    for ts in early.values():
+        ts.clear()
+    for t in tasks:
+        t.cancel()  # one still opening closes its pipe as it is cancelled (open_channel)
+    for ch in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(ch, AgentChannel):
+            await _quietly(ch.close())
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -24,7 +24,7 @@ from helpers import zchunk_agent as agent_mod
 
 from . import errors as E
 from .endpoint import Endpoint, parse_endpoint
-from .engine import AgentSide, EngineOptions, Transfer, TransferResult
+from .engine import AgentSide, EngineOptions, Transfer, TransferResult, close_early
 from .plan import SendPlan
 from .protocol import AgentChannel, InProcessChannel
 from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
@@ -285,17 +285,46 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
         estimate=estimate, ssh=record_ssh(opts), dirs_left=True)
     store.save(rec)
+    early = _open_early(rec, src_host, dst_host, opts)
     try:
         await _start_agents(rec, spec, level, src_host, dst_host, opts, store)
     except (E.ZchunkError, LinkDown) as e:
+        await close_early(early)
         rec.state, rec.reason = "failed", f"could not start the agents: {e}"
         store.save(rec)
         await _cleanup(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), store, emit)
         if isinstance(e, LinkDown):
             raise E.HostUnreachable(host=e.host, reason=e.reason) from e
         raise
+    except BaseException:
+        await close_early(early)
+        raise
     emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir)
-    return await _run_session(rec, src_host, dst_host, opts, store, emit)
+    return await _run_session(rec, src_host, dst_host, opts, store, emit, early)
+
+
+def _open_early(rec: SessionRecord, src_host: Host, dst_host: Host,
+                opts: SyncOptions) -> dict[str, list[asyncio.Task[AgentChannel]]]:
+    """The transfer's first channels, opened while the agents are installed (``AgentSide.open_channel``
+    with the source): the status poller's and the first worker's for each side that needs them (none
+    for a source on this machine: its spool is read directly and its status asked in process). Only
+    for an absolute spool directory, whose session directories are known before install answers."""
+    if not opts.spool_dir.startswith("/"):
+        return {}
+    early: dict[str, list[asyncio.Task[AgentChannel]]] = {}
+    eopts = EngineOptions(stall_timeout=opts.stall_timeout)
+    for host, role in ((src_host, "send"), (dst_host, "receive")):
+        local = isinstance(host, LocalHost)
+        count = (0 if local else 1) + (0 if local and role == "send" else 1)  # the poller's, worker 0's
+        side = AgentSide(host, posixpath.normpath(posixpath.join(opts.spool_dir, f"{rec.id}-{role}")), role,
+                         _needs(rec))
+        early[role] = [asyncio.create_task(side.open_channel(eopts, AGENT_SOURCE)) for _ in range(count)]
+    return early
+
+
+def _needs(rec: SessionRecord) -> list[str]:
+    """What every channel of this session requires of its agent (its handshake checks it)."""
+    return ["chunk-v1", agent_mod.CODEC_CAPS[rec.codec], agent_mod.HASH_CAPS[rec.checksum]]
 
 
 async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
@@ -363,10 +392,10 @@ async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit
 
 
 async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
-                       store: StateStore, emit: Emitter) -> SyncResult:
-    needs = ["chunk-v1", agent_mod.CODEC_CAPS[rec.codec], agent_mod.HASH_CAPS[rec.checksum]]
-    src = AgentSide(src_host, rec.source_dir, "send", needs)
-    dst = AgentSide(dst_host, rec.target_dir, "receive", needs)
+                       store: StateStore, emit: Emitter,
+                       early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None) -> SyncResult:
+    src = AgentSide(src_host, rec.source_dir, "send", _needs(rec))
+    dst = AgentSide(dst_host, rec.target_dir, "receive", _needs(rec))
     eopts = EngineOptions(parallel=opts.parallel, patience=opts.patience, stall_timeout=opts.stall_timeout)
 
     def on_event(kind: str, **fields: Any) -> None:
@@ -377,7 +406,7 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
         emit(kind, **fields)
 
     transfer = Transfer(src, dst, session_id=rec.id, chunk_size=rec.chunk_size, spool_max=rec.spool_max,
-                        estimate=rec.estimate, opts=eopts, emit=on_event)
+                        estimate=rec.estimate, opts=eopts, emit=on_event, early=early)
     try:
         result = await transfer.run()
     except (E.PatienceExhausted, asyncio.CancelledError, KeyboardInterrupt) as e:

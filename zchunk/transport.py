@@ -280,7 +280,7 @@ class SshHost(Host):
         host = self.endpoint.host or ""
         kw = self._connect_kwargs()
         try:
-            return await asyncssh.connect(host, **kw)
+            return _acking_promptly(await asyncssh.connect(host, **kw))
         except asyncssh.HostKeyNotVerifiable as e:
             if self._strict_host_key_checking() == "accept-new":
                 return await self._accept_new(host, kw)
@@ -310,7 +310,7 @@ class SshHost(Host):
         with known.open("a") as f:
             f.write(f"{entry} {key.export_public_key().decode().strip()}\n")
         kw = dict(kw, known_hosts=str(known))
-        return await asyncssh.connect(host, **kw)
+        return _acking_promptly(await asyncssh.connect(host, **kw))
 
     def drop(self, conn: asyncssh.SSHClientConnection | None = None) -> None:
         """Forget a connection that failed, so the next use reconnects.
@@ -380,6 +380,31 @@ class SshHost(Host):
             except (asyncio.TimeoutError, *_TRANSIENT):
                 pass
             self._conn = None
+
+
+def _acking_promptly(conn: asyncssh.SSHClientConnection) -> asyncssh.SSHClientConnection:
+    """Acknowledge what the server sends as it arrives (TCP_QUICKACK after each read), not after
+    Linux's delayed-ACK timer.
+
+    sshd switches Nagle off only when a session starts: the confirmation of the first channel waits in
+    the server until its post-authentication packets are acknowledged, and the client, with nothing to
+    send while it waits for that confirmation, delays the ACK by 40 ms. Every run's first commands on
+    a host (and every reconnect's) waited those 40 ms; with the ACK sent at once they answer in 4 ms.
+    """
+    sock = conn.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_QUICKACK"):
+        return conn
+    received = conn.data_received
+
+    def data_received(data: bytes, datatype: Any = None) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        received(data, datatype)
+
+    conn.data_received = data_received  # type: ignore[method-assign]  # the transport looks it up on each read
+    return conn
 
 
 def _as_bytes(data: bytes | str | None) -> bytes:

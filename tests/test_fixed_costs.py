@@ -1,0 +1,342 @@
+"""The shortcuts that took a fast transfer's fixed costs down (issue 4, hot path), and what each must
+keep true. Their effect is measured in benchmarks/ (README, "Hot path"); here, that each still does what
+the slower way did, against the real agent program, real sockets and a real sshd:
+
+- the status poller asks an agent on this machine in process (``InProcessChannel``), with the
+  agent's own request handling: the same answers and errors as a ``serve`` process;
+- the first channels are opened while install runs (``serve DIR wait``): they answer once install is
+  done, and a channel closed before (install failed) leaves no process and writes nothing;
+- a removal whose directory is already gone (a retry after a lost answer) is not a failure;
+- polls come quicker only at the two ends of a stream;
+- the SSH socket acknowledges at once what arrives (TCP_QUICKACK);
+- asyncssh's liboqs lookup at import asks ld.so's cache only, and the lookup is put back;
+- the local agent's one-shot commands import the coordinator's copy of the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import zchunk_agent as agent
+from tests.test_session_dir import SID, config, hello, installed, request
+from tests.zc import REPO, Zchunk, kill_matching
+from tests.zfsutil import make_source, quiet_target_pool
+from zchunk import errors as E
+from zchunk import lab
+from zchunk.engine import RAMP_CHUNKS, AgentSide, EngineOptions, Transfer
+from zchunk.protocol import InProcessChannel
+from zchunk.session import SessionRecord
+from zchunk.sync import LOCAL_BOOTSTRAP, Emitter, SyncOptions, _remove_dirs, bootstrap
+from zchunk.transport import LocalHost, _acking_promptly, _in_ld_cache
+
+AGENT_SOURCE = Path(agent.__file__).read_bytes()
+MiB = 1 << 20
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    b = tmp_path / "spool"
+    b.mkdir(mode=0o700)
+    return b
+
+
+def serve_frames(path: Path, *frames: bytes) -> list[tuple[int, int, dict[str, Any]]]:
+    """What a real ``agent.py serve`` answers to ``frames`` (after its hello)."""
+    p = subprocess.run([sys.executable, str(path / "agent.py"), "serve", str(path)],
+                       input=hello() + b"".join(frames), capture_output=True, timeout=60)
+    import io
+
+    out, got = io.BytesIO(p.stdout), []
+    while True:
+        try:
+            ftype, rid, payload = agent.read_frame(out)
+        except (EOFError, agent.AgentError):
+            break
+        got.append((ftype, rid, agent.decode_message(payload)))
+    return got[1:]
+
+
+# -- the poller's channel to a local agent -------------------------------------------------------
+
+
+def test_in_process_status_and_release_answer_as_a_serve_process_does(base: Path) -> None:
+    path = installed(base, "send")
+    for seq in (0, 1, 2):
+        (path / "chunks" / agent.chunk_name(seq)).with_suffix(".chunk").write_bytes(b"x" * 10)
+    ch = InProcessChannel(str(path), "localhost")
+    ours = asyncio.run(ch.request("status"))
+    (theirs,) = serve_frames(path, request(1, "status"))
+    assert theirs[0] == agent.FRAME_REPLY
+    assert ours == theirs[2] and ours["chunks"] == [0, 1, 2], (ours, theirs)
+    assert asyncio.run(ch.request("release", upto=2)) == {"released": 2}
+    assert sorted(p.name for p in (path / "chunks").iterdir()) == [agent.chunk_name(2) + ".chunk"]
+
+
+def test_in_process_errors_are_the_agents(base: Path) -> None:
+    """A malformed request is the agent's ``bad-request``, an operation of the other role is refused as
+    the serve process refuses it, one with data frames is not answered in process at all."""
+    path = installed(base, "receive")
+    ch = InProcessChannel(str(path), "localhost")
+    with pytest.raises(E.RemoteError) as bad:
+        asyncio.run(ch.request("finish", total_chunks="many"))
+    assert bad.value.fields["code"] == "bad-request", bad.value.fields
+    with pytest.raises(E.ProtocolError, match="release"):
+        asyncio.run(ch.request("release", upto=1))
+    with pytest.raises(E.ProtocolError, match="put_chunk"):
+        asyncio.run(ch.request("put_chunk", seq=0, offset=0, length=1, total=1))
+    gone = InProcessChannel(str(base / "no-such-session"), "localhost")
+    with pytest.raises(E.SessionDirError, match="does not exist"):
+        asyncio.run(gone.request("status"))
+
+
+def test_in_process_cleanup_removes_the_directory_and_finish_writes_the_end(base: Path) -> None:
+    path = installed(base, "receive")
+    ch = InProcessChannel(str(path), "localhost")
+    assert asyncio.run(ch.request("finish", total_chunks=3, raw_bytes=10, stream_hash="ab")) == {"ok": True}
+    assert json.loads((path / "end.json").read_text()) == {"total_chunks": 3, "raw_bytes": 10, "stream_hash": "ab"}
+    assert asyncio.run(ch.request("cleanup", keep=False)) == {"removed": True}
+    assert not path.exists()
+
+
+# -- channels opened while install runs ----------------------------------------------------------
+
+
+def early_serve(path: Path) -> subprocess.Popen[bytes]:
+    """``python3 -c SERVE_BOOTSTRAP serve DIR wait``, the source first on its stdin, as the coordinator
+    starts it (``AgentSide.open_channel`` with the source)."""
+    p = subprocess.Popen([sys.executable, "-c", agent.SERVE_BOOTSTRAP, "serve", str(path), "wait"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    p.stdin.write(b"%d\n" % len(AGENT_SOURCE) + AGENT_SOURCE)
+    p.stdin.flush()
+    return p
+
+
+def test_a_channel_opened_before_install_answers_once_install_is_done(base: Path) -> None:
+    path = base / f"{SID}-send"
+    p = early_serve(path)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        time.sleep(0.3)  # it has compiled the source and waits: nothing said before install
+        assert select.select([p.stdout], [], [], 0)[0] == [], "the server spoke before its directory existed"
+        assert installed(base, "send") == path
+        ftype, _, payload = agent.read_frame(p.stdout)
+        assert ftype == agent.FRAME_HELLO and agent.decode_message(payload)["role"] == "send"
+        p.stdin.write(hello() + request(1, "status"))
+        p.stdin.flush()
+        ftype, rid, payload = agent.read_frame(p.stdout)
+        assert (ftype, rid) == (agent.FRAME_REPLY, 1) and agent.decode_message(payload)["chunks"] == []
+        p.stdin.close()
+        assert p.wait(30) == 0
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_channel_closed_before_install_exits_and_writes_nothing(base: Path) -> None:
+    path = base / f"{SID}-receive"
+    p = early_serve(path)
+    try:
+        time.sleep(0.3)
+        assert p.stdin is not None
+        p.stdin.close()  # install failed: the coordinator closes the channels it opened meanwhile
+        assert p.wait(30) == 0
+        assert p.stdout is not None and p.stdout.read() == b""
+        assert list(base.iterdir()) == []
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.zfs
+def test_a_failed_install_leaves_no_early_channel_behind(tmp_path: Path, pool_factory: Any,
+                                                         sshd_local: lab.Sshd) -> None:
+    """The run fails at install (a spool directory writable by others is refused); the channels that were
+    being opened meanwhile, on this machine and over SSH, are closed and their servers gone."""
+    zc = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
+    src_pool, dst_pool = pool_factory(size="256M"), pool_factory(size="256M")
+    quiet_target_pool(dst_pool)
+    src = make_source(src_pool, 1 * MiB, seed=91)
+    zc.spool_dir.mkdir(mode=0o700)
+    os.chmod(zc.spool_dir, 0o777)
+    try:
+        run = zc.run("sync", src, f"local:{dst_pool.name}/replica", "--ssh-config", str(sshd_local.ssh_config))
+        assert run.returncode != 0 and "writable by group or others" in run.stderr + run.stdout, run.explain()
+        deadline = time.monotonic() + 20
+        while (left := serving(zc.spool_dir)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == [], f"servers left running: {left}"
+        assert list(zc.spool_dir.iterdir()) == []
+    finally:
+        kill_matching(str(zc.spool_dir))
+
+
+def serving(spool: Path) -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(spool) in cmd and " serve " in cmd:
+            out.append(cmd[:200])
+    return out
+
+
+# -- a removal that a lost answer makes a retry --------------------------------------------------
+
+
+def record(target_dir: str, spool: Path) -> SessionRecord:
+    return SessionRecord(id=SID, source="pool/ds", target="pool/replica", snapshot="pool/ds@s1", snapshot_guid=1,
+                         base=None, target_dataset="pool/replica", source_dir="", target_dir=target_dir,
+                         spool_base=str(spool), codec="zlib", checksum="blake2b-128", chunk_size=MiB,
+                         spool_max=MiB, estimate=0, ssh={}, dirs_left=True)
+
+
+async def removal(rec: SessionRecord, host: Any) -> tuple[bool, list[tuple[str, dict[str, Any]]]]:
+    events: list[tuple[str, dict[str, Any]]] = []
+    done = await _remove_dirs(rec, host, host, SyncOptions(spool_dir=rec.spool_base),
+                              Emitter(lambda kind, fields: events.append((kind, fields))), roles=("receive",))
+    return done, events
+
+
+def test_removing_a_directory_that_is_already_gone_is_not_a_failure(base: Path) -> None:
+    path = installed(base, "receive")
+    rec = record(str(path), base)
+    assert asyncio.run(removal(rec, LocalHost())) == (True, [("cleaned", {"kept": False})])
+    assert not path.exists()
+    done, events = asyncio.run(removal(rec, LocalHost()))  # the retry: the first attempt removed it
+    assert done and [k for k, _ in events] == ["cleaned"], events
+
+
+def test_a_remote_removal_retried_after_the_directory_went_is_not_a_failure(base: Path,
+                                                                            sshd_local: lab.Sshd) -> None:
+    """Over SSH the retry cannot even start ``DIR/agent.py`` ("can't open file"): the directory's absence
+    is looked for, and the record may say that nothing is left. One that is still there and refused
+    (writable by others) stays a warning."""
+    from zchunk.endpoint import parse_endpoint
+    from zchunk.transport import SshOptions, make_host
+
+    refused = installed(base, "receive")
+    os.chmod(refused, 0o777)
+
+    async def go() -> list[tuple[bool, list[tuple[str, dict[str, Any]]]]]:
+        host = make_host(parse_endpoint("local:pool/x"), SshOptions(config=sshd_local.ssh_config))
+        try:
+            return [await removal(record(str(base / "gone" / f"{SID}-receive"), base), host),
+                    await removal(record(str(refused), base), host)]
+        finally:
+            await host.close()
+
+    (done, events), (refused_done, refused_events) = asyncio.run(go())
+    assert done and [k for k, _ in events] == ["cleaned"], events
+    assert not refused_done and refused.exists()
+    assert any(k == "warning" and "could not clean up" in f["detail"] for k, f in refused_events), refused_events
+
+
+# -- quick polls at the two ends of a stream only --------------------------------------------------
+
+
+def transfer() -> Transfer:
+    side = AgentSide(LocalHost(), "/nonexistent", "send", [])
+    return Transfer(side, AgentSide(LocalHost(), "/nonexistent", "receive", []), session_id=SID,
+                    chunk_size=32 * MiB, spool_max=64 * MiB, estimate=0, opts=EngineOptions(),
+                    emit=lambda *a, **k: None)
+
+
+def test_polls_are_quick_during_the_ramp_and_the_tail_only() -> None:
+    t = transfer()
+    normal, quick = t.opts.poll_interval, t.opts.poll_interval / 5
+    assert t._poll_delay() == quick, "the first chunks: zfs receive waits for each"
+    t.src_daemon = {"chunks": RAMP_CHUNKS}
+    assert t._poll_delay() == normal, "past the ramp an idle link waits for the source"
+    t.src_daemon = {"chunks": 1, "paused": "no-space"}
+    assert t._poll_delay() == normal, "a paused source is not polled quickly"
+    t.src_daemon = {"chunks": 1}
+    t.started -= 60
+    assert t._poll_delay() == normal, "a source slow to make its first chunks is not polled quickly for long"
+    t.in_flight.add(0)
+    t.finish_sent = True
+    assert t._poll_delay() == normal, "a chunk in flight: its move wakes the workers, not the poll"
+    t.in_flight.clear()
+    assert t._poll_delay() == quick, "the tail: everything moved, the receiver finishing"
+
+
+# -- the SSH socket's acknowledgements -----------------------------------------------------------
+
+
+class FakeConn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.got = sock, []
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        self.got.append((data, datatype))
+
+
+def test_each_read_of_the_ssh_socket_acknowledges_at_once() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    try:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # as after a request/response exchange
+        conn = _acking_promptly(FakeConn(client))  # type: ignore[arg-type]
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+        conn.data_received(b"packet", None)
+        assert conn.got == [(b"packet", None)], "asyncssh still gets every byte"
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    finally:
+        for s in (client, peer, server):
+            s.close()
+
+
+def test_commands_run_on_an_acking_connection(sshd_local: lab.Sshd) -> None:
+    from zchunk.endpoint import parse_endpoint
+    from zchunk.transport import SshOptions, make_host
+
+    async def go() -> list[bytes]:
+        host = make_host(parse_endpoint("local:pool/x"), SshOptions(config=sshd_local.ssh_config))
+        try:
+            conn = await host.connection()  # type: ignore[attr-defined]
+            assert conn.data_received.__qualname__.startswith("_acking_promptly"), "not wrapped"
+            return [(await host.run(["echo", str(i)])).stdout for i in range(3)]
+        finally:
+            await host.close()
+
+    assert asyncio.run(go()) == [b"0\n", b"1\n", b"2\n"]
+
+
+# -- imports and bootstraps ------------------------------------------------------------------------
+
+
+def test_the_liboqs_lookup_is_put_back_after_asyncssh_imports() -> None:
+    code = ("import ctypes.util; f = ctypes.util.find_library; import zchunk.transport, asyncssh; "
+            "assert ctypes.util.find_library is f, 'find_library left swapped'; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+    assert _in_ld_cache("c") is not None, "libc is in ld.so's cache: the lookup itself works"
+
+
+def test_the_local_bootstrap_imports_the_coordinators_agent_from_anywhere(tmp_path: Path) -> None:
+    here, other = LocalHost(), LocalHost()
+    other.python = "/usr/bin/python3"
+    assert bootstrap(here, "probe")[:3] == [sys.executable, "-c", LOCAL_BOOTSTRAP]
+    assert bootstrap(other, "probe")[:3] == ["/usr/bin/python3", "-c", agent.BOOTSTRAP]
+    p = subprocess.run(bootstrap(here, "install", str(tmp_path / "spool"), f"{SID}-send", json.dumps(config("send"))),
+                       input=AGENT_SOURCE, capture_output=True, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0, p.stderr.decode()
+    path = Path(json.loads(p.stdout.decode().splitlines()[-1])["path"])
+    assert (path / "agent.py").read_bytes() == AGENT_SOURCE, "install writes the source it was given"
