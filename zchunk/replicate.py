@@ -324,9 +324,13 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         if ropts.create_bookmark:
             await _bookmark(src, newest, policy.identifier, emit)
 
+    # Sync snapshots of ours on the target can only be ones it had or ones the source sent.
+    ours = any(is_own_sync_snapshot(s.short, policy.identifier)
+               for s in src_ds.snapshots + (dst_ds.snapshots if dst_ds is not None else ()))
+
     async def prune_target() -> None:
         prunes = dst_prunes
-        if plan.steps:  # what the target really holds now decides, not the forecast
+        if plan.steps and ours:  # what the target really holds now decides, not the forecast
             after = await dst.zfs.require(dst_name)
             prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_sync_snaps,
                                 {newest.guid} if newest is not None else set())

@@ -340,12 +340,11 @@ class Zfs:
             await asyncio.sleep(1.0)
 
     async def unmount(self, name: str, busy_retry: float = 30.0) -> None:
-        """Unmount if mounted; zfs-fuse may be "busy" right after a receive: retry a while."""
+        """Unmount if mounted; zfs-fuse may be "busy" right after a receive: retry a while. Tried first and
+        asked after (a refusal of a dataset that is not mounted is no failure): one round trip when it works."""
         import asyncio
         import time
 
-        if await self.prop(name, "mounted") != "yes":
-            return
         deadline = time.monotonic() + busy_retry
         while True:
             res = await self.run("unmount", name, check=False, dataset=name, action="unmount")
