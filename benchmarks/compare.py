@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def main() -> int:
                 else:
                     failed += 1
                 b.cleanup(tool, job, tool.needles(job, b.far), keep_target=False)
+    shutil.rmtree(b.work, ignore_errors=True)  # kept when the lab could not be torn down (run.py's rule)
     print()
     for variant, ts in times.items():
         median = f"{statistics.median(ts):6.2f} s" if ts else "     –  "
