@@ -38,7 +38,7 @@ from zchunk.engine import RAMP_CHUNKS, AgentSide, EngineOptions, Transfer
 from zchunk.protocol import InProcessChannel
 from zchunk.session import SessionRecord
 from zchunk.sync import LOCAL_BOOTSTRAP, Emitter, SyncOptions, _remove_dirs, bootstrap
-from zchunk.transport import LocalHost, _acking_promptly, _in_ld_cache
+from zchunk.transport import CommandResult, Host, LocalHost, _acking_promptly, _in_ld_cache
 
 AGENT_SOURCE = Path(agent.__file__).read_bytes()
 MiB = 1 << 20
@@ -243,6 +243,29 @@ def test_a_remote_removal_retried_after_the_directory_went_is_not_a_failure(base
     assert done and [k for k, _ in events] == ["cleaned"], events
     assert not refused_done and refused.exists()
     assert any(k == "warning" and "could not clean up" in f["detail"] for k, f in refused_events), refused_events
+
+
+class Unreachable(Host):
+    """A far host whose link stays down beyond --patience: every command ends in HostUnreachable."""
+
+    name = "far"
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    async def run(self, argv: list[str], stdin: bytes | None = None,
+                  timeout: float | None = 120.0) -> CommandResult:
+        self.asked.append(argv)
+        raise E.HostUnreachable(host=self.name, reason="link down for longer than --patience")
+
+
+def test_a_removal_that_the_link_defeated_is_not_asked_about_again(base: Path) -> None:
+    """After the removal waited out --patience on a dead link, asking whether the directory is gone would
+    wait as long again: it stays a warning at once."""
+    host = Unreachable()
+    done, events = asyncio.run(removal(record("/var/tmp/zchunk/x-receive", base), host))
+    assert not done and [argv[2] for argv in host.asked] == ["remove"], host.asked
+    assert any(k == "warning" and "could not clean up" in f["detail"] for k, f in events), events
 
 
 # -- quick polls at the two ends of a stream only --------------------------------------------------

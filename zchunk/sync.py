@@ -498,7 +498,7 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             try:
                 await agent_command(host, opts, path, *args)
             except (E.ZchunkError, LinkDown) as e:
-                if not opts.keep and await _gone(host, path):
+                if not opts.keep and not _link_trouble(e) and await _gone(host, path):
                     continue  # a retry: the attempt whose answer the link lost removed it
                 emit("warning", host=host.name, detail=f"could not clean up {path}: {e}")
                 done = False
@@ -511,6 +511,11 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
     if "receive" in roles:
         emit("cleaned", kept=opts.keep)
     return all(r is True for r in results)
+
+
+def _link_trouble(e: BaseException) -> bool:
+    """A failure of the link itself (already retried for --patience): no point asking the host more."""
+    return isinstance(e, (LinkDown, E.HostUnreachable))
 
 
 async def _gone(host: Host, path: str) -> bool:
