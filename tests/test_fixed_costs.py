@@ -6,7 +6,8 @@ the slower way did, against the real agent program, real sockets and a real sshd
   agent's own request handling: the same answers and errors as a ``serve`` process;
 - the first channels are opened while install runs (``serve DIR wait``): they answer once install is
   done, and a channel closed before (install failed) leaves no process and writes nothing;
-- a removal whose directory is already gone (a retry after a lost answer) is not a failure;
+- a removal whose directory is already gone (a retry after a lost answer) is not a failure, and
+  one the link defeated is not followed by a question that would wait out --patience again;
 - polls come quicker only at the two ends of a stream;
 - the SSH socket acknowledges at once what arrives (TCP_QUICKACK);
 - asyncssh's liboqs lookup at import asks ld.so's cache only, and the lookup is put back;
