@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 from helpers import zchunk_agent as agent
-from tests.test_session_dir import SID, config, hello, installed, request
-from tests.zc import REPO, Zchunk, kill_matching
+from tests.test_session_dir import SID, config, conversation, hello, installed, request
+from tests.zc import REPO, Zchunk, kill_matching, matching
 from tests.zfsutil import make_source, quiet_target_pool
 from zchunk import errors as E
 from zchunk import lab
@@ -52,22 +52,6 @@ def base(tmp_path: Path) -> Path:
     return b
 
 
-def serve_frames(path: Path, *frames: bytes) -> list[tuple[int, int, dict[str, Any]]]:
-    """What a real ``agent.py serve`` answers to ``frames`` (after its hello)."""
-    p = subprocess.run([sys.executable, str(path / "agent.py"), "serve", str(path)],
-                       input=hello() + b"".join(frames), capture_output=True, timeout=60)
-    import io
-
-    out, got = io.BytesIO(p.stdout), []
-    while True:
-        try:
-            ftype, rid, payload = agent.read_frame(out)
-        except (EOFError, agent.AgentError):
-            break
-        got.append((ftype, rid, agent.decode_message(payload)))
-    return got[1:]
-
-
 # -- the poller's channel to a local agent -------------------------------------------------------
 
 
@@ -77,7 +61,7 @@ def test_in_process_status_and_release_answer_as_a_serve_process_does(base: Path
         (path / "chunks" / agent.chunk_name(seq)).with_suffix(".chunk").write_bytes(b"x" * 10)
     ch = InProcessChannel(str(path), "localhost")
     ours = asyncio.run(ch.request("status"))
-    (theirs,) = serve_frames(path, request(1, "status"))
+    (theirs,) = conversation(path, request(1, "status"))
     assert theirs[0] == agent.FRAME_REPLY
     assert ours == theirs[2] and ours["chunks"] == [0, 1, 2], (ours, theirs)
     assert asyncio.run(ch.request("release", upto=2)) == {"released": 2}
@@ -184,15 +168,7 @@ def test_a_failed_install_leaves_no_early_channel_behind(tmp_path: Path, pool_fa
 
 
 def serving(spool: Path) -> list[str]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(spool) in cmd and " serve " in cmd:
-            out.append(cmd[:200])
-    return out
+    return [cmd[:200] for cmd in matching(str(spool)).values() if " serve " in cmd]
 
 
 # -- a removal that a lost answer makes a retry --------------------------------------------------

@@ -158,21 +158,27 @@ class Background:
             self.proc.wait(10)
 
 
-def kill_matching(needle: str) -> list[int]:
-    """SIGKILL every process whose command line mentions ``needle`` (a test's spool dir):
-    teardown for agents of a test that failed before zchunk could clean them up."""
-    killed = []
+def matching(needle: str) -> dict[int, str]:
+    """Processes (but this one) whose command line mentions ``needle``: pid -> command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if needle in cmdline:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-            except ProcessLookupError:
-                pass
+    return {pid: cmd for pid, cmd in found.items() if needle in cmd}
+
+
+def kill_matching(needle: str) -> list[int]:
+    """SIGKILL every process whose command line mentions ``needle`` (a test's spool dir):
+    teardown for agents of a test that failed before zchunk could clean them up."""
+    killed = []
+    for pid in matching(needle):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
     return killed

@@ -9,11 +9,12 @@ one request at a time (parallelism comes from several channels).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,18 @@ class AgentChannel:
         await self.pipe.close()
 
 
+@contextlib.contextmanager
+def as_remote(host: str, what: str) -> Iterator[None]:
+    """The agent's own code run in this process: its failures raised as a remote agent's would be
+    (``AgentError`` by its code, an ``OSError`` as the agent's ``os-error``)."""
+    try:
+        yield
+    except wire.AgentError as e:
+        raise from_remote(host, e.to_dict()) from e
+    except OSError as e:
+        raise from_remote(host, wire.AgentError("os-error", f"{what}: {e}", errno=e.errno).to_dict()) from e
+
+
 class InProcessChannel:
     """The requests without data frames (status, release, finish, cleanup) of a session on this machine,
     answered in this process by the agent's own ``Server`` on a thread, as a ``serve`` process would.
@@ -141,13 +154,8 @@ class InProcessChannel:
         return self._server.answer(next(self._ids), dict(fields, op=op))
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        try:
+        with as_remote(self.host, op):  # the session directory itself (Session's checks)
             out = await asyncio.to_thread(self._answer, op, fields)
-        except wire.AgentError as e:  # the session directory itself (Session's checks)
-            raise from_remote(self.host, e.to_dict()) from e
-        except OSError as e:
-            raise from_remote(self.host, wire.AgentError("os-error", f"{op}: {e}", errno=e.errno)
-                              .to_dict()) from e
         assert out is not None
         ftype, msg = out
         if ftype == wire.FRAME_ERROR:

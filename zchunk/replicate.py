@@ -41,9 +41,9 @@ from .sync import (
     SyncResult,
     abort,
     agent_command,
+    all_of,
     list_spool,
     probe_host,
-    raise_first,
     report,
     resume,
     run_stream,
@@ -265,11 +265,10 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     src_ds, dst_ds = await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
     # Read-only checks, all at once; the first failing in this order is the one reported. Before the sync
     # snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature.
-    raise_first(await asyncio.gather(
+    await all_of(
         _check_target_parent(dst, dst_name, dst_ds, ropts),
         _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts),
-        compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name),
-        return_exceptions=True))
+        compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name))
     if not ropts.dry_run:
         # before anything is planned or taken: a target another session is receiving looks like one without
         # a common snapshot, and a refused run must leave no sync snapshot behind
@@ -546,11 +545,8 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
 async def _both(source_step: Awaitable[Any], target_step: Awaitable[Any]) -> tuple[Any, Any]:
     """One step on each host, at once (each is a round trip); both finish before a failure (the source's
     first) is raised. Their results."""
-    got = await asyncio.gather(source_step, target_step, return_exceptions=True)
-    for r in got:
-        if isinstance(r, BaseException):
-            raise r
-    return got[0], got[1]
+    source, target = await all_of(source_step, target_step)
+    return source, target
 
 
 async def _bookmark(src: Side, newest: Snapshot, identifier: str, emit: Emitter) -> None:

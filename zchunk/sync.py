@@ -15,7 +15,7 @@ import json
 import posixpath
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from . import errors as E
 from .endpoint import Endpoint, parse_endpoint
 from .engine import AgentSide, EngineOptions, Transfer, TransferResult, close_early
 from .plan import SendPlan
-from .protocol import AgentChannel, InProcessChannel
+from .protocol import AgentChannel, InProcessChannel, as_remote
 from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
 from .transport import Host, LinkDown, LocalHost, SshOptions, first_contact, make_host
 from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
@@ -232,13 +232,8 @@ _IN_PROCESS = {"remove"}
 
 
 def _agent_here(host: Host, argv: list[str]) -> dict[str, Any]:
-    try:
+    with as_remote(host.name, argv[0]):
         return dict(agent_mod.COMMANDS[argv[0]](argv[1:]) or {})
-    except agent_mod.AgentError as e:
-        raise E.from_remote(host.name, e.to_dict()) from e
-    except OSError as e:
-        raise E.from_remote(host.name, agent_mod.AgentError("os-error", f"{argv[0]}: {e}", errno=e.errno)
-                            .to_dict()) from e
 
 
 def _agent_reply(host: Host, stdout: bytes, stderr: str) -> dict[str, Any]:
@@ -352,6 +347,14 @@ def raise_first(results: Sequence[Any]) -> None:
     for r in results:
         if isinstance(r, BaseException):
             raise r
+
+
+async def all_of(*steps: Awaitable[Any]) -> list[Any]:
+    """The steps at once (each is a round trip); all finish before a failure (the first in this order) is
+    raised, so none is left running. Their results."""
+    results = list(await asyncio.gather(*steps, return_exceptions=True))
+    raise_first(results)
+    return results
 
 
 async def resume(session_id: str, opts: SyncOptions, on_event: Any = None, lock: bool = True) -> SyncResult:
@@ -505,12 +508,10 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
         return done
 
     sides = [(src_host, "send"), (dst_host, "receive")]
-    results = await asyncio.gather(*(one_side(host, role) for host, role in sides if role in roles),
-                                   return_exceptions=True)  # both hosts at once
-    raise_first(results)
+    results = await all_of(*(one_side(host, role) for host, role in sides if role in roles))  # both hosts at once
     if "receive" in roles:
         emit("cleaned", kept=opts.keep)
-    return all(r is True for r in results)
+    return all(results)
 
 
 def _link_trouble(e: BaseException) -> bool:
