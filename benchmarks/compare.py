@@ -58,8 +58,9 @@ def main() -> int:
     # every variant's modules compiled once, as an installed zchunk's are (else each run compiles them)
     trees = [HERE.parent] + [Path(w[5:]) for v in args.variants for w in shlex.split(v)[:1] if w.startswith("code=")]
     for tree in trees:
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "zchunk"), str(tree / "helpers")],
-                       check=True)
+        # (a tree from before the agent moved into zchunk/ has it in helpers/)
+        packages = [str(tree / d) for d in ("zchunk", "helpers") if (tree / d).is_dir()]
+        subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], check=True)
     b = bench.Bench(bench.parse_args(["--size", args.size, "--out", str(HERE / "out" / "compare")]))
     b.work.mkdir(parents=True, exist_ok=True)
     times: dict[str, list[float]] = {v: [] for v in args.variants}

@@ -479,7 +479,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "kernel": os.uname().release, "cpus": os.cpu_count(),
         "zchunk_commit": out(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]),
-        "zchunk_dirty": bool(out(["git", "-C", str(repo), "status", "--porcelain", "zchunk", "helpers"]).strip()),
+        "zchunk_dirty": bool(out(["git", "-C", str(repo), "status", "--porcelain", "zchunk"]).strip()),
         "syncoid": out(["syncoid", "--version"]), "openssh": out(["ssh", "-V"]),
         "zstd": out(["zstd", "--version"]),
         "size": args.size, "change": args.change, "runs": args.runs,
@@ -488,11 +488,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def snapshot_code(dest: Path) -> str:
-    """Copy zchunk/ and helpers/ as they are now and run zchunk from the copy, so one
+    """Copy zchunk/ as it is now and run zchunk from the copy, so one
     benchmark measures one version even while people edit the working tree."""
     repo = HERE.parent
     digest = hashlib.sha256()
-    for package in ("zchunk", "helpers"):
+    for package in ("zchunk",):
         shutil.copytree(repo / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
         for path in sorted((dest / package).rglob("*.py")):
             digest.update(path.relative_to(dest).as_posix().encode() + b"\0" + path.read_bytes())
@@ -502,7 +502,7 @@ def snapshot_code(dest: Path) -> str:
     zchunk_tool = TOOLS["zchunk"]
     assert isinstance(zchunk_tool, Zchunk)
     zchunk_tool.code = dest
-    return f"copy of zchunk/ and helpers/ taken at the start, sha256 {digest.hexdigest()[:12]}, compiled"
+    return f"copy of zchunk/ taken at the start, sha256 {digest.hexdigest()[:12]}, compiled"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -65,7 +65,7 @@ class Tool:
 
 class Zchunk(Tool):
     name = "zchunk"
-    #: A copy of zchunk/ and helpers/ to run instead of the working tree, which
+    #: A copy of zchunk/ to run instead of the working tree, which
     #: other people edit while a benchmark runs (set by run.py; None: the venv's).
     code: Path | None = None
 

@@ -35,8 +35,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=None, help="tbf limit in Mbit/s (default: none)")
     ap.add_argument("extra", nargs="*", help="extra `zchunk sync` arguments (after --)")
     args = ap.parse_args()
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "zchunk"),
-                    str(HERE.parent / "helpers")], check=True)  # as an installed zchunk is
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "zchunk")],  # as installed
+                   check=True)
     b = bench.Bench(bench.parse_args(["--size", args.size, "--out", str(HERE / "out" / "trace")]))
     b.work.mkdir(parents=True, exist_ok=True)
     tool = TOOLS["zchunk"]

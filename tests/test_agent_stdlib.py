@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-AGENT = Path(__file__).resolve().parents[1] / "helpers" / "zchunk_agent.py"
+AGENT = Path(__file__).resolve().parents[1] / "zchunk" / "agent.py"
 SOURCE = AGENT.read_text()
 OPTIONAL = {"zstandard", "xxhash"}
 # Handlers that catch a failed import (ImportError or something broader).
@@ -243,7 +243,7 @@ def test_bootstrap_runs_the_agent_from_stdin(python: str) -> None:
     """``python3 -c BOOTSTRAP probe`` with the source on stdin: nothing installed beforehand."""
     sys.path.insert(0, str(AGENT.parent.parent))
     try:
-        from helpers.zchunk_agent import BOOTSTRAP
+        from zchunk.agent import BOOTSTRAP
     finally:
         sys.path.pop(0)
     ast.parse(BOOTSTRAP, feature_version=(3, 9))

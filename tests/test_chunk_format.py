@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import zchunk_agent as agent
-from helpers.zchunk_agent import (
+from zchunk import agent
+from zchunk.agent import (
     CHUNK_HEADER_SIZE,
     CODEC_NONE,
     CODEC_ZLIB,

@@ -113,7 +113,7 @@ def orphan(spool: Path, name: str, role: str, dataset: str, idle: float) -> Path
     import os
     import sys
 
-    from helpers import zchunk_agent as agent
+    from zchunk import agent
 
     cfg: dict[str, Any] = {"id": name, "role": role, "codec": "zlib", "level": None, "checksum": "blake2b-128",
                            "chunk_size": 1 << 20, "spool_max": 4 << 20, "idle_timeout": 86400}
@@ -252,7 +252,7 @@ def test_a_daemon_ending_between_status_read_and_pid_check_is_not_dead(tmp_path:
     import json
     import sys
 
-    from helpers import zchunk_agent as agent
+    from zchunk import agent
 
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)

@@ -215,7 +215,7 @@ def test_a_daemon_started_on_a_full_spool_still_reports_itself(tmp_path: Path) -
     """The spool filesystem fills up between install and start: the daemon still writes its state (from
     the ballast install left), so the coordinator sees it running and paused rather than forever "starting"."""
     need_root("mount")
-    from helpers import zchunk_agent as agent
+    from zchunk import agent
 
     fake_zfs = tmp_path / "fake-zfs"  # a `zfs send` that never ends: the daemon must be up, not done
     fake_zfs.write_text("#!/bin/sh\nexec sleep 60\n")

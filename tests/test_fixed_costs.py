@@ -29,12 +29,11 @@ from typing import Any
 
 import pytest
 
-from helpers import zchunk_agent as agent
 from tests.test_session_dir import SID, config, conversation, hello, installed, request
 from tests.zc import REPO, Zchunk, kill_matching, matching
 from tests.zfsutil import make_source, quiet_target_pool
+from zchunk import agent, lab
 from zchunk import errors as E
-from zchunk import lab
 from zchunk.engine import RAMP_CHUNKS, AgentSide, EngineOptions, Transfer
 from zchunk.protocol import InProcessChannel
 from zchunk.session import SessionRecord

@@ -1,6 +1,6 @@
 """The frame protocol (docs/protocol.md): bytes on the wire, bounds, both ends.
 
-Agent side: ``helpers/zchunk_agent`` framing and its ``Server`` (driven over
+Agent side: ``zchunk/agent.py`` framing and its ``Server`` (driven over
 in-memory files, with a real session directory under tmp_path). Coordinator
 side: ``zchunk.protocol.AgentChannel`` over an in-memory fake pipe.
 """
@@ -19,8 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import zchunk_agent as wire
-from helpers.zchunk_agent import (
+from zchunk import agent as wire
+from zchunk import errors as E
+from zchunk.agent import (
     FRAME_DATA,
     FRAME_ERROR,
     FRAME_HELLO,
@@ -35,7 +36,6 @@ from helpers.zchunk_agent import (
     parse_frame_header,
     read_frame,
 )
-from zchunk import errors as E
 from zchunk.protocol import ALLOWED_OPS, COORDINATOR_CAPS, AgentChannel, ChannelChunks, LocalSpoolChunks, relay_chunk
 from zchunk.transport import LinkDown
 

@@ -35,11 +35,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import zchunk_agent as agent
 from tests.test_framing import NEEDS, FakePipe, agent_hello
 from tests.zc import REPO, Run, Zchunk, kill_matching, parse_events
 from tests.zfsutil import assert_replica, exists, snapshots, zfs
-from zchunk import lab
+from zchunk import agent, lab
 from zchunk.errors import ZchunkError
 from zchunk.protocol import AgentChannel
 from zchunk.transport import LinkDown

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from helpers import zchunk_agent as agent
-from helpers.zchunk_agent import (
+from zchunk import agent
+from zchunk.agent import (
     BOOTSTRAP,
     FRAME_DATA,
     FRAME_ERROR,

@@ -22,8 +22,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from helpers import zchunk_agent as wire
-
+from . import agent
 from .errors import (
     AgentDied,
     IntegrityError,
@@ -91,7 +90,7 @@ class AgentSide:
         if source is None:
             argv = [self.host.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
         else:
-            argv = [self.host.python, "-c", wire.SERVE_BOOTSTRAP, "serve", self.session_dir, "wait"]
+            argv = [self.host.python, "-c", agent.SERVE_BOOTSTRAP, "serve", self.session_dir, "wait"]
         pipe = await self.host.open_pipe(argv)
         ch = AgentChannel(pipe, self.host.name, opts.stall_timeout)
         try:

@@ -1,6 +1,6 @@
 """The coordinator's side of the agent protocol (docs/protocol.md).
 
-Frames and their bounds are defined once, in the agent (``helpers/zchunk_agent``),
+Frames and their bounds are defined once, in the agent (``zchunk/agent.py``),
 and imported here so both sides share the same constants and encoder. One
 ``AgentChannel`` talks to one ``agent.py serve`` process; a channel carries
 one request at a time (parallelism comes from several channels).
@@ -18,8 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from helpers import zchunk_agent as wire
-
+from . import agent
 from .errors import CapabilityMismatch, ProtocolError, from_remote
 from .transport import AgentPipe, LinkDown
 
@@ -54,10 +53,10 @@ class AgentChannel:
 
     async def _read(self) -> tuple[int, int, bytes]:
         try:
-            hdr = await asyncio.wait_for(self.pipe.readexactly(wire.FRAME_HEADER.size), self.stall)
+            hdr = await asyncio.wait_for(self.pipe.readexactly(agent.FRAME_HEADER.size), self.stall)
             try:
-                ftype, req_id, length = wire.parse_frame_header(hdr)
-            except wire.AgentError as e:
+                ftype, req_id, length = agent.parse_frame_header(hdr)
+            except agent.AgentError as e:
                 raise ProtocolError(host=self.host, reason=e.reason) from e
             payload = await asyncio.wait_for(self.pipe.readexactly(length), self.stall) if length else b""
         except asyncio.TimeoutError as e:
@@ -66,26 +65,26 @@ class AgentChannel:
 
     def _message(self, payload: bytes) -> dict[str, Any]:
         try:
-            return wire.decode_message(payload)
-        except wire.AgentError as e:
+            return agent.decode_message(payload)
+        except agent.AgentError as e:
             raise ProtocolError(host=self.host, reason=e.reason) from e
 
     async def handshake(self, need: list[str]) -> Hello:
         ftype, _, payload = await self._read()
-        if ftype != wire.FRAME_HELLO:
+        if ftype != agent.FRAME_HELLO:
             raise ProtocolError(host=self.host, reason=f"expected hello, got frame type {ftype}")
         msg = self._message(payload)
-        if msg.get("protocol") != wire.PROTOCOL_VERSION:
+        if msg.get("protocol") != agent.PROTOCOL_VERSION:
             raise ProtocolError(host=self.host, reason=f"agent speaks protocol {msg.get('protocol')!r}, "
-                                f"coordinator {wire.PROTOCOL_VERSION}")
+                                f"coordinator {agent.PROTOCOL_VERSION}")
         theirs = [str(c) for c in msg.get("capabilities", [])]
         missing = [c for c in need if c not in theirs]
         if missing:
             raise CapabilityMismatch(what=", ".join(missing), ours=need, theirs=theirs, host=self.host)
         self.hello = Hello(int(msg["protocol"]), theirs, str(msg.get("role")), msg.get("session"),
                            str(msg.get("host", "")))
-        self.pipe.write(wire.encode_message(wire.FRAME_HELLO, 0, {
-            "protocol": wire.PROTOCOL_VERSION, "capabilities": COORDINATOR_CAPS}))
+        self.pipe.write(agent.encode_message(agent.FRAME_HELLO, 0, {
+            "protocol": agent.PROTOCOL_VERSION, "capabilities": COORDINATOR_CAPS}))
         await self.pipe.drain()
         return self.hello
 
@@ -94,15 +93,15 @@ class AgentChannel:
         if op not in ALLOWED_OPS.get(role, set()):
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not allowed for a {role} agent")
         req_id = next(self._ids)
-        self.pipe.write(wire.encode_message(wire.FRAME_REQUEST, req_id, dict(fields, op=op)))
+        self.pipe.write(agent.encode_message(agent.FRAME_REQUEST, req_id, dict(fields, op=op)))
         return req_id
 
     async def _reply(self, req_id: int) -> dict[str, Any]:
         ftype, rid, payload = await self._read()
-        if rid != req_id or ftype not in (wire.FRAME_REPLY, wire.FRAME_ERROR):
+        if rid != req_id or ftype not in (agent.FRAME_REPLY, agent.FRAME_ERROR):
             raise ProtocolError(host=self.host, reason=f"expected reply to {req_id}, got type {ftype} id {rid}")
         msg = self._message(payload)
-        if ftype == wire.FRAME_ERROR:
+        if ftype == agent.FRAME_ERROR:
             raise from_remote(self.host, msg)
         unknown = set(msg) - _KNOWN_FIELDS
         if unknown:
@@ -124,10 +123,10 @@ def as_remote(host: str, what: str) -> Iterator[None]:
     (``AgentError`` by its code, an ``OSError`` as the agent's ``os-error``)."""
     try:
         yield
-    except wire.AgentError as e:
+    except agent.AgentError as e:
         raise from_remote(host, e.to_dict()) from e
     except OSError as e:
-        raise from_remote(host, wire.AgentError("os-error", f"{what}: {e}", errno=e.errno).to_dict()) from e
+        raise from_remote(host, agent.AgentError("os-error", f"{what}: {e}", errno=e.errno).to_dict()) from e
 
 
 class InProcessChannel:
@@ -141,12 +140,12 @@ class InProcessChannel:
 
     def __init__(self, session_dir: str, host: str) -> None:
         self.session_dir, self.host = session_dir, host
-        self._server: wire.Server | None = None
+        self._server: agent.Server | None = None
         self._ids = itertools.count(1)
 
     def _answer(self, op: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
         if self._server is None:
-            self._server = wire.Server(wire.Session(self.session_dir), None, None)  # type: ignore[arg-type]
+            self._server = agent.Server(agent.Session(self.session_dir), None, None)  # type: ignore[arg-type]
         role = self._server.sess.role
         if op not in ALLOWED_OPS.get(role, set()) or op in ("get_chunk", "put_chunk"):
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not answered in process "
@@ -158,7 +157,7 @@ class InProcessChannel:
             out = await asyncio.to_thread(self._answer, op, fields)
         assert out is not None
         ftype, msg = out
-        if ftype == wire.FRAME_ERROR:
+        if ftype == agent.FRAME_ERROR:
             raise from_remote(self.host, msg)
         return msg
 
@@ -190,7 +189,7 @@ class ChannelChunks:
 
     async def read(self) -> bytes:
         ftype, rid, payload = await self.ch._read()
-        if ftype != wire.FRAME_DATA or rid != self.req_id:
+        if ftype != agent.FRAME_DATA or rid != self.req_id:
             raise ProtocolError(host=self.host, reason=f"expected chunk data, got type {ftype} id {rid}")
         return payload
 
@@ -211,7 +210,7 @@ class LocalSpoolChunks:
 
     def __init__(self, session_dir: str, host: str) -> None:
         self.session_dir, self.host = session_dir, host
-        self._sess: wire.Session | None = None
+        self._sess: agent.Session | None = None
         self._file: Any = None
         self._left = 0
 
@@ -219,28 +218,28 @@ class LocalSpoolChunks:
         self.close()
         try:
             self._file, total = await asyncio.to_thread(self._open, seq, offset)
-        except wire.AgentError as e:
+        except agent.AgentError as e:
             raise from_remote(self.host, e.to_dict()) from e
         self._left = total - offset
         return total - offset, total
 
     def _open(self, seq: int, offset: int) -> tuple[Any, int]:
         if self._sess is None:
-            self._sess = wire.Session(self.session_dir)
+            self._sess = agent.Session(self.session_dir)
         try:
-            fd = wire.open_nofollow(self._sess.chunk_path(seq), os.O_RDONLY)
+            fd = agent.open_nofollow(self._sess.chunk_path(seq), os.O_RDONLY)
         except FileNotFoundError:
-            raise wire.AgentError("no-chunk", f"chunk {seq} is not in the source spool") from None
+            raise agent.AgentError("no-chunk", f"chunk {seq} is not in the source spool") from None
         f = os.fdopen(fd, "rb")
         total = os.fstat(fd).st_size
         if offset > total:
             f.close()
-            raise wire.AgentError("bad-request", f"offset {offset} beyond chunk {seq}'s {total} bytes")
+            raise agent.AgentError("bad-request", f"offset {offset} beyond chunk {seq}'s {total} bytes")
         f.seek(offset)
         return f, total
 
     async def read(self) -> bytes:
-        piece = await asyncio.to_thread(self._file.read, min(wire.DATA_PIECE, self._left))
+        piece = await asyncio.to_thread(self._file.read, min(agent.DATA_PIECE, self._left))
         if not piece and self._left:
             raise from_remote(self.host, {"code": "no-chunk", "reason": "chunk file shrank while being read"})
         self._left -= len(piece)
@@ -275,7 +274,7 @@ async def relay_chunk(src: ChunkSource, dst: AgentChannel, seq: int, offset: int
             moved += len(payload)
             if moved > length:
                 raise ProtocolError(host=src.host, reason=f"chunk {seq}: more data than announced")
-            dst.pipe.write(wire.frame_header(wire.FRAME_DATA, dst_id, len(payload)))
+            dst.pipe.write(agent.frame_header(agent.FRAME_DATA, dst_id, len(payload)))
             dst.pipe.write(payload)  # apart, not header + payload: that copied every forwarded byte once more
             await dst.pipe.drain()
             if on_bytes is not None:

@@ -18,9 +18,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers import zchunk_agent as agent_mod
-
-from . import compat
+from . import agent, compat
 from . import errors as E
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .plan import (
@@ -348,7 +346,7 @@ def _label(side: Side, dataset: str) -> str:
 
 #: How long a session directory of another coordinator may stay "starting" (installed, its daemon not yet
 #: started) before the run decides: the agent calls it dead after a minute without contact.
-SETTLE_TIMEOUT = agent_mod.NEVER_STARTED_AFTER + 15.0
+SETTLE_TIMEOUT = agent.NEVER_STARTED_AFTER + 15.0
 
 
 async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: StateStore, emit: Emitter) -> bool:

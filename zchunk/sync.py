@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import zchunk_agent as agent_mod
-
+from . import agent
 from . import errors as E
 from .endpoint import Endpoint, parse_endpoint
 from .engine import AgentSide, EngineOptions, Transfer, TransferResult, close_early
@@ -31,13 +30,13 @@ from .session import SessionRecord, StateStore, TargetLock, default_state_dir, n
 from .transport import Host, LinkDown, LocalHost, SshOptions, first_contact, make_host
 from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
 
-AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()
+AGENT_SOURCE = Path(agent.__file__).read_bytes()
 # This interpreter as the local agent imports the agent module from the coordinator's own copy (its
 # compiled cache: ~35 ms less per command than compiling the source from stdin); the source still comes
 # on stdin, which is what install writes into the session directory.
 LOCAL_BOOTSTRAP = (
-    f"import sys;sys.path.insert(0,{str(Path(agent_mod.__file__).resolve().parents[1])!r});"
-    "import helpers.zchunk_agent as m;m.AGENT_SOURCE=sys.stdin.buffer.read();sys.exit(m.main(sys.argv[1:]))"
+    f"import sys;sys.path.insert(0,{str(Path(agent.__file__).resolve().parents[1])!r});"
+    "import zchunk.agent as m;m.AGENT_SOURCE=sys.stdin.buffer.read();sys.exit(m.main(sys.argv[1:]))"
 )
 MIN_PYTHON = (3, 9)
 # Chunk n holds min(chunk_size, FIRST_CHUNK * 2**n) raw bytes: zfs receive starts after 1 MiB has been
@@ -109,7 +108,7 @@ class Emitter:
 def bootstrap(host: Host, *args: str) -> list[str]:
     """``python3 -c BOOTSTRAP ARGS...``: a one-shot agent command, the agent's source on stdin."""
     own = isinstance(host, LocalHost) and host.python == sys.executable
-    return [host.python, "-c", LOCAL_BOOTSTRAP if own else agent_mod.BOOTSTRAP, *args]
+    return [host.python, "-c", LOCAL_BOOTSTRAP if own else agent.BOOTSTRAP, *args]
 
 
 async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
@@ -145,9 +144,9 @@ def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int
     level = int(level_s) if level_s.isdigit() else None
     if name == "auto":
         name = "zstd" if "zstd-v1" in both else "zlib"
-    if name not in agent_mod.CODEC_CAPS:
+    if name not in agent.CODEC_CAPS:
         raise E.UsageError(reason=f"--compress {compress!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
-    if agent_mod.CODEC_CAPS[name] not in both:
+    if agent.CODEC_CAPS[name] not in both:
         raise E.CapabilityMismatch(what=f"codec {name}", ours=src.capabilities, theirs=dst.capabilities,
                                    host=f"{src.name}/{dst.name}")
     checksum = "xxh3-128" if "xxh3-128-v1" in both else "blake2b-128"
@@ -233,7 +232,7 @@ _IN_PROCESS = {"remove"}
 
 def _agent_here(host: Host, argv: list[str]) -> dict[str, Any]:
     with as_remote(host.name, argv[0]):
-        return dict(agent_mod.COMMANDS[argv[0]](argv[1:]) or {})
+        return dict(agent.COMMANDS[argv[0]](argv[1:]) or {})
 
 
 def _agent_reply(host: Host, stdout: bytes, stderr: str) -> dict[str, Any]:
@@ -319,7 +318,7 @@ def _open_early(rec: SessionRecord, src_host: Host, dst_host: Host,
 
 def _needs(rec: SessionRecord) -> list[str]:
     """What every channel of this session requires of its agent (its handshake checks it)."""
-    return ["chunk-v1", agent_mod.CODEC_CAPS[rec.codec], agent_mod.HASH_CAPS[rec.checksum]]
+    return ["chunk-v1", agent.CODEC_CAPS[rec.codec], agent.HASH_CAPS[rec.checksum]]
 
 
 async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
