@@ -84,8 +84,14 @@ def test_a_daemon_that_never_started_is_an_agent_death_not_a_wait_for_patience()
     (so the stream restarts) instead of a stall until --patience (24 h by default) runs out."""
     import time
 
+    from zchunk.client import AgentStatus
     from zchunk.engine import AgentSide, EngineOptions, Transfer
     from zchunk.errors import AgentDied
+    from zchunk.scheduler import Reports
+
+    def daemons(sender: dict[str, Any], receiver: dict[str, Any]) -> Reports:
+        return Reports(AgentStatus("send", sender, frozenset(), {}, 0, 0),
+                       AgentStatus("receive", receiver, frozenset(), {}, 0, 0))
 
     class NoHost:
         name = "target"
@@ -95,12 +101,11 @@ def test_a_daemon_that_never_started_is_an_agent_death_not_a_wait_for_patience()
 
     t = Transfer(side("send"), side("receive"), session_id="s", chunk_size=1 << 20, spool_max=1 << 22,
                  estimate=0, opts=EngineOptions(start_timeout=0.2), emit=lambda *a, **k: None)
-    t.src_daemon = {"pid": 42, "state": "running"}
-    t.dst_daemon = {"state": "starting"}
+    t.reports = daemons({"pid": 42, "state": "running"}, {"state": "starting"})
     t._check_daemons()  # just seen: give it time
     time.sleep(0.3)
     with pytest.raises(AgentDied) as e:
         t._check_daemons()
     assert "never started" in str(e.value) and "receive" in str(e.value)
-    t.dst_daemon = {"pid": 43, "state": "running"}
+    t.reports = daemons({"pid": 42, "state": "running"}, {"pid": 43, "state": "running"})
     t._check_daemons()  # a daemon that wrote its state is fine

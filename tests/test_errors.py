@@ -72,8 +72,8 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "protocol": (10, {"ProtocolError", "CapabilityMismatch"}),
     "patience": (11, {"PatienceExhausted"}),
     "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied", "TargetFull"}),
-    "integrity": (13, {"IntegrityError"}),
-    "remote/command": (14, {"RemoteError", "CommandFailed", "SpoolFull"}),
+    "integrity": (13, {"IntegrityError", "StreamChecksumMismatch"}),
+    "remote/command": (14, {"RemoteError", "CommandFailed", "SpoolFull", "ChunkCorrupt", "NoChunk"}),
     "partial": (15, {"PartialFailure"}),
 }
 
@@ -142,6 +142,28 @@ def test_from_remote_table_and_fallback() -> None:
     assert str(err) == "tgt: agent error [no-such-code]: something new"
     err = E.from_remote("tgt", {})
     assert type(err) is E.RemoteError and "unknown" in str(err)
+
+
+def test_each_agent_code_is_fixed_by_one_class() -> None:
+    """asyncssh's shape: a class fixes its wire code; the table is built from the classes, not by hand."""
+    codes = [c.remote_code for c in CLASSES if c.remote_code]
+    assert len(codes) == len(set(codes))
+    for cls in CLASSES:
+        if cls.remote_code:
+            err = E.from_remote("h", {"code": cls.remote_code, "reason": "r"})
+            assert type(err) is cls
+
+
+def test_a_failed_daemon_is_rebuilt_by_its_code_else_as_the_zfs_failure() -> None:
+    err = E.from_daemon("tgt", "receive", {"state": "failed", "code": "stream-checksum",
+                                           "reason": "whole-stream checksum mismatch: received a, sender had b"})
+    assert type(err) is E.StreamChecksumMismatch and isinstance(err, E.IntegrityError) and err.exit_code == 13
+    # no code: the reason's words decide nothing, even when they mention a checksum
+    err = E.from_daemon("tgt", "receive", {"state": "failed", "zfs_exit": 1, "reason": "checksum of x",
+                                           "zfs_stderr": "cannot receive: checksum mismatch"})
+    assert type(err) is E.ZfsReceiveFailed and "status 1" in str(err)
+    err = E.from_daemon("src", "send", {"state": "failed", "zfs_exit": 2, "reason": "zfs send exited with status 2"})
+    assert type(err) is E.ZfsSendFailed and "zfs send exited" in str(err)
 
 
 def test_docs_errors_md_is_the_generated_table() -> None:

@@ -8,7 +8,7 @@ the slower way did, against the real agent program, real sockets and a real sshd
   done, and a channel closed before (install failed) leaves no process and writes nothing;
 - a removal whose directory is already gone (a retry after a lost answer) is not a failure, and
   one the link defeated is not followed by a question that would wait out --patience again;
-- polls come quicker only at the two ends of a stream;
+- polls come quicker only at the two ends of a stream (tests/test_scheduler.py);
 - the SSH socket acknowledges at once what arrives (TCP_QUICKACK);
 - asyncssh's liboqs lookup at import asks ld.so's cache only, and the lookup is put back;
 - the local agent's one-shot commands import the coordinator's copy of the agent.
@@ -34,10 +34,11 @@ from tests.zc import REPO, Zchunk, kill_matching, matching
 from tests.zfsutil import make_source, quiet_target_pool
 from zchunk import agent, lab
 from zchunk import errors as E
-from zchunk.engine import RAMP_CHUNKS, AgentSide, EngineOptions, Transfer
+from zchunk.client import LOCAL_BOOTSTRAP, HostAgent
+from zchunk.events import Emitter
 from zchunk.protocol import InProcessChannel
 from zchunk.session import SessionRecord
-from zchunk.sync import LOCAL_BOOTSTRAP, Emitter, SyncOptions, _remove_dirs, bootstrap
+from zchunk.stream import SyncOptions, _remove_dirs
 from zchunk.transport import CommandResult, Host, LocalHost, _acking_promptly, _in_ld_cache
 
 AGENT_SOURCE = Path(agent.__file__).read_bytes()
@@ -98,7 +99,7 @@ def test_in_process_cleanup_removes_the_directory_and_finish_writes_the_end(base
 
 def early_serve(path: Path) -> subprocess.Popen[bytes]:
     """``python3 -c SERVE_BOOTSTRAP serve DIR wait``, the source first on its stdin, as the coordinator
-    starts it (``AgentSide.open_channel`` with the source)."""
+    starts it (``HostAgent.serve`` with the source)."""
     p = subprocess.Popen([sys.executable, "-c", agent.SERVE_BOOTSTRAP, "serve", str(path), "wait"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdin is not None
@@ -244,34 +245,6 @@ def test_a_removal_that_the_link_defeated_is_not_asked_about_again(base: Path) -
     assert any(k == "warning" and "could not clean up" in f["detail"] for k, f in events), events
 
 
-# -- quick polls at the two ends of a stream only --------------------------------------------------
-
-
-def transfer() -> Transfer:
-    side = AgentSide(LocalHost(), "/nonexistent", "send", [])
-    return Transfer(side, AgentSide(LocalHost(), "/nonexistent", "receive", []), session_id=SID,
-                    chunk_size=32 * MiB, spool_max=64 * MiB, estimate=0, opts=EngineOptions(),
-                    emit=lambda *a, **k: None)
-
-
-def test_polls_are_quick_during_the_ramp_and_the_tail_only() -> None:
-    t = transfer()
-    normal, quick = t.opts.poll_interval, t.opts.poll_interval / 5
-    assert t._poll_delay() == quick, "the first chunks: zfs receive waits for each"
-    t.src_daemon = {"chunks": RAMP_CHUNKS}
-    assert t._poll_delay() == normal, "past the ramp an idle link waits for the source"
-    t.src_daemon = {"chunks": 1, "paused": "no-space"}
-    assert t._poll_delay() == normal, "a paused source is not polled quickly"
-    t.src_daemon = {"chunks": 1}
-    t.started -= 60
-    assert t._poll_delay() == normal, "a source slow to make its first chunks is not polled quickly for long"
-    t.in_flight.add(0)
-    t.finish_sent = True
-    assert t._poll_delay() == normal, "a chunk in flight: its move wakes the workers, not the poll"
-    t.in_flight.clear()
-    assert t._poll_delay() == quick, "the tail: everything moved, the receiver finishing"
-
-
 # -- the SSH socket's acknowledgements -----------------------------------------------------------
 
 
@@ -332,9 +305,10 @@ def test_the_liboqs_lookup_is_put_back_after_asyncssh_imports() -> None:
 def test_the_local_bootstrap_imports_the_coordinators_agent_from_anywhere(tmp_path: Path) -> None:
     here, other = LocalHost(), LocalHost()
     other.python = "/usr/bin/python3"
-    assert bootstrap(here, "probe")[:3] == [sys.executable, "-c", LOCAL_BOOTSTRAP]
-    assert bootstrap(other, "probe")[:3] == ["/usr/bin/python3", "-c", agent.BOOTSTRAP]
-    p = subprocess.run(bootstrap(here, "install", str(tmp_path / "spool"), f"{SID}-send", json.dumps(config("send"))),
+    assert HostAgent(here).bootstrap("probe")[:3] == [sys.executable, "-c", LOCAL_BOOTSTRAP]
+    assert HostAgent(other).bootstrap("probe")[:3] == ["/usr/bin/python3", "-c", agent.BOOTSTRAP]
+    install = HostAgent(here).bootstrap("install", str(tmp_path / "spool"), f"{SID}-send", json.dumps(config("send")))
+    p = subprocess.run(install,
                        input=AGENT_SOURCE, capture_output=True, cwd=tmp_path, timeout=60)
     assert p.returncode == 0, p.stderr.decode()
     path = Path(json.loads(p.stdout.decode().splitlines()[-1])["path"])

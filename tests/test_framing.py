@@ -36,7 +36,9 @@ from zchunk.agent import (
     parse_frame_header,
     read_frame,
 )
-from zchunk.protocol import ALLOWED_OPS, COORDINATOR_CAPS, AgentChannel, ChannelChunks, LocalSpoolChunks, relay_chunk
+from zchunk.client import CLIENTS, HostAgent, ReceiverClient, SenderClient, calls_of
+from zchunk.protocol import COORDINATOR_CAPS, AgentChannel
+from zchunk.relay import ChannelChunks, LocalSpoolChunks, relay_chunk
 from zchunk.transport import LinkDown
 
 # -- fixed vectors -----------------------------------------------------------------
@@ -252,7 +254,23 @@ def test_agent_dispatches_only_its_roles_allow_list(tmp_path: Path, role: str, o
 
 def test_agent_allow_lists_match_the_coordinators(any_session: Path) -> None:
     srv = wire.Server(wire.Session(str(any_session)), io.BytesIO(), io.BytesIO())
-    assert set(srv.handlers) == ALLOWED_OPS[srv.sess.role]
+    assert set(srv.handlers) == set(wire.OPS[srv.sess.role]) == calls_of(CLIENTS[srv.sess.role])
+
+
+@pytest.mark.parametrize("role", ["send", "receive"])
+def test_every_request_the_agent_answers_has_exactly_one_client_method(role: str) -> None:
+    """client.py mirrors the agent: one method per allowlisted handler, and none the agent would refuse."""
+    cls = CLIENTS[role]
+    methods = [name for name in dir(cls) if getattr(getattr(cls, name), "agent_calls", ())]
+    made = [call for name in methods for call in getattr(cls, name).agent_calls]
+    assert sorted(made) == sorted(wire.OPS[role]), (methods, wire.OPS[role])
+    assert all(hasattr(wire.Server, op) for op in wire.OPS[role]), "each allowed op is a Server method"
+
+
+def test_every_agent_command_has_exactly_one_host_agent_method() -> None:
+    """The one-shot commands (and ``serve``, the channel) of the agent program, each made by one method."""
+    made = [c for name in dir(HostAgent) for c in getattr(getattr(HostAgent, name), "agent_calls", ())]
+    assert sorted(made) == sorted(wire.COMMANDS)
 
 
 @pytest.mark.parametrize("role,fields", [
@@ -536,7 +554,9 @@ def test_request_before_handshake_is_refused() -> None:
 @pytest.mark.parametrize("err,cls", [
     ({"code": "session-dir", "reason": "it is a symlink", "details": {}}, E.SessionDirError),
     ({"code": "protocol", "reason": "bad frame", "details": {}}, E.ProtocolError),
-    ({"code": "no-chunk", "reason": "chunk 9 is not in the source spool", "details": {}}, E.RemoteError),
+    ({"code": "no-chunk", "reason": "chunk 9 is not in the source spool", "details": {}}, E.NoChunk),
+    ({"code": "chunk-corrupt", "reason": "chunk 3: payload checksum mismatch", "details": {}}, E.ChunkCorrupt),
+    ({"code": "spool-no-space", "reason": "target spool filesystem is full", "details": {}}, E.SpoolFull),
     ({"code": "from-the-future", "reason": "new", "details": {"x": 1}, "extra": 2}, E.RemoteError),
 ])
 def test_error_frame_is_rebuilt_through_from_remote(err: dict[str, Any],
@@ -612,7 +632,7 @@ def test_relay_chunk_forwards_data_frames_from_the_offset(offset: int) -> None:
     async def go() -> tuple[bool, FakePipe, FakePipe]:
         src, spipe = await connected("send", src_frames)
         dst, dpipe = await connected("receive", encode_message(FRAME_REPLY, 1, {"stored": True}))
-        stored = await relay_chunk(ChannelChunks(src), dst, 4, offset, moved.append)
+        stored = await relay_chunk(ChannelChunks(SenderClient(src)), ReceiverClient(dst), 4, offset, moved.append)
         return stored, spipe, dpipe
 
     stored, spipe, dpipe = run(go())
@@ -633,7 +653,7 @@ def test_relay_chunk_refuses_more_data_than_announced() -> None:
     async def go() -> None:
         src, _ = await connected("send", src_frames)
         dst, _ = await connected("receive")
-        await relay_chunk(ChannelChunks(src), dst, 0, 0)
+        await relay_chunk(ChannelChunks(SenderClient(src)), ReceiverClient(dst), 0, 0)
 
     with pytest.raises(E.ProtocolError):
         run(go())
@@ -649,7 +669,7 @@ def test_a_local_source_spool_is_relayed_straight_from_its_chunk_file(tmp_path: 
 
     async def go() -> tuple[bool, FakePipe]:
         dst, dpipe = await connected("receive", encode_message(FRAME_REPLY, 1, {"stored": True}))
-        return await relay_chunk(LocalSpoolChunks(str(path), "localhost"), dst, 4, offset), dpipe
+        return await relay_chunk(LocalSpoolChunks(str(path), "localhost"), ReceiverClient(dst), 4, offset), dpipe
 
     stored, dpipe = run(go())
     sent = dpipe.sent()
@@ -668,11 +688,10 @@ def test_a_local_source_spool_refuses_what_the_agent_refuses(tmp_path: Path) -> 
 
     async def go(seq: int) -> None:
         dst, _ = await connected("receive")
-        await relay_chunk(LocalSpoolChunks(str(path), "localhost"), dst, seq, 0)
+        await relay_chunk(LocalSpoolChunks(str(path), "localhost"), ReceiverClient(dst), seq, 0)
 
-    with pytest.raises(E.RemoteError) as missing:
+    with pytest.raises(E.NoChunk):
         run(go(0))
-    assert missing.value.fields.get("code") == "no-chunk"
     with pytest.raises(E.ZchunkError) as link:
         run(go(1))
     assert "symlink" in str(link.value)

@@ -1158,9 +1158,9 @@ class ReceiverDaemon(Daemon):
         fields = dict(next_seq=seq, raw_bytes=raw_total, stream_hash=got, zfs_exit=rc,
                       zfs_stderr=self.zfs_stderr())
         if got != end.get("stream_hash") or raw_total != end.get("raw_bytes"):
-            self.save_final(state="failed", reason="whole-stream checksum mismatch: received %s (%d bytes), "
-                            "sender had %s (%s bytes)" % (got, raw_total, end.get("stream_hash"),
-                                                          end.get("raw_bytes")), **fields)
+            self.save_final(state="failed", code="stream-checksum",
+                            reason="whole-stream checksum mismatch: received %s (%d bytes), sender had %s (%s bytes)"
+                            % (got, raw_total, end.get("stream_hash"), end.get("raw_bytes")), **fields)
         elif rc != 0:
             self.save_final(state="failed", reason="zfs receive exited with status %d" % rc, **fields)
         else:
@@ -1257,18 +1257,21 @@ def log(text: str) -> None:
 # --------------------------------------------------------------------------
 
 
+#: What a coordinator may ask of an agent of each role: the ``Server`` method of each name answers it.
+#: Anything else is refused (``bad-request``); the coordinator's clients (zchunk/client.py) mirror this.
+OPS = {
+    "send": ("status", "get_chunk", "release", "cleanup", "abort"),
+    "receive": ("status", "put_chunk", "finish", "cleanup", "abort"),
+}
+
+
 class Server:
     """Answers the coordinator on stdin/stdout; all state lives in the session directory."""
 
     def __init__(self, sess: Session, rfile: BinaryIO, wfile: BinaryIO) -> None:
         self.sess, self.rfile, self.wfile = sess, rfile, wfile
-        common: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = {
-            "status": self.status, "cleanup": self.cleanup, "abort": self.abort}
-        if sess.role == "send":
-            common.update({"get_chunk": self.get_chunk, "release": self.release})
-        else:
-            common.update({"put_chunk": self.put_chunk, "finish": self.finish})
-        self.handlers = common
+        self.handlers: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = {
+            op: getattr(self, op) for op in OPS.get(sess.role, ())}
 
     def send(self, ftype: int, req_id: int, msg: Dict[str, Any]) -> None:
         self.wfile.write(encode_message(ftype, req_id, msg))

@@ -1,8 +1,18 @@
-"""The ``zchunk`` command: parse, call one library function, render. Nothing else."""
+"""The ``zchunk`` command: parse, call one library function, render. Nothing else.
+
+Options that several commands share are declared once, in groups (``HOST_OPTIONS``,
+``STREAM_OPTIONS``); ``shared_options`` adds a group's options to a command and hands
+the command one ``SyncOptions`` built from them by ``sync_options``, which checks and
+parses each value. A parameter's name is the option's long name with underscores, and
+the field of ``SyncOptions`` it fills (the key a job's config file will use).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import inspect
 import json
 import logging
 import os
@@ -10,6 +20,9 @@ import re
 import sys
 import time
 import traceback
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,10 +30,11 @@ import typer
 
 from . import __version__
 from . import errors as E
-from . import sync as lib
+from . import stream as streams
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
 from .replicate import ReplicateOptions, ReplicationResult, replicate
 from .session import default_state_dir
+from .stream import SyncOptions
 from .transport import LinkDown, SshOptions
 
 app = typer.Typer(
@@ -62,77 +76,138 @@ def _run(coro: Any, json_out: bool) -> Any:
         raise typer.Exit(130) from None
 
 
-def _fail(e: E.ZchunkError, json_out: bool) -> None:
+def _fail(e: E.ZchunkError, json_out: bool) -> typing.NoReturn:
     if json_out:
-        print(json.dumps({"event": "error", "error": type(e).__name__, "message": str(e),
-                          "hint": e.hint, "exit_code": e.exit_code}))
+        JsonRenderer()("error", {"error": type(e).__name__, "message": str(e), "hint": e.hint,
+                                 "exit_code": e.exit_code})
     sys.stderr.write(f"zchunk: error: {e}\n")
     if e.hint:
         sys.stderr.write(f"zchunk: fix: {e.hint}\n")
     raise typer.Exit(e.exit_code)
 
 
-def _options(**kw: Any) -> lib.SyncOptions:
-    ssh = SshOptions.from_cli(kw.pop("ssh_config"), kw.pop("ssh_key"), kw.pop("ssh_port"),
-                              kw.pop("ssh_option") or [])
-    chunk = parse_size(kw.pop("chunk_size"), "--chunk-size")
-    if not (64 << 10) <= chunk <= (256 << 20):
-        raise E.UsageError(reason=f"--chunk-size {human_bytes(chunk)}: must be 64K to 256M")
-    spool_max = parse_size(kw.pop("spool_max"), "--spool-max")
-    if spool_max < chunk:
-        raise E.UsageError(reason="--spool-max must hold at least one chunk (--chunk-size)")
-    parallel = kw.pop("parallel")
-    if not 1 <= parallel <= 64:
+@dataclass(frozen=True)
+class Shared:
+    """An option several commands take: its parameter name (= ``SyncOptions`` field, config key), type,
+    and typer declaration."""
+
+    name: str
+    annotation: Any
+    option: Any
+
+
+HOST_OPTIONS = (
+    Shared("state_dir", Optional[Path], typer.Option(
+        None, "--state-dir", help="Where the coordinator keeps session records (default $XDG_STATE_HOME/zchunk).")),
+    Shared("ssh_config", Optional[Path], typer.Option(
+        None, "--ssh-config", help="OpenSSH client config file (Host aliases, HostName, User, Port, IdentityFile, "
+        "UserKnownHostsFile, StrictHostKeyChecking).")),
+    Shared("ssh_key", Optional[Path], typer.Option(None, "--ssh-key", help="Private key file for SSH.")),
+    Shared("ssh_port", Optional[int], typer.Option(None, "--ssh-port", help="SSH port.")),
+    Shared("ssh_option", Optional[list[str]], typer.Option(
+        None, "-o", "--ssh-option", help="SSH option KEY=VALUE, e.g. StrictHostKeyChecking=accept-new "
+        "(repeatable).")),
+    Shared("python", Optional[str], typer.Option(
+        None, "--python", help="Python interpreter for the agents (default: python3 on remote hosts, zchunk's "
+        "own interpreter for a local side).")),
+)
+
+STREAM_OPTIONS = (
+    Shared("spool_dir", str, typer.Option(
+        "/var/tmp/zchunk", "--spool-dir", help="Base directory for session directories (spools) on each host; "
+        "created 0700, must not be group/world-writable.")),
+    Shared("chunk_size", str, typer.Option(
+        "32M", "--chunk-size", help="Raw bytes of zfs send stream per chunk (64K-256M).")),
+    Shared("compress", str, typer.Option(
+        "auto", "--compress", help="Chunk compression: zstd[:LEVEL] (default when both agents can), "
+        "zlib[:LEVEL] or none. Without a LEVEL it adapts per chunk: 1 while the link takes chunks as fast as "
+        "they are made, 3 once they wait for it (2 s).")),
+    Shared("spool_max", str, typer.Option(
+        "2G", "--spool-max", help="Spool cap per host; a full spool pauses zfs send.")),
+    Shared("parallel", int, typer.Option(4, "--parallel", help="Chunks in flight at once.")),
+    Shared("patience", str, typer.Option(
+        "24h", "--patience", help="Keep retrying through outages until this long passes without progress "
+        "(e.g. 90s, 30m, 24h, 2d).")),
+    Shared("connect_patience", str, typer.Option(
+        "30s", "--connect-patience", help="How long to retry the first connection to a host before giving up "
+        "(nothing has started yet).")),
+    Shared("agent_idle_timeout", str, typer.Option(
+        "24h", "--agent-idle-timeout", help="Agents exit after this long without hearing from the coordinator.")),
+    Shared("keep", bool, typer.Option(
+        False, "--keep", help="Keep the session directories at the end, for inspection.")),
+    Shared("verbose", bool, typer.Option(
+        False, "-v", "--verbose", help="Show host features, retries and chunk details.")),
+)
+
+
+def sync_options(values: Mapping[str, Any]) -> SyncOptions:
+    """``SyncOptions`` from shared option values (the CLI's now, a job's config later), each checked and
+    parsed; an option not given keeps the library's default. Bad values raise ``UsageError``."""
+    opts = SyncOptions()
+    v = dict(values)
+    ssh = SshOptions.from_cli(v.pop("ssh_config", None), v.pop("ssh_key", None), v.pop("ssh_port", None),
+                              v.pop("ssh_option", None) or [])
+    changes: dict[str, Any] = {"ssh": ssh, "state_dir": v.pop("state_dir", None) or default_state_dir()}
+    if "chunk_size" in v:
+        changes["chunk_size"] = parse_size(v.pop("chunk_size"), "--chunk-size")
+        if not (64 << 10) <= changes["chunk_size"] <= (256 << 20):
+            raise E.UsageError(reason=f"--chunk-size {human_bytes(changes['chunk_size'])}: must be 64K to 256M")
+    if "spool_max" in v:
+        changes["spool_max"] = parse_size(v.pop("spool_max"), "--spool-max")
+        if changes["spool_max"] < changes.get("chunk_size", opts.chunk_size):
+            raise E.UsageError(reason="--spool-max must hold at least one chunk (--chunk-size)")
+    if "parallel" in v and not 1 <= v["parallel"] <= 64:
         raise E.UsageError(reason="--parallel must be between 1 and 64")
-    compress = kw.pop("compress")
-    if compress.split(":")[0] not in ("auto", "zstd", "zlib", "none"):
-        raise E.UsageError(reason=f"--compress {compress!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
-    return lib.SyncOptions(
-        spool_dir=kw.pop("spool_dir"), chunk_size=chunk, compress=compress, spool_max=spool_max,
-        parallel=parallel, patience=parse_duration(kw.pop("patience"), "--patience"),
-        connect_patience=parse_duration(kw.pop("connect_patience", "30s"), "--connect-patience"),
-        agent_idle_timeout=parse_duration(kw.pop("agent_idle_timeout"), "--agent-idle-timeout"),
-        state_dir=kw.pop("state_dir") or default_state_dir(), ssh=ssh, keep=kw.pop("keep"),
-        verbose=kw.pop("verbose"), python=kw.pop("python"))
+    if "compress" in v and v["compress"].split(":")[0] not in ("auto", "zstd", "zlib", "none"):
+        raise E.UsageError(reason=f"--compress {v['compress']!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
+    for name in ("patience", "connect_patience", "agent_idle_timeout"):
+        if name in v:
+            changes[name] = parse_duration(v.pop(name), "--" + name.replace("_", "-"))
+    unknown = set(v) - {f.name for f in dataclasses.fields(SyncOptions)}
+    if unknown:
+        raise E.UsageError(reason=f"unknown option(s): {', '.join(sorted(unknown))}")
+    return dataclasses.replace(opts, **v, **changes)
 
 
-# Options shared by the commands that talk to hosts.
-SpoolDir = typer.Option("/var/tmp/zchunk", "--spool-dir", help="Base directory for session directories "
-                        "(spools) on each host; created 0700, must not be group/world-writable.")
-ChunkSize = typer.Option("32M", "--chunk-size", help="Raw bytes of zfs send stream per chunk (64K-256M).")
-Compress = typer.Option("auto", "--compress", help="Chunk compression: zstd[:LEVEL] (default when both "
-                        "agents can), zlib[:LEVEL] or none. Without a LEVEL it adapts per chunk: 1 while the "
-                        "link takes chunks as fast as they are made, 3 once they wait for it (2 s).")
-SpoolMax = typer.Option("2G", "--spool-max", help="Spool cap per host; a full spool pauses zfs send.")
-Parallel = typer.Option(4, "--parallel", help="Chunks in flight at once.")
-Patience = typer.Option("24h", "--patience", help="Keep retrying through outages until this long passes "
-                        "without progress (e.g. 90s, 30m, 24h, 2d).")
-ConnectPatience = typer.Option("30s", "--connect-patience", help="How long to retry the first connection "
-                               "to a host before giving up (nothing has started yet).")
-IdleTimeout = typer.Option("24h", "--agent-idle-timeout", help="Agents exit after this long without "
-                           "hearing from the coordinator.")
-StateDir = typer.Option(None, "--state-dir", help="Where the coordinator keeps session records "
-                        "(default $XDG_STATE_HOME/zchunk).")
-SshConfig = typer.Option(None, "--ssh-config", help="OpenSSH client config file (Host aliases, HostName, "
-                         "User, Port, IdentityFile, UserKnownHostsFile, StrictHostKeyChecking).")
-SshKey = typer.Option(None, "--ssh-key", help="Private key file for SSH.")
-SshPort = typer.Option(None, "--ssh-port", help="SSH port.")
-SshOption = typer.Option(None, "-o", "--ssh-option", help="SSH option KEY=VALUE, e.g. "
-                         "StrictHostKeyChecking=accept-new (repeatable).")
-Keep = typer.Option(False, "--keep", help="Keep the session directories at the end, for inspection.")
-Json = typer.Option(False, "--json", help="Print JSON lines: one per event, progress at most once a second.")
-Verbose = typer.Option(False, "-v", "--verbose", help="Show host features, retries and chunk details.")
-Python = typer.Option(None, "--python", help="Python interpreter for the agents (default: python3 on "
-                      "remote hosts, zchunk's own interpreter for a local side).")
+def shared_options(*groups: tuple[Shared, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Adds the groups' options to a command, which receives them as ``opts: SyncOptions`` (built by
+    ``sync_options``; a bad value is the command's usage error, said as JSON too with ``--json``)."""
+    shared = [o for group in groups for o in group]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(command)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(command).parameters.values() if p.name != "opts"]
+        added = [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.option, annotation=o.annotation)
+                 for o in shared]
+
+        @functools.wraps(command)
+        def run(**kw: Any) -> Any:
+            values = {o.name: kw.pop(o.name) for o in shared}
+            try:
+                opts = sync_options(values)
+            except E.ZchunkError as e:
+                _fail(e, bool(kw.get("json_out")))
+            return command(opts=opts, **kw)
+
+        run.__signature__ = inspect.Signature(own + added)  # type: ignore[attr-defined]
+        run.__annotations__ = {}
+        return run
+
+    return decorate
+
+
+Json = typer.Option(False, "--json", help="Print JSON lines: one per event (docs/events.md), progress at most "
+                    "once a second.")
 
 
 def _renderer(json_out: bool, verbose: bool) -> Any:
     return JsonRenderer() if json_out else TextRenderer(verbose=verbose)
 
 
-def _finish(result: lib.SyncResult, json_out: bool) -> None:
+def _finish(result: streams.SyncResult, json_out: bool) -> None:
     if json_out:
-        print(json.dumps({"event": "result", **result.to_json()}, default=str))
+        JsonRenderer()("result", result.to_json())
         return
     if result.up_to_date or result.transfer is None:
         return
@@ -145,6 +220,7 @@ def _finish(result: lib.SyncResult, json_out: bool) -> None:
 
 
 @app.command()
+@shared_options(HOST_OPTIONS, STREAM_OPTIONS)
 def sync(
     source: str = typer.Argument(..., metavar="SOURCE", help="pool/dataset or \\[user@]host:pool/dataset"),
     target: str = typer.Argument(..., metavar="TARGET", help="pool/dataset or \\[user@]host:pool/dataset"),
@@ -177,13 +253,7 @@ def sync(
                                              "properties (mountpoint, shares, encryption keys excluded)."),
     dry_run: bool = typer.Option(False, "-n", "--dry-run", help="Print the plan (snapshots to send with "
                                  "estimated sizes, holds, prunes, rollbacks) and change nothing."),
-    spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
-    spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
-    connect_patience: str = ConnectPatience, agent_idle_timeout: str = IdleTimeout,
-    state_dir: Optional[Path] = StateDir,
-    ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
-    ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
-    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,
+    json_out: bool = Json, *, opts: SyncOptions,
 ) -> None:
     """Replicate SOURCE to TARGET: snapshot, send what is missing, verify, prune.
 
@@ -198,9 +268,7 @@ def sync(
     the same command again (or `zchunk resume ID`) to continue where it stopped.
     Exit codes: docs/errors.md (15: some datasets of a recursive run failed).
     """
-    local = locals()
     try:
-        opts = _options(**{k: local[k] for k in _ENGINE_KEYS})
         if keep_sync_snaps < 1:
             raise E.UsageError(reason="--keep-sync-snaps must be at least 1 (the newest common snapshot stays)")
         ropts = ReplicateOptions(
@@ -211,14 +279,9 @@ def sync(
             dry_run=dry_run)
     except E.ZchunkError as e:
         _fail(e, json_out)
-    _setup_logging(verbose)
-    result = _run(replicate(source, target, opts, ropts, _renderer(json_out, verbose)), json_out)
+    _setup_logging(opts.verbose)
+    result = _run(replicate(source, target, opts, ropts, _renderer(json_out, opts.verbose)), json_out)
     _finish_replication(result, json_out)
-
-
-_ENGINE_KEYS = ("spool_dir", "chunk_size", "compress", "spool_max", "parallel", "patience", "connect_patience",
-                "agent_idle_timeout",
-                "state_dir", "ssh_config", "ssh_key", "ssh_port", "ssh_option", "keep", "verbose", "python")
 
 
 def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
@@ -226,7 +289,7 @@ def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
         for stream in outcome.streams:
             _finish(stream, json_out)
     if json_out:
-        print(json.dumps({"event": "replication", **result.to_json()}, default=str))
+        JsonRenderer()("replication", result.to_json())
     failed = result.failed
     if failed:
         _fail(E.PartialFailure(failed=len(failed), total=len(result.outcomes),
@@ -234,43 +297,32 @@ def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
 
 
 @app.command()
+@shared_options(HOST_OPTIONS, STREAM_OPTIONS)
 def resume(
     session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
-    spool_dir: str = SpoolDir, chunk_size: str = ChunkSize, compress: str = Compress,
-    spool_max: str = SpoolMax, parallel: int = Parallel, patience: str = Patience,
-    connect_patience: str = ConnectPatience, agent_idle_timeout: str = IdleTimeout,
-    state_dir: Optional[Path] = StateDir,
-    ssh_config: Optional[Path] = SshConfig, ssh_key: Optional[Path] = SshKey,
-    ssh_port: Optional[int] = SshPort, ssh_option: Optional[list[str]] = SshOption,
-    keep: bool = Keep, json_out: bool = Json, verbose: bool = Verbose, python: Optional[str] = Python,
+    json_out: bool = Json, *, opts: SyncOptions,
 ) -> None:
     """Reattach to a session's live agents and continue it (no acknowledged chunk moves twice)."""
-    try:
-        opts = _options(**{k: v for k, v in locals().items() if k not in ("session", "json_out")})
-    except E.ZchunkError as e:
-        _fail(e, json_out)
-    _setup_logging(verbose)
-    _finish(_run(lib.resume(session, opts, _renderer(json_out, verbose)), json_out), json_out)
+    _setup_logging(opts.verbose)
+    _finish(_run(streams.resume(session, opts, _renderer(json_out, opts.verbose)), json_out), json_out)
 
 
 @app.command()
+@shared_options(HOST_OPTIONS)
 def abort(
     session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
-    state_dir: Optional[Path] = StateDir, ssh_config: Optional[Path] = SshConfig,
-    ssh_key: Optional[Path] = SshKey, ssh_port: Optional[int] = SshPort,
-    ssh_option: Optional[list[str]] = SshOption, json_out: bool = Json, python: Optional[str] = Python,
+    patience: str = typer.Option("1m", "--patience", help="How long to retry a host through an outage "
+                                 "before giving up on removing its session directory."),
+    json_out: bool = Json, *, opts: SyncOptions,
 ) -> None:
     """Stop a session's agents (the partial zfs receive is aborted) and remove both session directories."""
     try:
-        opts = _options(state_dir=state_dir, ssh_config=ssh_config, ssh_key=ssh_key, ssh_port=ssh_port,
-                        ssh_option=ssh_option, spool_dir="/var/tmp/zchunk", chunk_size="32M",
-                        compress="auto", spool_max="2G", parallel=1, patience="1m",
-                        agent_idle_timeout="24h", keep=False, verbose=False, python=python)
+        opts = dataclasses.replace(opts, patience=parse_duration(patience, "--patience"))
     except E.ZchunkError as e:
         _fail(e, json_out)
-    rec = _run(lib.abort(session, opts, _renderer(json_out, False)), json_out)
+    rec = _run(streams.abort(session, opts, _renderer(json_out, False)), json_out)
     if json_out:
-        print(json.dumps({"event": "result", "session": rec.id, "state": rec.state}))
+        JsonRenderer()("result", {"session": rec.id, "state": rec.state})
     elif rec.state == "aborted":
         sys.stderr.write(f"aborted {rec.id}\n")
     else:  # it had ended already: only what it left on the hosts was removed
@@ -279,11 +331,11 @@ def abort(
 
 @app.command()
 def sessions(
-    state_dir: Optional[Path] = StateDir,
+    state_dir: Optional[Path] = HOST_OPTIONS[0].option,
     json_out: bool = Json,
 ) -> None:
     """List sessions: id, hosts, datasets, state, bytes done/estimated, chunks, age."""
-    recs = lib.list_sessions(lib.SyncOptions(state_dir=state_dir or default_state_dir()))
+    recs = streams.list_sessions(SyncOptions(state_dir=state_dir or default_state_dir()))
     if json_out:
         print(json.dumps([r.to_json() for r in recs], indent=1))
         return

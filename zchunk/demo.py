@@ -14,18 +14,18 @@ import contextlib
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import lab
 from .errors import UsageError
+from .events import Sink
 from .replicate import ReplicateOptions, replicate
-from .sync import SyncOptions, SyncResult
+from .stream import SyncOptions, SyncResult
 from .transport import SshOptions
 
-Emit = Callable[[str, dict[str, Any]], None]
+Emit = Sink
 
 
 @dataclass

@@ -22,27 +22,29 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from . import agent
+from .aio import quietly
+from .channels import AgentSide, ChannelSet, close_early
+from .client import AgentClient, AgentStatus, ReceiverClient, SenderClient
 from .errors import (
     AgentDied,
+    ChunkCorrupt,
     IntegrityError,
+    NoChunk,
     PatienceExhausted,
-    RemoteError,
+    SpoolFull,
     TargetFull,
     ZchunkError,
     ZfsReceiveFailed,
-    ZfsSendFailed,
+    from_daemon,
 )
 from .progress import human_bytes
-from .protocol import AgentChannel, ChannelChunks, ChunkSource, InProcessChannel, LocalSpoolChunks, relay_chunk
-from .transport import Host, LinkDown, LocalHost
+from .protocol import AgentChannel, InProcessChannel
+from .relay import ChannelChunks, ChunkSource, LocalSpoolChunks, relay_chunk
+from .scheduler import Reports, already_there, may_overtake, next_chunk, poll_delay, turn_wait
+from .transport import LinkDown
 from .zfs import Zfs
 
 log = logging.getLogger("zchunk.engine")
-
-# Chunks 0..5 are 1, 2, 4, 8, 16 and 32 MiB (sync.FIRST_CHUNK doubling up to --chunk-size): the ramp.
-RAMP_CHUNKS = 6
-RAMP_SECONDS = 30.0
 
 Emit = Callable[..., None]
 
@@ -63,46 +65,6 @@ class EngineOptions:
     # Parallel moves go in sequence order: a later chunk forwards data only while the lowest one in
     # flight has forwarded nothing for this long (it waits on its link: room for the others).
     overtake_idle: float = 0.02
-
-
-@dataclass
-class AgentSide:
-    """One host's agent of this session."""
-
-    host: Host
-    session_dir: str
-    role: str  # "send" | "receive"
-    needs: list[str]
-
-    @property
-    def name(self) -> str:
-        return self.host.name
-
-    @property
-    def local(self) -> bool:
-        """On this machine: the coordinator may read this side's spool itself."""
-        return isinstance(self.host, LocalHost)
-
-    async def open_channel(self, opts: EngineOptions, source: bytes | None = None) -> AgentChannel:
-        """A ``serve`` process's channel. With ``source`` (the agent's), one started before install has
-        made the session directory: the source travels first on the channel (there is no ``agent.py``
-        yet) and the server answers once install is done, so the channel is ready when install is."""
-        if source is None:
-            argv = [self.host.python, f"{self.session_dir}/agent.py", "serve", self.session_dir]
-        else:
-            argv = [self.host.python, "-c", agent.SERVE_BOOTSTRAP, "serve", self.session_dir, "wait"]
-        pipe = await self.host.open_pipe(argv)
-        ch = AgentChannel(pipe, self.host.name, opts.stall_timeout)
-        try:
-            if source is not None:
-                pipe.write(b"%d\n" % len(source))
-                pipe.write(source)
-                await pipe.drain()
-            await ch.handshake(self.needs)
-        except BaseException:
-            await ch.close()
-            raise
-        return ch
 
 
 @dataclass
@@ -145,19 +107,13 @@ class Transfer:
         self.opts, self.emit = opts, emit
         self.window = max(1, spool_max // max(1, chunk_size))
         self.estimate = estimate
-        # what the agents last reported
-        self.src_chunks: set[int] = set()
-        self.src_daemon: dict[str, Any] = {}
-        self.dst_stored: set[int] = set()
-        self.dst_parts: dict[int, int] = {}
-        self.dst_next = 0
-        self.dst_daemon: dict[str, Any] = {}
+        self.reports = Reports()  # what the agents last reported
         self.in_flight: set[int] = set()
         self.moving: dict[int, float] = {}  # chunks being relayed -> when each last forwarded data
         self._turn = asyncio.Event()  # set (and replaced) when the set of moving chunks changes
         self.finish_sent = False
-        # After a transfer that ended well: the status poller's channel to the receiver, still open
-        self.receiver_channel: AgentChannel | InProcessChannel | None = None
+        # After a transfer that ended well: the status poller's client of the receiver, its channel still open
+        self.receiver: AgentClient | None = None
         self.wire_bytes = 0
         self.seen_events = 0
         self.corrupt_retries: dict[int, int] = {}
@@ -244,13 +200,13 @@ class Transfer:
             await close_early(self.early)
         if self.error is not None:
             raise self.error
+        sender, receiver = self.reports.sender, self.reports.receiver
         return TransferResult(
-            raw_bytes=int(self.dst_daemon.get("raw_bytes", 0)), wire_bytes=self.wire_bytes,
-            total_chunks=int(self.src_daemon.get("total_chunks", 0)),
-            stream_hash=str(self.dst_daemon.get("stream_hash", "")),
+            raw_bytes=int(receiver.get("raw_bytes", 0)), wire_bytes=self.wire_bytes,
+            total_chunks=int(sender.get("total_chunks", 0)), stream_hash=str(receiver.get("stream_hash", "")),
             elapsed=time.monotonic() - self.started, outages=self.outage.count,
-            outage_seconds=self.outage.total, discarded_chunks=int(self.dst_daemon.get("discarded", 0)),
-            receiver=self.dst_daemon)
+            outage_seconds=self.outage.total, discarded_chunks=int(receiver.get("discarded", 0)),
+            receiver=receiver)
 
     async def _open(self, side: AgentSide) -> AgentChannel:
         """A channel to ``side``'s agent: one opened during install if any is left, else a new one
@@ -261,7 +217,7 @@ class Transfer:
                 return await pending.pop(0)
             except (ZchunkError, LinkDown):
                 continue
-        return await side.open_channel(self.opts)
+        return await side.open_channel(self.opts.stall_timeout)
 
     async def _guard(self, coro: Any) -> None:
         try:
@@ -274,23 +230,17 @@ class Transfer:
     # -- status polling ------------------------------------------------------
 
     async def _poll_loop(self) -> None:
-        channels: dict[str, AgentChannel | InProcessChannel | None] = {"send": None, "receive": None}
+        async def opener(side: AgentSide) -> AgentChannel | InProcessChannel:
+            # an agent on this machine is asked in process: no serve process to start
+            return InProcessChannel(side.session_dir, side.name) if side.local else await self._open(side)
 
-        async def channel(side: AgentSide) -> AgentChannel | InProcessChannel:
-            ch = channels[side.role]
-            if ch is None:  # an agent on this machine is asked in process: no serve process to start
-                ch = channels[side.role] = (InProcessChannel(side.session_dir, side.name) if side.local
-                                            else await self._open(side))
-            return ch
+        chans = ChannelSet([self.src, self.dst], opener)
 
-        async def poll_side(side: AgentSide) -> dict[str, Any]:
+        async def poll_side(side: AgentSide) -> AgentStatus:
             try:
-                st = await (await channel(side)).request("status")
+                st = await (await chans.get(side)).status()
             except LinkDown:
-                old, channels[side.role] = channels[side.role], None
-                if isinstance(old, AgentChannel):
-                    old.pipe.drop_connection()
-                    await _quietly(old.close())
+                await chans.reset(failed_host=side.name, roles=[side.role])
                 raise
             self._link_ok(side.name)
             return st
@@ -298,32 +248,31 @@ class Transfer:
         async def once() -> None:
             # Both at once (each may first have to start its agent server); both finish before a failure
             # is raised, so no request is left pending on a channel that the retry then uses again.
-            src_st: dict[str, Any] | BaseException
-            dst_st: dict[str, Any] | BaseException
+            src_st: AgentStatus | BaseException
+            dst_st: AgentStatus | BaseException
             src_st, dst_st = await asyncio.gather(poll_side(self.src), poll_side(self.dst),
                                                   return_exceptions=True)
             for st in (src_st, dst_st):
                 if isinstance(st, BaseException):
                     raise st
-            assert isinstance(src_st, dict) and isinstance(dst_st, dict)
+            assert isinstance(src_st, AgentStatus) and isinstance(dst_st, AgentStatus)
             self._absorb(src_st, dst_st)
-            src_ch = await channel(self.src)
-            if self.dst_next > 0 and any(s < self.dst_next for s in self.src_chunks):
-                await src_ch.request("release", upto=self.dst_next)
-            if self.src_daemon.get("state") == "done" and not self.finish_sent:
-                dst_ch = await channel(self.dst)
+            sender = await chans.get(self.src)
+            assert isinstance(sender, SenderClient)
+            if self.reports.releasable():
+                await sender.release(upto=self.reports.received)
+            end = self.reports.sender
+            if end.get("state") == "done" and not self.finish_sent:
+                receiver = await chans.get(self.dst)
+                assert isinstance(receiver, ReceiverClient)
                 try:
-                    await dst_ch.request("finish", total_chunks=self.src_daemon["total_chunks"],
-                                         raw_bytes=self.src_daemon["raw_bytes"],
-                                         stream_hash=self.src_daemon["stream_hash"])
-                except RemoteError as e:
-                    if e.fields.get("code") != "spool-no-space":
-                        raise
+                    await receiver.finish(total_chunks=end["total_chunks"], raw_bytes=end["raw_bytes"],
+                                          stream_hash=end["stream_hash"])
+                except SpoolFull:
                     self._target_spool_full()
                     return
                 self.finish_sent = True
-                self.emit("stream_end", chunks=self.src_daemon["total_chunks"],
-                          raw_bytes=self.src_daemon["raw_bytes"])
+                self.emit("stream_end", chunks=end["total_chunks"], raw_bytes=end["raw_bytes"])
 
         try:
             while not self.done.is_set():
@@ -341,67 +290,43 @@ class Transfer:
                     raise PatienceExhausted(waited=_fmt_duration(time.monotonic() - self.last_progress),
                                             patience=_fmt_duration(self.opts.patience),
                                             reason="the agents report no progress", session=self.sid)
-                await asyncio.sleep(self._poll_delay())
+                await asyncio.sleep(poll_delay(self.reports, self.opts.poll_interval,
+                                               in_flight=bool(self.in_flight), finish_sent=self.finish_sent,
+                                               running_for=time.monotonic() - self.started))
         finally:
             if self.error is None and self.done.is_set():  # kept for the clean-up: no process to start for it
-                self.receiver_channel, channels["receive"] = channels["receive"], None
-            for ch in channels.values():
-                if ch is not None:
-                    await _quietly(ch.close())
+                self.receiver = chans.take(self.dst.role)
+            await chans.close()
 
     async def close(self) -> None:
-        """Close the receiver's channel that a finished transfer kept open (``receiver_channel``)."""
-        ch, self.receiver_channel = self.receiver_channel, None
-        if ch is not None:
-            await _quietly(ch.close())
+        """Close the receiver's channel that a finished transfer kept open (``receiver``)."""
+        client, self.receiver = self.receiver, None
+        if client is not None:
+            await quietly(client.close())
 
-    def _poll_delay(self) -> float:
-        """Until the next status poll: ``poll_interval``, or a fifth of it while nothing is in flight at
-        the two ends of a stream, where a late poll is time the whole transfer takes longer: the first
-        chunks (they double from 1 MiB: zfs receive waits for each) and the tail (everything moved, the
-        receiver finishing). In between an idle link waits for the source, and a chunk seen 0.1 s later
-        costs nothing at the end."""
-        if self.in_flight:
-            return self.opts.poll_interval
-        src = self.src_daemon
-        ramp = (int(src.get("chunks", 0)) < RAMP_CHUNKS and not src.get("eof") and not src.get("paused")
-                and time.monotonic() - self.started < RAMP_SECONDS)  # a slow source: no quick polls for long
-        return self.opts.poll_interval / 5 if ramp or self.finish_sent else self.opts.poll_interval
-
-    def _absorb(self, src_st: dict[str, Any], dst_st: dict[str, Any]) -> None:
-        before = (len(self.src_chunks), self.dst_next, int(self.src_daemon.get("chunks", 0)))
-        self.src_chunks = set(int(s) for s in src_st.get("chunks", []))
-        self.src_daemon = dict(src_st.get("daemon") or {})
-        self.dst_stored = set(int(s) for s in dst_st.get("chunks", []))
-        self.dst_parts = {int(k): int(v) for k, v in (dst_st.get("parts") or {}).items()}
-        self.dst_daemon = dict(dst_st.get("daemon") or {})
-        self.dst_next = int(self.dst_daemon.get("next_seq", 0))
-        if self.src_daemon.get("eof"):
-            self.estimate = int(self.src_daemon.get("raw_bytes", self.estimate))
+    def _absorb(self, src_st: AgentStatus, dst_st: AgentStatus) -> None:
+        before = self.reports.progress_mark()
+        self.reports = Reports(src_st, dst_st)
+        sender, receiver = self.reports.sender, self.reports.receiver
+        if sender.get("eof"):
+            self.estimate = int(sender.get("raw_bytes", self.estimate))
         self._watch_source_spool()
-        events = self.dst_daemon.get("events") or []
-        total_discarded = int(self.dst_daemon.get("discarded", 0))
+        events = receiver.get("events") or []
+        total_discarded = int(receiver.get("discarded", 0))
         if total_discarded > self.seen_events:
             for ev in events[-(total_discarded - self.seen_events):]:
                 if ev.get("kind") == "chunk-discarded":
                     self.emit("chunk_discarded", host=self.dst.name, detail=ev.get("text"))
             self.seen_events = total_discarded
-        after = (len(self.src_chunks), self.dst_next, int(self.src_daemon.get("chunks", 0)))
-        if after != before:
+        if self.reports.progress_mark() != before:
             self.progressed()
         self.changed.set()
 
     def _check_daemons(self) -> None:
-        src, dst = self.src_daemon, self.dst_daemon
-        if src.get("state") == "failed":
-            raise ZfsSendFailed(host=self.src.name, status=src.get("zfs_exit"),
-                                stderr=src.get("zfs_stderr") or src.get("reason"))
-        if dst.get("state") == "failed":
-            reason = str(dst.get("reason", ""))
-            if "checksum" in reason:
-                raise IntegrityError(reason=f"{self.dst.name}: {reason}")
-            raise ZfsReceiveFailed(host=self.dst.name, status=dst.get("zfs_exit"),
-                                   stderr=dst.get("zfs_stderr") or reason)
+        src, dst = self.reports.sender, self.reports.receiver
+        for side, st in ((self.src, src), (self.dst, dst)):
+            if st.get("state") == "failed":
+                raise from_daemon(side.name, side.role, st)
         for side, st in ((self.src, src), (self.dst, dst)):
             if st.get("state") in ("dead", "aborted"):
                 raise AgentDied(host=side.name, role=side.role, session=self.sid,
@@ -425,7 +350,7 @@ class Transfer:
 
     def _watch_source_spool(self) -> None:
         """The sender pauses ``zfs send`` on a full spool filesystem (never fails it): tell the user, once."""
-        paused = self.src_daemon.get("paused") == "no-space"
+        paused = self.reports.sender.get("paused") == "no-space"
         if paused and not self.src_room.full:
             self.emit("warning", host=self.src.name, detail="source spool filesystem is full: zfs send is paused "
                       "(not failed) until there is room under the spool directory; the transfer then continues")
@@ -454,10 +379,10 @@ class Transfer:
 
     async def _target_full(self, err: ZfsReceiveFailed) -> TargetFull:
         """``zfs receive`` ran out of space: how much the stream needs, how much the target has."""
-        argv = self.dst_daemon.get("argv") or ["?"]
+        argv = self.reports.receiver.get("argv") or ["?"]
         dataset = str(argv[-1])
-        needed = int(self.src_daemon.get("raw_bytes", 0))
-        if not self.src_daemon.get("eof"):
+        needed = int(self.reports.sender.get("raw_bytes", 0))
+        if not self.reports.sender.get("eof"):
             needed = max(needed, self.estimate)
         try:
             found = await Zfs(self.dst.host).available(dataset)
@@ -474,7 +399,8 @@ class Transfer:
         if not force and now - self._last_progress_event < 1.0:
             return
         self._last_progress_event = now
-        raw = int(self.dst_daemon.get("raw_bytes", 0))
+        sender, receiver = self.reports.sender, self.reports.receiver
+        raw = int(receiver.get("raw_bytes", 0))
         t0, b0 = self._rate_mark
         if now - t0 >= 3.0:
             inst = (raw - b0) / (now - t0)
@@ -482,13 +408,13 @@ class Transfer:
             self._rate_mark = (now, raw)
         est = max(self.estimate, raw)
         eta = (est - raw) / self.rate if self.rate > 0 else None
-        self.emit("progress", raw_bytes=raw, estimate=est, exact=bool(self.src_daemon.get("eof")),
+        received = self.reports.received
+        self.emit("progress", raw_bytes=raw, estimate=est, exact=bool(sender.get("eof")),
                   wire_bytes=self.wire_bytes, rate=round(self.rate),
                   eta=round(eta) if eta is not None else None,
-                  chunks_spooled=int(self.src_daemon.get("chunks", 0)),
-                  chunks_moved=self.dst_next + len(self.dst_stored), chunks_received=self.dst_next,
-                  total_chunks=self.src_daemon.get("total_chunks"),
-                  paused=self.src_daemon.get("paused"),
+                  chunks_spooled=int(sender.get("chunks", 0)),
+                  chunks_moved=received + len(self.reports.stored), chunks_received=received,
+                  total_chunks=sender.get("total_chunks"), paused=sender.get("paused"),
                   link_down=sorted(self.outage.since))
 
     # -- workers -------------------------------------------------------------
@@ -496,55 +422,30 @@ class Transfer:
     def _pick(self) -> int | None:
         if time.monotonic() < self.dst_room.until:
             return None  # the target spool is full: the poller wakes us again
-        limit = self.dst_next + self.window
-        for seq in sorted(self.src_chunks):
-            if seq >= limit:
-                break
-            if seq >= self.dst_next and seq not in self.dst_stored and seq not in self.in_flight:
-                return seq
-        return None
+        return next_chunk(self.reports, self.in_flight, self.window)
 
     async def _worker(self, wid: int) -> None:
-        chans: dict[str, AgentChannel | None] = {"send": None, "receive": None}
         # A source spool on this machine is read directly: no channel (and no serve process) for it.
         local_src = LocalSpoolChunks(self.src.session_dir, self.src.name) if self.src.local else None
-        sides = [side for side in (self.src, self.dst) if not (side is self.src and local_src is not None)]
-
-        async def close_all(failed_host: str | None = None) -> None:
-            for role in ("send", "receive"):
-                ch, chans[role] = chans[role], None
-                if ch is not None:
-                    if ch.host == failed_host:
-                        ch.pipe.drop_connection()
-                    await _quietly(ch.close())
-
-        async def open_channels(quietly: bool = False) -> None:
-            """Both channels, opened concurrently (each starts an agent server process on its host)."""
-            closed = [side for side in sides if chans[side.role] is None]
-            opened = await asyncio.gather(*(self._open(side) for side in closed), return_exceptions=True)
-            for side, ch in zip(closed, opened):
-                if isinstance(ch, AgentChannel):
-                    chans[side.role] = ch
-            for ch in opened:
-                if isinstance(ch, BaseException) and not (quietly and isinstance(ch, Exception)):
-                    raise ch
+        chans = ChannelSet([side for side in (self.src, self.dst) if not (side is self.src and local_src)],
+                           self._open)
 
         async def move(seq: int) -> None:
             try:
-                await open_channels()
-                src_ch, dst_ch = chans["send"], chans["receive"]
-                assert dst_ch is not None
+                await chans.open()
+                receiver = chans.clients[self.dst.role]
+                assert isinstance(receiver, ReceiverClient)
                 source: ChunkSource
                 if local_src is not None:
                     source = local_src
                 else:
-                    assert src_ch is not None
-                    source = ChannelChunks(src_ch)
-                st = await dst_ch.request("status")
-                have = {int(k): int(v) for k, v in (st.get("parts") or {}).items()}.get(seq, 0)
-                if seq in set(int(s) for s in st.get("chunks", [])) or seq < int(
-                        (st.get("daemon") or {}).get("next_seq", 0)):
+                    sender = chans.clients[self.src.role]
+                    assert isinstance(sender, SenderClient)
+                    source = ChannelChunks(sender)
+                target = await receiver.status()
+                if already_there(seq, target):
                     return
+                have = target.parts.get(seq, 0)
                 if have:
                     self.emit("chunk_resume", seq=seq, offset=have)
 
@@ -555,7 +456,7 @@ class Transfer:
 
                 self.moving[seq] = time.monotonic()
                 try:
-                    stored = await relay_chunk(source, dst_ch, seq, have, moved,
+                    stored = await relay_chunk(source, receiver, seq, have, moved,
                                                functools.partial(self._turn_of, seq))
                 finally:
                     self.moving.pop(seq, None)
@@ -564,10 +465,10 @@ class Transfer:
                 self._link_ok(self.src.name)
                 self._link_ok(self.dst.name)
                 if stored:
-                    self.dst_stored.add(seq)
+                    self.reports = self.reports.with_stored(seq)
                     self._target_spool_ok()
             except LinkDown as e:
-                await close_all(e.host)
+                await chans.reset(failed_host=e.host)
                 raise
 
         try:
@@ -575,70 +476,52 @@ class Transfer:
             # retried by move). The others open theirs when they get a chunk: each channel starts an agent
             # process on its host, and ten starting at once delay the first chunk by half a second.
             if wid == 0:
-                await open_channels(quietly=True)
+                await chans.open(quietly=True)
             while not self.done.is_set():
-                seq = self._pick() if wid == 0 or self._overtaking() else None
+                overtake = may_overtake(self.moving, time.monotonic(), self.opts.overtake_idle)
+                seq = self._pick() if wid == 0 or overtake else None
                 if seq is None:
                     self.changed.clear()
                     await self.changed.wait()
                     continue
-                if any(chans[side.role] is None for side in sides):
+                if not chans.complete():
                     # Open them before taking a chunk, so that meanwhile a worker that is ready moves the
                     # lowest one (a failure is left to move(), which retries).
-                    await open_channels(quietly=True)
+                    await chans.open(quietly=True)
                     seq = self._pick()
                     if seq is None:
                         continue
                 self.in_flight.add(seq)
                 try:
                     await self._with_retries(self.dst.name, functools.partial(move, seq))
-                except RemoteError as e:
-                    await close_all()
-                    self._on_remote_error(seq, e)
+                except (ChunkCorrupt, NoChunk, SpoolFull) as e:
+                    await chans.reset()
+                    self._on_refused(seq, e)
                 finally:
                     self.in_flight.discard(seq)
                     self.changed.set()
         finally:
-            await close_all()
-
-    def _overtaking(self) -> bool:
-        """Whether a second move would use what the first leaves: the lowest chunk in flight is idle."""
-        if not self.moving:
-            return False
-        return time.monotonic() - self.moving[min(self.moving)] >= self.opts.overtake_idle
+            await chans.close()
 
     async def _turn_of(self, seq: int) -> None:
-        """Wait until chunk ``seq`` may forward its next data frame.
-
-        The lowest chunk in flight always may: ``zfs receive`` needs it first, so a later chunk
-        never slows it down (on a fast link the moves share the CPU, on a slow one the link).
-        A later chunk may while the lowest one is idle (its link or its source is slower than
-        one channel can use, e.g. a long fat link), so parallel moves still fill such a link.
-        """
-        while True:
-            lowest = min(self.moving)
-            idle = time.monotonic() - self.moving[lowest]
-            if lowest == seq or idle >= self.opts.overtake_idle:
-                return
+        """Wait until chunk ``seq`` may forward its next data frame (``scheduler.turn_wait``)."""
+        while (wait := turn_wait(seq, self.moving, time.monotonic(), self.opts.overtake_idle)) > 0:
             try:
-                await asyncio.wait_for(self._turn.wait(), self.opts.overtake_idle - idle)
+                await asyncio.wait_for(self._turn.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 
-    def _on_remote_error(self, seq: int, e: RemoteError) -> None:
-        code = e.fields.get("code")
-        if code == "chunk-corrupt":
+    def _on_refused(self, seq: int, e: ChunkCorrupt | NoChunk | SpoolFull) -> None:
+        """The target refused chunk ``seq``: damaged on the way (move it again, up to a limit), already
+        consumed and released (the next status shows it), or no room in its spool (hold chunks back)."""
+        if isinstance(e, ChunkCorrupt):
             n = self.corrupt_retries[seq] = self.corrupt_retries.get(seq, 0) + 1
             self.emit("chunk_discarded", host=self.dst.name, detail=f"chunk {seq} arrived damaged: "
                       f"{e.fields.get('reason')}; moving it again")
             if n > self.opts.max_corrupt_retries:
                 raise IntegrityError(reason=f"chunk {seq} arrived damaged {n} times in a row") from e
-        elif code == "no-chunk":
-            return  # already consumed and released; the next status shows it
-        elif code == "spool-no-space":
+        elif isinstance(e, SpoolFull):
             self._target_spool_full()
-        else:
-            raise e
 
 
 _NO_SPACE_WORDS = ("out of space", "no space left", "disk quota exceeded", "enospc", "edquot")
@@ -647,25 +530,6 @@ _NO_SPACE_WORDS = ("out of space", "no space left", "disk quota exceeded", "enos
 def _out_of_space(stderr: str) -> bool:
     low = stderr.lower()
     return any(w in low for w in _NO_SPACE_WORDS)
-
-
-async def _quietly(coro: Any) -> None:
-    try:
-        await asyncio.wait_for(coro, 5)
-    except (Exception, asyncio.TimeoutError):
-        pass
-
-
-async def close_early(early: dict[str, list[asyncio.Task[AgentChannel]]]) -> None:
-    """Close the channels opened during install that nobody took (their servers exit at EOF)."""
-    tasks = [t for ts in early.values() for t in ts]
-    for ts in early.values():
-        ts.clear()
-    for t in tasks:
-        t.cancel()  # one still opening closes its pipe as it is cancelled (open_channel)
-    for ch in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(ch, AgentChannel):
-            await _quietly(ch.close())
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -677,4 +541,4 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-__all__ = ["AgentSide", "EngineOptions", "Transfer", "TransferResult", "ZchunkError"]
+__all__ = ["AgentSide", "EngineOptions", "Transfer", "TransferResult", "ZchunkError", "close_early"]

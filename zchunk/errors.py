@@ -2,7 +2,10 @@
 
 Only the CLI turns these into text and an exit code (``docs/errors.md`` is
 generated from this module by ``python -m zchunk.errors``). Errors from an
-agent arrive as ``{code, reason, details}`` and are rebuilt by ``from_remote``.
+agent arrive as ``{code, reason, details}`` and are rebuilt by ``from_remote``:
+each class an agent's code maps to fixes that code (``remote_code``), so callers
+catch by class and never compare codes or search messages. A daemon that
+failed says so in its state file, and ``from_daemon`` rebuilds that the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ class ZchunkError(Exception):
 
     exit_code = 1
     fix = ""
+    #: The agent's error code this class is rebuilt from (``from_remote``), if any.
+    remote_code = ""
 
     def __init__(self, **fields: Any) -> None:
         self.fields = fields
@@ -173,6 +178,7 @@ class SessionDirError(ZchunkError):
     """{host}: unsafe session directory: {reason}"""
 
     exit_code = 8
+    remote_code = "session-dir"
     fix = "remove or fix it by hand (it must be owned by the SSH user, mode 0700), or pick --spool-dir"
 
 
@@ -194,6 +200,7 @@ class ProtocolError(ZchunkError):
     """{host}: protocol error talking to the agent: {reason}"""
 
     exit_code = 10
+    remote_code = "protocol"
 
 
 class CapabilityMismatch(ZchunkError):
@@ -242,6 +249,13 @@ class IntegrityError(ZchunkError):
     exit_code = 13
 
 
+class StreamChecksumMismatch(IntegrityError):
+    """integrity check failed: {host}: {reason}"""
+
+    exit_code = 13
+    remote_code = "stream-checksum"
+
+
 class RemoteError(ZchunkError):
     """{host}: agent error [{code}]: {reason}"""
 
@@ -252,8 +266,23 @@ class SpoolFull(RemoteError):
     """{host}: the spool filesystem is full: {reason}"""
 
     exit_code = 14
+    remote_code = "spool-no-space"  # the engine waits for room itself; elsewhere (e.g. at install) it is final
     fix = ("free space under the spool directory on {host} (or give --spool-dir on a larger filesystem), "
            "then run the same command again")
+
+
+class ChunkCorrupt(RemoteError):
+    """{host}: a chunk arrived damaged: {reason}"""
+
+    exit_code = 14
+    remote_code = "chunk-corrupt"  # the engine moves it again
+
+
+class NoChunk(RemoteError):
+    """{host}: no such chunk: {reason}"""
+
+    exit_code = 14
+    remote_code = "no-chunk"  # the engine takes it for consumed and released: the next status shows it
 
 
 class CommandFailed(ZchunkError):
@@ -269,11 +298,8 @@ class PartialFailure(ZchunkError):
     fix = "the others were replicated; fix the errors above and run the same command again"
 
 
-_REMOTE_CODES: dict[str, type[ZchunkError]] = {
-    "session-dir": SessionDirError,
-    "protocol": ProtocolError,
-    "spool-no-space": SpoolFull,  # where the engine does not wait for room itself (e.g. at install)
-}
+def _error_classes() -> list[type[ZchunkError]]:
+    return [c for _, c in inspect.getmembers(sys.modules[__name__], inspect.isclass) if issubclass(c, ZchunkError)]
 
 
 def from_remote(host: str, err: Any) -> ZchunkError:
@@ -288,21 +314,34 @@ def from_remote(host: str, err: Any) -> ZchunkError:
     reason = str(err.get("reason", "no reason given"))
     details = err.get("details")
     details = dict(details) if isinstance(details, dict) else ({"value": details} if details else {})
-    cls = _REMOTE_CODES.get(code)
-    if cls is not None:
-        return cls(host=host, code=code, reason=reason, details=details)
-    return RemoteError(host=host, code=code, reason=reason, details=details)
+    cls = _REMOTE_CODES.get(code, RemoteError)
+    return cls(host=host, code=code, reason=reason, details=details)
+
+
+def from_daemon(host: str, role: str, state: dict[str, Any]) -> ZchunkError:
+    """A daemon's ``failed`` state file as an error: by its ``code`` when it gave one (``from_remote``'s
+    table), else zfs send or zfs receive failed, with the zfs command's exit status and stderr."""
+    reason = str(state.get("reason") or "")
+    code = str(state.get("code") or "")
+    if code in _REMOTE_CODES:
+        return _REMOTE_CODES[code](host=host, code=code, reason=reason, details={})
+    stderr = state.get("zfs_stderr") or reason
+    if role == "send":
+        return ZfsSendFailed(host=host, status=state.get("zfs_exit"), stderr=stderr)
+    return ZfsReceiveFailed(host=host, status=state.get("zfs_exit"), stderr=stderr)
 
 
 def error_table() -> str:
     """Markdown table of every error class, for docs/errors.md."""
     rows = ["| exit | error | message |", "|---:|---|---|"]
-    classes = [c for _, c in inspect.getmembers(sys.modules[__name__], inspect.isclass)
-               if issubclass(c, ZchunkError)]
-    for cls in sorted(classes, key=lambda c: (c.exit_code, c.__name__)):
+    for cls in sorted(_error_classes(), key=lambda c: (c.exit_code, c.__name__)):
         msg = (cls.__doc__ or "").strip().splitlines()[0]
         rows.append(f"| {cls.exit_code} | {cls.__name__} | {msg} |")
     return "\n".join(rows) + "\n"
+
+
+#: An agent's error code -> the class it is rebuilt as (each class fixes its own code).
+_REMOTE_CODES: dict[str, type[ZchunkError]] = {c.remote_code: c for c in _error_classes() if c.remote_code}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""The coordinator's side of the agent protocol (docs/protocol.md).
+"""The coordinator's side of the agent protocol (docs/protocol.md): frames over one channel.
 
 Frames and their bounds are defined once, in the agent (``zchunk/agent.py``),
 and imported here so both sides share the same constants and encoder. One
 ``AgentChannel`` talks to one ``agent.py serve`` process; a channel carries
-one request at a time (parallelism comes from several channels).
+one request at a time (parallelism comes from several channels). An
+``InProcessChannel`` answers the same requests from the agent's own code in
+this process. Which requests exist and what they take is written once, in
+``client.py``; this module only carries them.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
-import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +28,8 @@ log = logging.getLogger("zchunk.protocol")
 COORDINATOR_CAPS = ["chunk-v1", "resume-offset-v1", "zstd-v1", "zlib-v1", "none-v1",
                     "xxh3-128-v1", "blake2b-128-v1"]
 
-# What each side of a session may ask of an agent; anything else is refused locally.
-ALLOWED_OPS = {
-    "send": {"status", "get_chunk", "release", "cleanup", "abort"},
-    "receive": {"status", "put_chunk", "finish", "cleanup", "abort"},
-}
+#: Requests carried without data frames, which an ``InProcessChannel`` answers too.
+NO_DATA_OPS = {"status", "release", "finish", "cleanup", "abort"}
 
 
 @dataclass(frozen=True)
@@ -88,15 +86,17 @@ class AgentChannel:
         await self.pipe.drain()
         return self.hello
 
-    def _send_request(self, op: str, fields: dict[str, Any]) -> int:
+    def begin(self, op: str, **fields: Any) -> int:
+        """Write request ``op`` (not yet drained): its id, for ``reply`` and the data frames that go with it."""
         role = self.hello.role if self.hello else ""
-        if op not in ALLOWED_OPS.get(role, set()):
+        if op not in agent.OPS.get(role, ()):
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not allowed for a {role} agent")
         req_id = next(self._ids)
         self.pipe.write(agent.encode_message(agent.FRAME_REQUEST, req_id, dict(fields, op=op)))
         return req_id
 
-    async def _reply(self, req_id: int) -> dict[str, Any]:
+    async def reply(self, req_id: int) -> dict[str, Any]:
+        """The answer to request ``req_id``; an agent's error frame raised as our error class."""
         ftype, rid, payload = await self._read()
         if rid != req_id or ftype not in (agent.FRAME_REPLY, agent.FRAME_ERROR):
             raise ProtocolError(host=self.host, reason=f"expected reply to {req_id}, got type {ftype} id {rid}")
@@ -109,9 +109,30 @@ class AgentChannel:
         return msg
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        req_id = self._send_request(op, fields)
+        req_id = self.begin(op, **fields)
         await self.pipe.drain()
-        return await self._reply(req_id)
+        return await self.reply(req_id)
+
+    async def drain(self) -> None:
+        """Until what was written is on its way (the pipe's buffer below its mark)."""
+        await self.pipe.drain()
+
+    async def read_data(self, req_id: int) -> bytes:
+        """The next data frame of request ``req_id`` (a chunk coming from the agent)."""
+        ftype, rid, payload = await self._read()
+        if ftype != agent.FRAME_DATA or rid != req_id:
+            raise ProtocolError(host=self.host, reason=f"expected chunk data, got type {ftype} id {rid}")
+        return payload
+
+    async def write_data(self, req_id: int, payload: bytes) -> None:
+        """One data frame of request ``req_id`` (a chunk going to the agent), drained."""
+        self.pipe.write(agent.frame_header(agent.FRAME_DATA, req_id, len(payload)))
+        self.pipe.write(payload)  # apart, not header + payload: that copied every forwarded byte once more
+        await self.pipe.drain()
+
+    def drop_connection(self) -> None:
+        """The link under this channel failed: its connection is not used again (by any channel)."""
+        self.pipe.drop_connection()
 
     async def close(self) -> None:
         await self.pipe.close()
@@ -147,7 +168,7 @@ class InProcessChannel:
         if self._server is None:
             self._server = agent.Server(agent.Session(self.session_dir), None, None)  # type: ignore[arg-type]
         role = self._server.sess.role
-        if op not in ALLOWED_OPS.get(role, set()) or op in ("get_chunk", "put_chunk"):
+        if op not in agent.OPS.get(role, ()) or op not in NO_DATA_OPS:
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not answered in process "
                                 f"for a {role} agent")
         return self._server.answer(next(self._ids), dict(fields, op=op))
@@ -161,129 +182,12 @@ class InProcessChannel:
             raise from_remote(self.host, msg)
         return msg
 
+    def drop_connection(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
 
 _KNOWN_FIELDS = {"role", "daemon", "chunks", "parts", "spool_bytes", "spool_max", "seq", "offset",
                  "length", "total", "stored", "have", "released", "removed", "ok"}
-
-
-class ChannelChunks:
-    """Chunk data from the source agent's spool through its ``serve`` channel (``get_chunk``)."""
-
-    def __init__(self, channel: AgentChannel) -> None:
-        self.ch = channel
-        self.req_id = 0
-
-    @property
-    def host(self) -> str:
-        return self.ch.host
-
-    async def open(self, seq: int, offset: int) -> tuple[int, int]:
-        """Start chunk ``seq`` at ``offset``: (bytes that will follow, the chunk file's size)."""
-        self.req_id = self.ch._send_request("get_chunk", {"seq": seq, "offset": offset})
-        await self.ch.pipe.drain()
-        head = await self.ch._reply(self.req_id)
-        return int(head["length"]), int(head["total"])
-
-    async def read(self) -> bytes:
-        ftype, rid, payload = await self.ch._read()
-        if ftype != agent.FRAME_DATA or rid != self.req_id:
-            raise ProtocolError(host=self.host, reason=f"expected chunk data, got type {ftype} id {rid}")
-        return payload
-
-    def close(self) -> None:
-        return None
-
-
-class LocalSpoolChunks:
-    """Chunk data read straight from a source spool on this machine.
-
-    The coordinator runs as the agent's user here, so it reads the chunk file
-    itself, by the agent's own rules (``Session`` checks the directory,
-    ``open_nofollow`` the file), instead of through a ``serve`` process and a
-    pipe: two copies and a process fewer per byte. Reads run on a thread (a
-    chunk may have left the page cache). Errors are the agent's, as the
-    channel would have answered them.
-    """
-
-    def __init__(self, session_dir: str, host: str) -> None:
-        self.session_dir, self.host = session_dir, host
-        self._sess: agent.Session | None = None
-        self._file: Any = None
-        self._left = 0
-
-    async def open(self, seq: int, offset: int) -> tuple[int, int]:
-        self.close()
-        try:
-            self._file, total = await asyncio.to_thread(self._open, seq, offset)
-        except agent.AgentError as e:
-            raise from_remote(self.host, e.to_dict()) from e
-        self._left = total - offset
-        return total - offset, total
-
-    def _open(self, seq: int, offset: int) -> tuple[Any, int]:
-        if self._sess is None:
-            self._sess = agent.Session(self.session_dir)
-        try:
-            fd = agent.open_nofollow(self._sess.chunk_path(seq), os.O_RDONLY)
-        except FileNotFoundError:
-            raise agent.AgentError("no-chunk", f"chunk {seq} is not in the source spool") from None
-        f = os.fdopen(fd, "rb")
-        total = os.fstat(fd).st_size
-        if offset > total:
-            f.close()
-            raise agent.AgentError("bad-request", f"offset {offset} beyond chunk {seq}'s {total} bytes")
-        f.seek(offset)
-        return f, total
-
-    async def read(self) -> bytes:
-        piece = await asyncio.to_thread(self._file.read, min(agent.DATA_PIECE, self._left))
-        if not piece and self._left:
-            raise from_remote(self.host, {"code": "no-chunk", "reason": "chunk file shrank while being read"})
-        self._left -= len(piece)
-        return bytes(piece)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-ChunkSource = ChannelChunks | LocalSpoolChunks
-
-
-async def relay_chunk(src: ChunkSource, dst: AgentChannel, seq: int, offset: int,
-                      on_bytes: Any = None, turn: Callable[[], Awaitable[None]] | None = None) -> bool:
-    """Stream chunk ``seq`` from ``offset`` out of the source spool into the target spool.
-
-    Data is forwarded as it arrives (bounded memory: one 1 MiB piece); ``turn``, if given, is
-    awaited before each piece is read (the engine's ordering of parallel moves).
-    Returns True when the target holds the complete, verified chunk.
-    """
-    try:
-        length, total = await src.open(seq, offset)
-        dst_id = dst._send_request("put_chunk", {"seq": seq, "offset": offset, "length": length,
-                                                 "total": total})
-        moved = 0
-        while moved < length:
-            if turn is not None:
-                await turn()
-            payload = await src.read()
-            moved += len(payload)
-            if moved > length:
-                raise ProtocolError(host=src.host, reason=f"chunk {seq}: more data than announced")
-            dst.pipe.write(agent.frame_header(agent.FRAME_DATA, dst_id, len(payload)))
-            dst.pipe.write(payload)  # apart, not header + payload: that copied every forwarded byte once more
-            await dst.pipe.drain()
-            if on_bytes is not None:
-                on_bytes(len(payload))
-    finally:
-        src.close()
-    reply = await dst._reply(dst_id)
-    return bool(reply.get("stored"))
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

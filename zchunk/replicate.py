@@ -20,7 +20,10 @@ from typing import Any
 
 from . import agent, compat
 from . import errors as E
+from .aio import all_of
+from .client import HostAgent
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
+from .events import Emitter, Sink
 from .plan import (
     Policy,
     ReplicationPlan,
@@ -30,22 +33,9 @@ from .plan import (
     prune_list,
     sync_snapshot_name,
 )
+from .preflight import HostReport, probe_host
 from .session import StateStore, TargetLock
-from .sync import (
-    Emitter,
-    HostReport,
-    StreamSpec,
-    SyncOptions,
-    SyncResult,
-    abort,
-    agent_command,
-    all_of,
-    list_spool,
-    probe_host,
-    report,
-    resume,
-    run_stream,
-)
+from .stream import StreamSpec, SyncOptions, SyncResult, abort, resume, run_stream
 from .transport import Host, first_contact, make_host
 from .zfs import Dataset, Snapshot, Zfs, receive_perms, send_perms
 
@@ -127,7 +117,7 @@ def _regexes(patterns: list[str], what: str) -> tuple[re.Pattern[str], ...]:
 
 
 async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts: ReplicateOptions,
-                    on_event: Any = None) -> ReplicationResult:
+                    on_event: Sink | None = None) -> ReplicationResult:
     emit = Emitter(on_event)
     source, target = parse_endpoint(source_spec), parse_endpoint(target_spec)
     if source == target:
@@ -183,7 +173,7 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
     src, dst = src_or_err, dst_or_err
     try:
         try:
-            emit("preflight", source=report(src.rep), target=report(dst.rep), identifier=identifier)
+            emit("preflight", source=src.rep.summary(), target=dst.rep.summary(), identifier=identifier)
             pairs = await _datasets(src, dst, ropts.recursive, excludes, emit)
             outcomes = []
             for src_name, dst_name in pairs:
@@ -206,7 +196,7 @@ async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
     host = make_host(ep, opts.ssh, opts.python)
     try:
         await first_contact(host, opts.patience, opts.connect_patience)
-        rep = await probe_host(host, opts)
+        rep = await probe_host(host, opts.spool_dir)
     except BaseException:
         await host.close()
         raise
@@ -366,7 +356,7 @@ async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: St
         # The first look is the probe's, taken a moment ago at preflight (one round trip saved); later
         # ones, and those for the other datasets of a recursive run, ask the host again.
         listing, dst.rep.sessions = dst.rep.sessions, None
-        for s in listing if listing is not None else await list_spool(dst.host, opts.spool_dir):
+        for s in listing if listing is not None else await HostAgent(dst.host).sessions(opts.spool_dir):
             if s.get("role") != "receive" or s.get("dataset") != dst_name:
                 continue
             sid, state, pid = str(s.get("session") or s["id"]), s.get("state"), s.get("pid")
@@ -376,7 +366,7 @@ async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: St
                     raise E.AlreadyRunning(target=_label(dst, dst_name), session=sid, pid=pid, host=dst.label)
                 starting = sid
                 continue
-            await agent_command(dst.host, opts, s["path"], "remove", s["path"])
+            await HostAgent(dst.host).remove(s["path"])
             emit("stale_cleaned", host=dst.label, path=s["path"], state=state if not live else "abandoned")
             cleaned = True
         if starting is None:

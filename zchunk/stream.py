@@ -1,44 +1,38 @@
-"""``zchunk sync``, ``resume``, ``abort``, ``sessions``: the library calls behind the CLI.
+"""One stream session: a ``zfs send | zfs receive`` through both agents, and its life after a crash.
 
-A sync is: connect -> preflight both hosts -> plan -> negotiate codec and
-checksum -> install the agents into fresh session directories -> start the
-detached daemons -> run the transfer engine -> verify the target snapshot's
-guid -> remove the session directories. Every step before the install
-changes nothing on either host.
+``run_stream`` negotiates codec and checksum, installs the agents into fresh
+session directories and starts their detached daemons, runs the transfer
+engine, verifies the target snapshot's guid and removes the session
+directories. The session's record (session.py) outlives the coordinator:
+``resume`` reattaches to its agents, ``abort`` stops them and removes what
+they left, ``list_sessions`` lists them. Replication (replicate.py) decides
+which streams to run; preflight (preflight.py) has learned the hosts first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import posixpath
-import shlex
-import sys
-from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import agent
 from . import errors as E
-from .endpoint import Endpoint, parse_endpoint
-from .engine import AgentSide, EngineOptions, Transfer, TransferResult, close_early
+from .aio import all_of, raise_first
+from .channels import AgentSide, close_early
+from .client import AGENT_SOURCE, AgentClient, HostAgent
+from .endpoint import parse_endpoint
+from .engine import EngineOptions, Transfer, TransferResult
+from .events import Emitter, Sink
 from .plan import SendPlan
-from .protocol import AgentChannel, InProcessChannel, as_remote
+from .preflight import HostReport, negotiate
+from .protocol import AgentChannel
 from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
 from .transport import Host, LinkDown, LocalHost, SshOptions, first_contact, make_host
-from .zfs import RECEIVE_PERMS, SEND_PERMS, Dataset, Features, Zfs
+from .zfs import Zfs
 
-AGENT_SOURCE = Path(agent.__file__).read_bytes()
-# This interpreter as the local agent imports the agent module from the coordinator's own copy (its
-# compiled cache: ~35 ms less per command than compiling the source from stdin); the source still comes
-# on stdin, which is what install writes into the session directory.
-LOCAL_BOOTSTRAP = (
-    f"import sys;sys.path.insert(0,{str(Path(agent.__file__).resolve().parents[1])!r});"
-    "import zchunk.agent as m;m.AGENT_SOURCE=sys.stdin.buffer.read();sys.exit(m.main(sys.argv[1:]))"
-)
-MIN_PYTHON = (3, 9)
 # Chunk n holds min(chunk_size, FIRST_CHUNK * 2**n) raw bytes: zfs receive starts after 1 MiB has been
 # spooled, moved and verified instead of a whole --chunk-size chunk (docs/chunk-format.md).
 FIRST_CHUNK = 1 << 20
@@ -63,21 +57,6 @@ class SyncOptions:
 
 
 @dataclass
-class HostReport:
-    """What preflight learned about one host."""
-
-    name: str
-    python: tuple[int, ...]
-    capabilities: list[str]
-    features: Features
-    uid: int
-    user: str = "root"
-    groups: tuple[str, ...] = ()
-    hostname: str = "host"
-    sessions: list[dict[str, Any]] | None = None  # ``sessions --spool-dir`` as the probe saw it
-
-
-@dataclass
 class SyncResult:
     session: str | None
     plan: str
@@ -89,87 +68,6 @@ class SyncResult:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         return d
-
-
-class Emitter:
-    """Callback wrapper: the library reports events; the CLI decides how to show them."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __call__(self, kind: str, **fields: Any) -> None:
-        if self.fn is not None:
-            self.fn(kind, fields)
-
-
-# -- preflight ----------------------------------------------------------------
-
-
-def bootstrap(host: Host, *args: str) -> list[str]:
-    """``python3 -c BOOTSTRAP ARGS...``: a one-shot agent command, the agent's source on stdin."""
-    own = isinstance(host, LocalHost) and host.python == sys.executable
-    return [host.python, "-c", LOCAL_BOOTSTRAP if own else agent.BOOTSTRAP, *args]
-
-
-async def probe_host(host: Host, opts: SyncOptions) -> HostReport:
-    """python3 and zfs present and usable; nothing is written."""
-    # Both at once (the zfs probes are read-only); python's answer is judged first, as before.
-    res, features = await asyncio.gather(
-        host.run(bootstrap(host, "probe", opts.spool_dir), stdin=AGENT_SOURCE),
-        Zfs(host).features(),
-        return_exceptions=True)
-    if isinstance(res, BaseException):
-        raise res
-    if res.status == 127:
-        raise E.MissingPython(host=host.name)
-    try:
-        info = json.loads(res.stdout.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        version = res.err_text.splitlines()[-1] if res.err_text else f"status {res.status}"
-        raise E.OldPython(host=host.name, version=version) from None
-    py = tuple(info.get("python", [0]))
-    if py < MIN_PYTHON:
-        raise E.OldPython(host=host.name, version=".".join(map(str, py)))
-    if isinstance(features, BaseException):
-        raise features
-    return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
-                      str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")),
-                      _listing(info.get("sessions")) if "sessions" in info else None)
-
-
-def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int | None, str]:
-    """Pick codec (+level) and checksum both agents support; a failure names both lists."""
-    both = set(src.capabilities) & set(dst.capabilities)
-    name, _, level_s = compress.partition(":")
-    level = int(level_s) if level_s.isdigit() else None
-    if name == "auto":
-        name = "zstd" if "zstd-v1" in both else "zlib"
-    if name not in agent.CODEC_CAPS:
-        raise E.UsageError(reason=f"--compress {compress!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
-    if agent.CODEC_CAPS[name] not in both:
-        raise E.CapabilityMismatch(what=f"codec {name}", ours=src.capabilities, theirs=dst.capabilities,
-                                   host=f"{src.name}/{dst.name}")
-    checksum = "xxh3-128" if "xxh3-128-v1" in both else "blake2b-128"
-    return name, level, checksum
-
-
-async def load_sides(source: Endpoint, target: Endpoint, src_host: Host, dst_host: Host,
-                     src_rep: HostReport, dst_rep: HostReport) -> tuple[Dataset, Dataset | None]:
-    """Both datasets (the target may be absent, its parent not) and, for non-root users, delegation."""
-    src_zfs, dst_zfs = Zfs(src_host), Zfs(dst_host)
-    src_ds = await src_zfs.require(source.dataset)
-    dst_ds = await dst_zfs.dataset(target.dataset)
-    dst_anchor = target.dataset
-    if dst_ds is None and "/" in target.dataset:
-        dst_anchor = target.dataset.rsplit("/", 1)[0]
-        if await dst_zfs.dataset(dst_anchor) is None:
-            raise E.UnknownDataset(host=dst_host.name, dataset=dst_anchor,
-                                   dataset_parent=dst_anchor.split("/")[0])
-    if src_rep.uid != 0:
-        await src_zfs.check_delegation(source.dataset, src_rep.user, src_rep.groups, SEND_PERMS, "send")
-    if dst_rep.uid != 0:
-        await dst_zfs.check_delegation(dst_anchor, dst_rep.user, dst_rep.groups, RECEIVE_PERMS, "receive into")
-    return src_ds, dst_ds
 
 
 # -- session set-up -----------------------------------------------------------
@@ -203,46 +101,6 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamS
         cfg["receive"] = {"target": rec.target_dataset, "flags": list(spec.recv_flags),
                           "props": dict(spec.recv_props)}
     return cfg
-
-
-async def install_agent(host: Host, opts: SyncOptions, sid: str, cfg: dict[str, Any], start: bool = False) -> str:
-    """Create ``<spool-dir>/<session>-<role>`` (both may be on one host) holding the agent, and with
-    ``start`` start its daemon in the same command."""
-    dirname = f"{sid}-{cfg['role']}"
-    argv = bootstrap(host, "install", opts.spool_dir, dirname, json.dumps(cfg))
-    if start:  # an absolute spool directory names the session's: the daemon is forked by install itself
-        argv += ["start"] + ([posixpath.normpath(posixpath.join(opts.spool_dir, dirname))]
-                             if opts.spool_dir.startswith("/") else [])
-    res = await host.run(argv, stdin=AGENT_SOURCE)
-    reply = _agent_reply(host, res.stdout, res.err_text)
-    return str(reply["path"])
-
-
-async def agent_command(host: Host, opts: SyncOptions, session_dir: str, *args: str) -> dict[str, Any]:
-    if isinstance(host, LocalHost) and args and args[0] in _IN_PROCESS:
-        return await asyncio.to_thread(_agent_here, host, list(args))
-    res = await host.run([host.python, f"{session_dir}/agent.py", *args])
-    return _agent_reply(host, res.stdout, res.err_text)
-
-
-# Agent commands that neither fork nor keep state: on this machine they run in the coordinator (on a
-# thread), as the agent's own code under the agent's user, instead of starting an interpreter for them.
-_IN_PROCESS = {"remove"}
-
-
-def _agent_here(host: Host, argv: list[str]) -> dict[str, Any]:
-    with as_remote(host.name, argv[0]):
-        return dict(agent.COMMANDS[argv[0]](argv[1:]) or {})
-
-
-def _agent_reply(host: Host, stdout: bytes, stderr: str) -> dict[str, Any]:
-    try:
-        reply = json.loads(stdout.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise E.RemoteError(host=host.name, code="agent-crashed", reason=stderr[-2000:] or "no output") from None
-    if "error" in reply:
-        raise E.from_remote(host.name, reply["error"])
-    return dict(reply)
 
 
 def record_ssh(opts: SyncOptions) -> dict[str, Any]:
@@ -306,13 +164,13 @@ def _open_early(rec: SessionRecord, src_host: Host, dst_host: Host,
     if not opts.spool_dir.startswith("/"):
         return {}
     early: dict[str, list[asyncio.Task[AgentChannel]]] = {}
-    eopts = EngineOptions(stall_timeout=opts.stall_timeout)
     for host, role in ((src_host, "send"), (dst_host, "receive")):
         local = isinstance(host, LocalHost)
         count = (0 if local else 1) + (0 if local and role == "send" else 1)  # the poller's, worker 0's
         side = AgentSide(host, posixpath.normpath(posixpath.join(opts.spool_dir, f"{rec.id}-{role}")), role,
                          _needs(rec))
-        early[role] = [asyncio.create_task(side.open_channel(eopts, AGENT_SOURCE)) for _ in range(count)]
+        early[role] = [asyncio.create_task(side.open_channel(opts.stall_timeout, AGENT_SOURCE))
+                       for _ in range(count)]
     return early
 
 
@@ -326,12 +184,10 @@ async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
     # Both hosts at once, each in one command (install, then start the daemon: one round trip and one
     # agent process start). A directory one side made is recorded even when the other failed, so the
     # caller's cleanup finds it; one made by a command that never answered is found by its name.
-    installed = await asyncio.gather(
-        install_agent(dst_host, opts, rec.id, agent_config(rec, "receive", level, spec, opts.agent_idle_timeout),
-                      start=True),
-        install_agent(src_host, opts, rec.id, agent_config(rec, "send", level, spec, opts.agent_idle_timeout),
-                      start=True),
-        return_exceptions=True)
+    installed = await asyncio.gather(*(
+        HostAgent(host).install(opts.spool_dir, f"{rec.id}-{role}",
+                                agent_config(rec, role, level, spec, opts.agent_idle_timeout), start=True)
+        for host, role in ((dst_host, "receive"), (src_host, "send"))), return_exceptions=True)
     if isinstance(installed[0], str):
         rec.target_dir = installed[0]
     if isinstance(installed[1], str):
@@ -342,21 +198,7 @@ async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
     store.save(rec)
 
 
-def raise_first(results: Sequence[Any]) -> None:
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-
-
-async def all_of(*steps: Awaitable[Any]) -> list[Any]:
-    """The steps at once (each is a round trip); all finish before a failure (the first in this order) is
-    raised, so none is left running. Their results."""
-    results = list(await asyncio.gather(*steps, return_exceptions=True))
-    raise_first(results)
-    return results
-
-
-async def resume(session_id: str, opts: SyncOptions, on_event: Any = None, lock: bool = True) -> SyncResult:
+async def resume(session_id: str, opts: SyncOptions, on_event: Sink | None = None, lock: bool = True) -> SyncResult:
     """Reattach to a session's agents and finish it (``lock``: unless the caller holds the target's lock)."""
     store = StateStore(opts.state_dir)
     rec = store.load(session_id)
@@ -431,7 +273,7 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             raise E.IntegrityError(reason=f"target snapshot guid {guid} != source guid {rec.snapshot_guid}")
         emit("verified", snapshot=rec.snapshot, guid=guid, stream_hash=result.stream_hash)
         target_removed = await _remove_dirs(rec, src_host, dst_host, opts, emit, roles=("receive",),
-                                            channel=transfer.receiver_channel)
+                                            receiver=transfer.receiver)
     finally:
         await transfer.close()
         source_removed = await source_cleanup
@@ -443,20 +285,6 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
                       target_snapshot=f"{rec.target_dataset}@{rec.snapshot.split('@', 1)[1]}", guid=guid)
 
 
-async def list_spool(host: Host, spool_base: str) -> list[dict[str, Any]]:
-    """The session directories under a host's spool base, as its agent sees them (role, state, pid, ...)."""
-    res = await host.run(bootstrap(host, "sessions", spool_base), stdin=AGENT_SOURCE)
-    try:
-        listing = json.loads(res.stdout.decode().strip().splitlines()[-1]).get("sessions", [])
-    except (ValueError, IndexError, AttributeError):
-        return []
-    return _listing(listing)
-
-
-def _listing(listing: Any) -> list[dict[str, Any]]:
-    return [s for s in listing if isinstance(s, dict) and "path" in s] if isinstance(listing, list) else []
-
-
 async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
     """The directory of ``rec`` in ``role`` on ``host``: the recorded one, or else whatever the host holds
     under the name install gives it (``<spool_base>/<id>-<role>``). A coordinator killed between an install
@@ -464,7 +292,7 @@ async def session_dirs(rec: SessionRecord, host: Host, role: str) -> list[str]:
     recorded = rec.source_dir if role == "send" else rec.target_dir
     if recorded:
         return [recorded]
-    return [s["path"] for s in await list_spool(host, rec.spool_base) if s.get("id") == f"{rec.id}-{role}"]
+    return [s["path"] for s in await HostAgent(host).sessions(rec.spool_base) if s.get("id") == f"{rec.id}-{role}"]
 
 
 async def _cleanup(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore,
@@ -476,12 +304,12 @@ async def _cleanup(rec: SessionRecord, src_host: Host, dst_host: Host, opts: Syn
 
 async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
                        emit: Emitter, roles: tuple[str, ...] = ("send", "receive"),
-                       channel: AgentChannel | InProcessChannel | None = None) -> bool:
+                       receiver: AgentClient | None = None) -> bool:
     """Stop the agents and remove the session directories (kept with --keep), also unrecorded ones; both
     sides unless ``roles`` says which. ``cleaned`` is said once the receiving side's is done. True when
     every side did it (a side that could not is a warning, and the record keeps ``dirs_left``).
-    ``channel``, an open channel to the receiver (the finished transfer's), asks it there: one round
-    trip instead of an interpreter start on the target; on any failure the ``remove`` command follows."""
+    ``receiver``, the receiver's client over an open channel (the finished transfer's), asks it there: one
+    round trip instead of an interpreter start on the target; on any failure the ``remove`` command follows."""
     async def one_side(host: Host, role: str) -> bool:
         try:
             paths = await session_dirs(rec, host, role)
@@ -490,15 +318,14 @@ async def _remove_dirs(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
             return False
         done = True
         for path in paths:
-            if role == "receive" and channel is not None and path == rec.target_dir:
+            if role == "receive" and receiver is not None and path == rec.target_dir:
                 try:
-                    await channel.request("cleanup", keep=opts.keep)
+                    await receiver.cleanup(keep=opts.keep)
                     continue
                 except (E.ZchunkError, LinkDown):
                     pass  # the command below says what is wrong, if anything still is
-            args = ["remove", path] + (["keep"] if opts.keep else [])
             try:
-                await agent_command(host, opts, path, *args)
+                await HostAgent(host).remove(path, keep=opts.keep)
             except (E.ZchunkError, LinkDown) as e:
                 if not opts.keep and not _link_trouble(e) and await _gone(host, path):
                     continue  # a retry: the attempt whose answer the link lost removed it
@@ -526,7 +353,7 @@ async def _gone(host: Host, path: str) -> bool:
         return False
 
 
-async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> SessionRecord:
+async def abort(session_id: str, opts: SyncOptions, on_event: Sink | None = None) -> SessionRecord:
     emit = Emitter(on_event)
     store = StateStore(opts.state_dir)
     rec = store.load(session_id)
@@ -542,7 +369,7 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Any = None) -> Ses
                 if res.status != 0:
                     emit("warning", host=host.name, detail=f"{path} is already gone")
                     continue
-                await agent_command(host, opts, path, "remove", path)
+                await HostAgent(host).remove(path)
                 emit("removed", host=host.name, path=path)
         if rec.active:
             rec.state, rec.reason = "aborted", "aborted by the user"
@@ -558,10 +385,4 @@ def list_sessions(opts: SyncOptions) -> list[SessionRecord]:
     return StateStore(opts.state_dir).all()
 
 
-def report(rep: HostReport) -> dict[str, Any]:
-    return {"host": rep.name, "python": ".".join(map(str, rep.python)), "capabilities": rep.capabilities,
-            "zfs": rep.features.summary(), "uid": rep.uid}
 
-
-def quote(argv: list[str]) -> str:
-    return shlex.join(argv)

@@ -1,0 +1,162 @@
+"""What the library reports while it works: every event kind, its fields, and the ``Emitter`` that carries them.
+
+The library never prints: it calls an ``Emitter`` with a kind and named
+fields, and the CLI decides how to show them (``progress.TextRenderer``, or
+one JSON line per event with ``--json``). The kinds and fields below are a
+public API for scripts that read ``--json``: ``docs/events.md`` is generated
+from this table (``python -m zchunk.events``), and a test checks that every
+``emit(...)`` in the package names a kind and fields declared here. New
+fields may be added to a kind; readers should ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+#: A renderer: called with the kind and the fields of each event.
+Sink = Callable[[str, dict[str, Any]], None]
+
+
+class Emitter:
+    """The library's side of events: ``emit("kind", field=value, ...)``; a ``None`` sink drops them."""
+
+    def __init__(self, sink: Sink | None) -> None:
+        self.sink = sink
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        if self.sink is not None:
+            self.sink(kind, fields)
+
+
+@dataclass(frozen=True)
+class EventKind:
+    name: str
+    doc: str
+    fields: dict[str, str]
+
+
+_HOST = "the host (name as given, or an ssh_config alias)"
+
+
+def _kinds(*kinds: EventKind) -> dict[str, EventKind]:
+    return {k.name: k for k in kinds}
+
+
+EVENTS = _kinds(
+    # -- replication (zchunk sync) --------------------------------------------------------------
+    EventKind("preflight", "Both hosts were reached and probed; with -v the text output shows them.", {
+        "source": "the source host: host, python (version), capabilities (agent), zfs (features), uid",
+        "target": "the target host, as source",
+        "identifier": "names this replication's sync snapshots and holds"}),
+    EventKind("dataset_skipped", "With -r: a child dataset left out.", {
+        "source": "the dataset", "reason": "`matches --exclude` or `zchunk:sync=false`"}),
+    EventKind("dataset_plan", "What will be done for one dataset (with --dry-run: what would be).", {
+        "source": "source dataset", "target": "target dataset", "up_to_date": "nothing to send",
+        "steps": "the streams to send, described", "rollback": "snapshot the target is rolled back to, or null",
+        "destroys": "target snapshots the rollback destroys", "destroy_target": "the target is destroyed "
+        "(--force-delete)", "hold": "the hold tag", "prune_source": "own sync snapshots pruned on the source",
+        "prune_target": "own sync snapshots pruned on the target", "properties": "properties set on the replica",
+        "dry_run": "nothing is changed"}),
+    EventKind("would_snapshot", "--dry-run: the sync snapshot that would be taken.", {"snapshot": "its full name"}),
+    EventKind("snapshot", "A sync snapshot was taken on the source.", {"snapshot": "its full name"}),
+    EventKind("rolling_back", "The target is being rolled back (--rollback).", {
+        "target": "target dataset", "to": "the snapshot rolled back to", "destroys": "snapshots destroyed"}),
+    EventKind("destroying", "The target is being destroyed to re-seed it (--force-delete).", {
+        "target": "target dataset", "reason": "why"}),
+    EventKind("resume_token", "A receive that died left a resume token: it is finished with `zfs send -t`.", {
+        "target": "target dataset", "snapshot": "the snapshot the token resumes"}),
+    EventKind("resume_token_stale", "A resume token whose snapshot is gone: the partial receive is aborted.", {
+        "target": "target dataset", "reason": "what zfs send -t said"}),
+    EventKind("pruned", "One of zchunk's own sync snapshots was destroyed.", {
+        "host": _HOST, "snapshot": "its full name"}),
+    EventKind("bookmark", "--create-bookmark: the newest common snapshot was bookmarked.", {
+        "bookmark": "its full name"}),
+    EventKind("properties_skipped", "--preserve-properties: local properties not copied (unsafe on a replica).", {
+        "dataset": "source dataset", "properties": "their names"}),
+    EventKind("up_to_date", "The target already has everything.", {"detail": "a sentence"}),
+    EventKind("dataset_failed", "With -r: one dataset failed; the others go on (exit 15 at the end).", {
+        "source": "source dataset", "target": "target dataset", "error": "the error's message",
+        "hint": "the command or step that fixes it"}),
+    EventKind("restart", "An agent died (killed, host rebooted): the stream starts again, said how.", {
+        "source": "source dataset", "reason": "what was found", "how": "resume token or from the common snapshot",
+        "attempt": "1, 2, ... (0: an unfinished session of an earlier run)"}),
+    EventKind("reattach", "An unfinished session of these datasets exists: it is continued first.", {
+        "session": "its id"}),
+    EventKind("leftovers", "An ended session left its directories (its coordinator died cleaning up): removed.", {
+        "session": "its id", "state": "its recorded state"}),
+    EventKind("stale_cleaned", "The directories of a dead session receiving into the target were removed.", {
+        "host": _HOST, "path": "the session directory", "state": "what its agent reported"}),
+    # -- one stream (a session) -----------------------------------------------------------------
+    EventKind("plan", "One stream is about to start: what is sent and how.", {
+        "plan": "a sentence", "send_kind": "full, incremental or resume", "snapshot": "the snapshot sent",
+        "base": "the incremental base, or null", "estimate": "estimated stream bytes (zfs send -nP, else "
+        "referenced)", "codec": "chunk compression", "checksum": "chunk checksum"}),
+    EventKind("session", "The agents of a stream run (or were reattached to).", {
+        "session": "session id (zchunk sessions, resume, abort)", "source_dir": "session directory on the source",
+        "target_dir": "session directory on the target", "resumed": "present and true when reattached"}),
+    EventKind("progress", "At most once a second while a stream moves.", {
+        "raw_bytes": "stream bytes fed to zfs receive", "estimate": "expected stream bytes",
+        "exact": "the estimate is the stream's real size (zfs send ended)",
+        "wire_bytes": "bytes moved over the link (compressed chunks)", "rate": "bytes/s into zfs receive, smoothed",
+        "eta": "seconds left at that rate, or null", "chunks_spooled": "chunks the sender has written",
+        "chunks_moved": "chunks the target holds or has consumed", "chunks_received": "chunks fed to zfs receive",
+        "total_chunks": "chunks in the stream, once zfs send ended", "paused": "why the sender is paused "
+        "(spool-full, no-space) or null", "link_down": "hosts whose link is down now"}),
+    EventKind("link_down", "A host's link failed; zchunk retries until --patience passes without progress.", {
+        "host": _HOST, "reason": "what failed"}),
+    EventKind("retrying", "The next try after a link failure.", {
+        "host": _HOST, "delay": "seconds until it", "outage": "seconds down so far", "reason": "the last failure"}),
+    EventKind("link_up", "A host's link works again.", {"host": _HOST, "outage": "how long it was down, seconds"}),
+    EventKind("chunk_resume", "A half-moved chunk continues from the byte the target holds.", {
+        "seq": "chunk number", "offset": "bytes of it already on the target"}),
+    EventKind("chunk_discarded", "A chunk failed verification on the target and is moved again.", {
+        "host": _HOST, "detail": "which chunk and why"}),
+    EventKind("stream_end", "zfs send has finished: the stream's size is known.", {
+        "chunks": "chunks in the stream", "raw_bytes": "stream bytes"}),
+    EventKind("verified", "The target snapshot's guid equals the source's, after the whole-stream checksum.", {
+        "snapshot": "the source snapshot", "guid": "its guid", "stream_hash": "the whole-stream checksum"}),
+    EventKind("cleaned", "The session's agents are gone and its directories removed (or kept: --keep).", {
+        "kept": "the directories were kept for inspection"}),
+    EventKind("removed", "zchunk abort: a session directory was removed.", {
+        "host": _HOST, "path": "the session directory"}),
+    # -- anywhere ------------------------------------------------------------------------------
+    EventKind("warning", "Something the user should know that did not stop the run.", {
+        "host": _HOST, "detail": "a sentence"}),
+    EventKind("note", "Something worth knowing, not a problem.", {"host": _HOST, "detail": "a sentence"}),
+    EventKind("demo_step", "zchunk demo: what the demo does next.", {"text": "a sentence"}),
+    # -- printed by the CLI at the end (--json) ------------------------------------------------------
+    EventKind("result", "One stream's (or, for abort, the session's) outcome.", {
+        "session": "session id", "plan": "what was sent", "up_to_date": "nothing was sent",
+        "transfer": "raw_bytes, wire_bytes, total_chunks, stream_hash, elapsed, outages, outage_seconds, "
+        "discarded_chunks, receiver", "target_snapshot": "the replica's snapshot", "guid": "its guid",
+        "state": "(abort) the session's state"}),
+    EventKind("replication", "zchunk sync's outcome, every dataset.", {
+        "outcomes": "per dataset: source, target, status (sent, up-to-date, planned, skipped, failed), "
+        "streams (results), error, exit_code"}),
+    EventKind("error", "The run failed: the same error as on stderr, and the exit code.", {
+        "error": "the error's class (docs/errors.md)", "message": "the sentence", "hint": "the fix",
+        "exit_code": "the process's exit code"}),
+)
+
+#: Added to every JSON line.
+COMMON_FIELDS = {"event": "the kind", "time": "Unix time of the event, seconds (3 decimals)"}
+
+
+def events_doc() -> str:
+    """docs/events.md: every kind and its fields."""
+    out = ["# zchunk --json events", "",
+           "Generated by `python -m zchunk.events` from `zchunk/events.py`; do not edit by hand.", "",
+           "With `--json`, zchunk prints one JSON object per line on stdout. Every line has "
+           + ", ".join(f"`{k}` ({v})" for k, v in COMMON_FIELDS.items())
+           + ". Fields may be added to a kind in later versions: ignore the ones you do not know.", ""]
+    for kind in EVENTS.values():
+        out += [f"## `{kind.name}`", "", kind.doc, "", "| field | meaning |", "|---|---|"]
+        out += [f"| `{name}` | {doc} |" for name, doc in kind.fields.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(events_doc(), end="")
