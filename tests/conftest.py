@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.zc import Zchunk, kill_matching
+from tests.zfsutil import quiet_target_pool
 from zchunk import lab
 
 
@@ -74,6 +76,31 @@ def pool_factory(zfs_fuse: object, tmp_path: Path) -> Iterator[Callable[..., lab
             name = name or f"lab{uuid.uuid4().hex[:6]}{next(counter)}"
             return stack.enter_context(lab.Pool(name, tmp_path / "pools", size=size))
         yield make
+
+
+@pytest.fixture
+def zc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zchunk]:
+    """The real ``zchunk`` CLI with this test's own state and spool directories; every agent of it is
+    killed after the test, before the pools go (pool_factory, when the test has it, is set up first).
+
+    A module's ``ZC_SYNC_ARGS`` are added to every ``sync``; by default ``--no-sync-snap`` (the engine
+    tests send their own snapshot; replication tests set their own, e.g. ``("--chunk-size", "1M")``)."""
+    if "pool_factory" in request.fixturenames:
+        request.getfixturevalue("pool_factory")
+    z = Zchunk(tmp_path, sync_args=getattr(request.module, "ZC_SYNC_ARGS", ("--no-sync-snap",)))
+    yield z
+    kill_matching(str(z.spool_dir))
+
+
+@pytest.fixture
+def pools(request: pytest.FixtureRequest, pool_factory: Callable[..., lab.Pool]) -> tuple[lab.Pool, lab.Pool]:
+    """A source and a target pool of the module's ``POOL_SIZE`` (default 512M). The target's atime is off
+    (``quiet_target_pool``) unless the module sets ``QUIET_TARGET = False``."""
+    size = getattr(request.module, "POOL_SIZE", "512M")
+    src, dst = pool_factory(size=size), pool_factory(size=size)
+    if getattr(request.module, "QUIET_TARGET", True):
+        quiet_target_pool(dst)
+    return src, dst
 
 
 @pytest.fixture

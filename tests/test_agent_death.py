@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,13 +22,6 @@ from zchunk import lab
 pytestmark = [pytest.mark.zfs, pytest.mark.netns]
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def zc(tmp_path: Path, pool_factory: Any) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
-    yield z
-    kill_matching(str(z.spool_dir))
 
 
 @pytest.mark.parametrize("kind", ["full", "incremental"])

@@ -56,13 +56,6 @@ def zc(tmp_path: Path, spools: tuple[PrivateMounts, Tmpfs], pool_factory: Any) -
     kill_matching(str(z.spool_dir))
 
 
-@pytest.fixture
-def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
-    src, dst = pool_factory(size="512M"), pool_factory(size="512M")
-    quiet_target_pool(dst)
-    return src, dst
-
-
 class Hog:
     """Keeps a filesystem full while it runs: whatever room appears is taken again within 50 ms
     (a disk other programs keep filling), except for the spool's own files' churn in between."""

@@ -10,12 +10,12 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from tests.zc import Zchunk, kill_matching
-from tests.zfsutil import add_change, assert_replica, exists, make_source, quiet_target_pool, snapshots, wait_until
+from tests.zfsutil import add_change, assert_replica, exists, make_source, snapshots, wait_until
 from zchunk import lab
 
 pytestmark = [pytest.mark.zfs, pytest.mark.netns]
@@ -23,18 +23,8 @@ pytestmark = [pytest.mark.zfs, pytest.mark.netns]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
-    yield z
-    kill_matching(str(z.spool_dir))
-
-
-@pytest.fixture
-def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
-    src, dst = pool_factory(size="1G"), pool_factory(size="1G")
-    quiet_target_pool(dst)
-    return src, dst
+# the shared fixtures zc and pools (conftest.py) read these
+POOL_SIZE = "1G"
 
 
 def received(zc: Zchunk) -> int:

@@ -53,11 +53,8 @@ def canary() -> Iterator[Path]:
     assert not path.exists(), f"a shell ran a payload: {path} exists"
 
 
-@pytest.fixture
-def zc(tmp_path: Path, pool_factory: Any) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path)
-    yield z
-    kill_matching(str(z.spool_dir))
+# the shared fixtures zc and pools (conftest.py) read these
+ZC_SYNC_ARGS: tuple[str, ...] = ()  # a plain `zchunk sync`
 
 
 def write_files(ds: str, seed: int, size: int = 1 * MiB) -> None:

@@ -28,16 +28,9 @@ def _openzfs_only(tier: str) -> None:
     assert tier == "openzfs", "select these with -m openzfs inside the OpenZFS VM (scripts/openzfs-vm)"
 
 
-@pytest.fixture
-def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--chunk-size", "1M"))
-    yield z
-    kill_matching(str(z.spool_dir))
-
-
-@pytest.fixture
-def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
-    return pool_factory(size="512M"), pool_factory(size="512M")
+# the shared fixtures zc and pools (conftest.py) read these
+ZC_SYNC_ARGS = ("--chunk-size", "1M")
+QUIET_TARGET = False
 
 
 def holds(snapshot: str) -> set[str]:

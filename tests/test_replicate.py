@@ -3,12 +3,11 @@ snapshots only, target policies, dry runs, recursion, properties."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.zc import Zchunk, kill_matching
+from tests.zc import Zchunk
 from tests.zfsutil import (
     add_change,
     assert_replica,
@@ -17,7 +16,6 @@ from tests.zfsutil import (
     make_source,
     mounted,
     mountpoint,
-    quiet_target_pool,
     snapshot_digest,
     snapshots,
     zfs,
@@ -29,18 +27,8 @@ pytestmark = [pytest.mark.zfs]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--chunk-size", "1M"))
-    yield z
-    kill_matching(str(z.spool_dir))
-
-
-@pytest.fixture
-def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
-    src, dst = pool_factory(size="512M"), pool_factory(size="512M")
-    quiet_target_pool(dst)
-    return src, dst
+# the shared fixtures zc and pools (conftest.py) read these
+ZC_SYNC_ARGS = ("--chunk-size", "1M")
 
 
 def names(dataset: str) -> list[str]:

@@ -9,31 +9,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.zc import REPO, Zchunk, kill_matching
-from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool
+from tests.zc import REPO, Zchunk
+from tests.zfsutil import assert_replica, exists, make_source
 from zchunk import lab
 
 pytestmark = [pytest.mark.zfs]
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
-    yield z
-    kill_matching(str(z.spool_dir))
-
-
-@pytest.fixture
-def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
-    src, dst = pool_factory(size="512M"), pool_factory(size="512M")
-    quiet_target_pool(dst)
-    return src, dst
 
 
 def test_host_key_checked_by_default_accept_new_on_request(zc: Zchunk, pools: Any, sshd_local: lab.Sshd,

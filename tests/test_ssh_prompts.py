@@ -16,25 +16,17 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.zc import REPO, Zchunk, kill_matching
+from tests.zc import REPO, Zchunk
 from tests.zfsutil import exists, make_source
 
 pytestmark = [pytest.mark.zfs]
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def zc(tmp_path: Path, pool_factory: Any) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
-    yield z
-    kill_matching(str(z.spool_dir))
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.zc import Zchunk, kill_matching
+from tests.zc import Zchunk
 from tests.zfsutil import (
     add_change,
     assert_replica,
     exists,
     make_source,
     mounted,
-    quiet_target_pool,
     snapshots,
 )
 from zchunk import lab
@@ -26,23 +25,8 @@ pytestmark = [pytest.mark.zfs]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def zc(tmp_path: Path) -> Iterator[Zchunk]:
-    z = Zchunk(tmp_path, sync_args=("--no-sync-snap",))
-    yield z
-    reap_agents(z)
-
-
-def reap_agents(z: Zchunk) -> None:
-    """Teardown: no agent of this test may outlive it (by pid, from the session state)."""
-    kill_matching(str(z.spool_dir))
-
-
-@pytest.fixture
-def pools(pool_factory: Any) -> tuple[lab.Pool, lab.Pool]:
-    src, dst = pool_factory(size="1G"), pool_factory(size="1G")
-    quiet_target_pool(dst)
-    return src, dst
+# the shared fixtures zc and pools (conftest.py) read these
+POOL_SIZE = "1G"
 
 
 def combined_config(tmp_path: Path, *servers: lab.Sshd) -> Path:

@@ -34,7 +34,7 @@ def _short(argv: list[str]) -> str:
 
 
 def _install() -> None:
-    from zchunk import engine, transport
+    from zchunk import channels, engine, transport
 
     for cls in (transport.LocalHost, transport.SshHost):
         def wrap_run(orig):  # noqa: ANN001, ANN202
@@ -58,16 +58,16 @@ def _install() -> None:
         cls.run = wrap_run(cls.run)
         cls.open_pipe = wrap_pipe(cls.open_pipe)
 
-    open_channel = engine.AgentSide.open_channel
+    open_channel = channels.AgentSide.open_channel
 
-    async def traced_channel(self, opts, source=None):  # noqa: ANN001, ANN202
+    async def traced_channel(self, stall_timeout, source=None):  # noqa: ANN001, ANN202
         t = time.monotonic()
-        ch = await open_channel(self, opts, source)
+        ch = await open_channel(self, stall_timeout, source)
         early = " (opened with install)" if source else ""
         _say(t, time.monotonic() - t, f"{self.name}: {self.role} channel ready{early}")
         return ch
 
-    engine.AgentSide.open_channel = traced_channel
+    channels.AgentSide.open_channel = traced_channel
     relay = engine.relay_chunk
 
     async def traced_relay(source, dst, seq, *a, **k):  # noqa: ANN001, ANN202
@@ -82,11 +82,12 @@ def _install() -> None:
 
     def traced_absorb(self, src_st, dst_st):  # noqa: ANN001, ANN202
         absorb(self, src_st, dst_st)
-        now = (self.src_daemon.get("state"), self.dst_daemon.get("state"), len(self.src_chunks), self.dst_next)
+        r = self.reports
+        now = (r.sender.get("state"), r.receiver.get("state"), len(r.src.chunks), r.received)
         if now != seen.get("last"):
             seen["last"] = now
             _say(time.monotonic(), None, f"poll: sender {now[0]}, receiver {now[1]}, spooled "
-                 f"{sorted(self.src_chunks)}, fed to zfs receive {now[3]}")
+                 f"{sorted(r.src.chunks)}, fed to zfs receive {now[3]}")
 
     engine.Transfer._absorb = traced_absorb
 
