@@ -107,7 +107,7 @@ def test_a_refused_second_coordinator_takes_no_snapshot(coordinators: tuple[Zchu
 
 
 def orphan(spool: Path, name: str, role: str, dataset: str, idle: float) -> Path:
-    """A session directory installed exactly as zchunk.sync.install_agent does, whose daemon never started
+    """A session directory installed exactly as zchunk.client.HostAgent.install does, whose daemon never started
     and whose coordinator never recorded it (killed in between); heartbeat ``idle`` seconds old."""
     import json
     import os

@@ -51,7 +51,7 @@ def config(role: str) -> dict[str, Any]:
 
 
 def bootstrap(*args: str) -> tuple[int, dict[str, Any]]:
-    """``python3 -c BOOTSTRAP ARGS...`` with the agent on stdin, as ``zchunk.sync.install_agent`` runs it."""
+    """``python3 -c BOOTSTRAP ARGS...`` with the agent on stdin, as ``zchunk.client.HostAgent.install`` runs it."""
     p = subprocess.run([sys.executable, "-c", BOOTSTRAP, *args], input=AGENT_SOURCE, capture_output=True,
                        timeout=60)
     return p.returncode, json.loads(p.stdout.decode().strip().splitlines()[-1])
