@@ -12,8 +12,10 @@ which streams to run; preflight (preflight.py) has learned the hosts first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import posixpath
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,13 +217,23 @@ async def resume(session_id: str, opts: SyncOptions, on_event: Sink | None = Non
         target_lock.release()
 
 
-async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit: Emitter) -> SyncResult:
+@contextlib.asynccontextmanager
+async def _session_hosts(rec: SessionRecord, opts: SyncOptions) -> AsyncIterator[tuple[Host, Host]]:
+    """The source and target hosts of a recorded session, reached as it was (its own ssh options), closed after."""
     ssh = ssh_from_record(rec, opts.ssh)
     src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
     dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
     try:
         await first_contact(src_host, opts.patience, opts.connect_patience)
         await first_contact(dst_host, opts.patience, opts.connect_patience)
+        yield src_host, dst_host
+    finally:
+        await src_host.close()
+        await dst_host.close()
+
+
+async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit: Emitter) -> SyncResult:
+    async with _session_hosts(rec, opts) as (src_host, dst_host):
         if not rec.source_dir or not rec.target_dir or rec.state == "starting":
             rec.state, rec.reason = "failed", "the session never finished starting"
             store.save(rec)
@@ -230,9 +242,6 @@ async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit
                               state="the session never finished starting")
         emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir, resumed=True)
         return await _run_session(rec, src_host, dst_host, opts, store, emit)
-    finally:
-        await src_host.close()
-        await dst_host.close()
 
 
 async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
@@ -357,12 +366,7 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Sink | None = None
     emit = Emitter(on_event)
     store = StateStore(opts.state_dir)
     rec = store.load(session_id)
-    ssh = ssh_from_record(rec, opts.ssh)
-    src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
-    dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
-    try:
-        await first_contact(src_host, opts.patience, opts.connect_patience)
-        await first_contact(dst_host, opts.patience, opts.connect_patience)
+    async with _session_hosts(rec, opts) as (src_host, dst_host):
         for host, role in ((dst_host, "receive"), (src_host, "send")):
             for path in await session_dirs(rec, host, role):  # unrecorded ones too (killed while installing)
                 res = await host.run(["test", "-d", path])
@@ -376,9 +380,6 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Sink | None = None
         rec.dirs_left = False  # an ended session's leftovers: removed, its state and reason stay
         store.save(rec)
         return rec
-    finally:
-        await src_host.close()
-        await dst_host.close()
 
 
 def list_sessions(opts: SyncOptions) -> list[SessionRecord]:
