@@ -139,8 +139,11 @@ def test_corrupted_chunk_on_target_spool_is_moved_again(zc: Zchunk, pools: Any, 
         try:
             chunks = lambda: sorted(next(d for d in zc.session_dirs() if d.name.endswith("-receive"))  # noqa: E731
                                     .joinpath("chunks").glob("*.chunk"))
-            wait_until(lambda: len(chunks()) >= 2, 60, "two chunks in the target spool")
-            victim = chunks()[0]
+            # The stopped receiver may hold the lowest chunks already: one being fed (a fed chunk's file goes
+            # only after its progress is saved), one verified and handed over, one being verified. A chunk
+            # above those has not been read yet, so its damage must be found by verification.
+            wait_until(lambda: len(chunks()) >= 4, 60, "four chunks in the target spool")
+            victim = chunks()[-1]
             data = bytearray(victim.read_bytes())
             data[200] ^= 0xFF
             victim.write_bytes(bytes(data))
