@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from zchunk.errors import UsageError
-from zchunk.link import Bandwidth, Pacer, human_rate, parse_rate
+from zchunk.link import Bandwidth, LinkControl, LinkState, Pacer, human_rate, parse_rate
 
 MiB = 1 << 20
 
@@ -145,3 +145,29 @@ def test_parallel_moves_take_turns_instead_of_bursting() -> None:
     times = asyncio.run(go())
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) == 16 and min(gaps[1:]) > 0.08, gaps  # 1 MiB at 8 MiB/s: 0.125 s apart
+
+
+def test_a_running_session_follows_the_schedule_and_what_the_user_asks() -> None:
+    """LinkControl, the engine's view, with the clock injected: a boundary crossed, then zchunk limit and
+    pause (read again only when the control file's stamp changes)."""
+    clock = [datetime(2026, 11, 30, 17, 59)]  # Monday, in working hours
+    asked: dict[str, object] = {"limit": None, "paused": False, "stamp": 0.0, "reads": 0}
+
+    def read() -> tuple[str | None, bool]:
+        asked["reads"] = int(asked["reads"]) + 1  # type: ignore[call-overload]
+        return asked["limit"], bool(asked["paused"])  # type: ignore[return-value]
+
+    ctl = LinkControl(Bandwidth.parse(SCHEDULE), None, read, lambda: float(asked["stamp"]),  # type: ignore[arg-type]
+                      now=lambda tz: clock[0])
+    assert ctl.state() == LinkState(2 * MiB, SCHEDULE, False)
+    clock[0] = datetime(2026, 11, 30, 18, 0)
+    assert ctl.state().rate == 20 * MiB, "the clock crossed 18:00"
+    asked.update(limit="unlimited", stamp=1.0)
+    assert ctl.state() == LinkState(None, "unlimited", False)
+    asked.update(paused=True, stamp=2.0)
+    assert ctl.state().paused
+    reads = asked["reads"]
+    ctl.state()
+    assert asked["reads"] == reads, "unchanged stamp: not read again"
+    asked.update(limit=None, paused=False, stamp=3.0)
+    assert ctl.state() == LinkState(20 * MiB, SCHEDULE, False), "the session's own --bwlimit again"

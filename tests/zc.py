@@ -68,7 +68,7 @@ class Zchunk:
 
     def argv(self, *args: str, json_out: bool = True) -> list[str]:
         cmd = [sys.executable, "-m", "zchunk", *args]
-        if args and args[0] in ("sync", "resume", "abort", "sessions"):
+        if args and args[0] in ("sync", "resume", "abort", "sessions", "limit", "pause"):
             cmd += ["--state-dir", str(self.state_dir)]
         if args and args[0] in ("sync", "resume"):
             cmd += ["--spool-dir", str(self.spool_dir)]

@@ -25,12 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
 from . import __version__
 from . import errors as E
 from . import stream as streams
+from .link import Bandwidth
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
 from .replicate import ReplicateOptions, ReplicationResult, replicate
 from .session import default_state_dir
@@ -133,6 +135,13 @@ STREAM_OPTIONS = (
         "(nothing has started yet).")),
     Shared("agent_idle_timeout", str, typer.Option(
         "24h", "--agent-idle-timeout", help="Agents exit after this long without hearing from the coordinator.")),
+    Shared("bwlimit", Optional[str], typer.Option(
+        None, "--bwlimit", help="Cap the bytes put on the link: a rate (8M = 8 MiB/s, 50mbit) or a weekly "
+        "schedule, first matching rule wins: \"Mon-Fri 08:00-18:00=2M, Sat-Sun=unlimited, *=20M\". A running "
+        "session follows the schedule as the clock crosses a boundary; change it live with `zchunk limit`.")),
+    Shared("timezone", Optional[str], typer.Option(
+        None, "--timezone", help="Time zone of the --bwlimit schedule, e.g. Europe/Berlin (default: this "
+        "machine's local time).")),
     Shared("keep", bool, typer.Option(
         False, "--keep", help="Keep the session directories at the end, for inspection.")),
     Shared("verbose", bool, typer.Option(
@@ -160,6 +169,14 @@ def sync_options(values: Mapping[str, Any]) -> SyncOptions:
         raise E.UsageError(reason="--parallel must be between 1 and 64")
     if "compress" in v and v["compress"].split(":")[0] not in ("auto", "zstd", "zlib", "none"):
         raise E.UsageError(reason=f"--compress {v['compress']!r}: use zstd[:LEVEL], zlib[:LEVEL] or none")
+    if v.get("bwlimit") is not None:
+        Bandwidth.parse(v["bwlimit"])
+    if v.get("timezone") is not None:
+        try:
+            ZoneInfo(v["timezone"])
+        except (ValueError, ZoneInfoNotFoundError):
+            raise E.UsageError(reason=f"--timezone {v['timezone']!r}: not a time zone (e.g. Europe/Berlin, "
+                               "UTC; see timedatectl list-timezones)") from None
     for name in ("patience", "connect_patience", "agent_idle_timeout"):
         if name in v:
             changes[name] = parse_duration(v.pop(name), "--" + name.replace("_", "-"))
@@ -302,9 +319,66 @@ def resume(
     session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
     json_out: bool = Json, *, opts: SyncOptions,
 ) -> None:
-    """Reattach to a session's live agents and continue it (no acknowledged chunk moves twice)."""
+    """Continue a session: a paused one moves chunks again; one whose coordinator is gone is reattached to
+    its live agents (no acknowledged chunk moves twice).
+
+    When another zchunk process is running the session (paused from another terminal), that one continues
+    it and this command returns at once.
+    """
     _setup_logging(opts.verbose)
+    try:
+        view = streams.unpause(session, opts)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    if view.running:
+        if json_out:
+            JsonRenderer()("result", {"session": session, "state": view.record.state, "paused": False})
+        else:
+            sys.stderr.write(f"resumed {session}: its running coordinator moves chunks again\n")
+        return
     _finish(_run(streams.resume(session, opts, _renderer(json_out, opts.verbose)), json_out), json_out)
+
+
+@app.command()
+@shared_options(HOST_OPTIONS)
+def limit(
+    session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
+    rate: str = typer.Argument(..., metavar="RATE", help="8M (MiB/s), 50mbit, a schedule as --bwlimit takes, "
+                               "or unlimited."),
+    json_out: bool = Json, *, opts: SyncOptions,
+) -> None:
+    """Change a session's bandwidth limit while it runs (within a second or two), or for when it resumes."""
+    try:
+        view = streams.set_limit(session, opts, rate)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    _said(view, json_out, f"limit of {session}: {view.control.limit}")
+
+
+@app.command()
+@shared_options(HOST_OPTIONS)
+def pause(
+    session: str = typer.Argument(..., metavar="ID", help="Session id (see `zchunk sessions`)."),
+    json_out: bool = Json, *, opts: SyncOptions,
+) -> None:
+    """Stop moving a session's chunks until `zchunk resume ID`: the agents, the zfs pipes and the spools stay
+    (the sender stops at the spool cap). Paused time counts against neither --patience nor the agents'
+    idle timeout while the session's coordinator runs."""
+    try:
+        view = streams.pause(session, opts)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    _said(view, json_out, f"paused {session}; continue with: zchunk resume {session}")
+
+
+def _said(view: streams.SessionView, json_out: bool, text: str) -> None:
+    if json_out:
+        JsonRenderer()("result", {"session": view.record.id, "state": view.record.state,
+                                  "paused": view.control.paused, "limit": view.control.limit})
+        return
+    if not view.running:
+        text += " (no coordinator runs it now: it applies when `zchunk resume` reattaches it)"
+    sys.stderr.write(text + "\n")
 
 
 @app.command()
@@ -335,20 +409,25 @@ def sessions(
     json_out: bool = Json,
 ) -> None:
     """List sessions: id, hosts, datasets, state, bytes done/estimated, chunks, age."""
-    recs = streams.list_sessions(SyncOptions(state_dir=state_dir or default_state_dir()))
+    views = streams.list_sessions(SyncOptions(state_dir=state_dir or default_state_dir()))
     if json_out:
-        print(json.dumps([r.to_json() for r in recs], indent=1))
+        print(json.dumps([v.to_json() for v in views], indent=1))
         return
-    if not recs:
+    if not views:
         print("no sessions")
         return
     now = time.time()
-    rows = [("ID", "STATE", "SOURCE", "TARGET", "DONE/ESTIMATE", "CHUNKS", "AGE")]
-    for r in recs:
+    rows = [("ID", "STATE", "SOURCE", "TARGET", "DONE/ESTIMATE", "CHUNKS", "LIMIT", "AGE")]
+    for v in views:
+        r = v.record
         chunks = f"{r.chunks_received}/{r.total_chunks}" if r.total_chunks else f"{r.chunks_received}/?"
         state = f"{r.state} (directories left: zchunk abort {r.id})" if r.leftover else r.state
+        if r.active:
+            state += " paused" if v.control.paused else ""
+            state += "" if v.running else " (no coordinator: zchunk resume)"
+        limit = (v.control.limit or r.bwlimit or "unlimited") if r.active else ""
         rows.append((r.id, state, r.snapshot if r.source.count(":") == 0 else r.source, r.target,
-                     f"{human_bytes(r.raw_bytes)}/{human_bytes(r.estimate)}", chunks,
+                     f"{human_bytes(r.raw_bytes)}/{human_bytes(r.estimate)}", chunks, limit,
                      human_duration(now - r.created)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

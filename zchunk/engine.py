@@ -37,6 +37,7 @@ from .errors import (
     ZfsReceiveFailed,
     from_daemon,
 )
+from .link import Bandwidth, LinkControl, Pacer
 from .progress import human_bytes
 from .protocol import AgentChannel, InProcessChannel
 from .relay import ChannelChunks, ChunkSource, LocalSpoolChunks, relay_chunk
@@ -47,6 +48,8 @@ from .zfs import Zfs
 log = logging.getLogger("zchunk.engine")
 
 Emit = Callable[..., None]
+# How often the user's limit and pause are looked at (one stat of the session's control file).
+LINK_CHECK = 0.25
 
 
 @dataclass
@@ -99,8 +102,16 @@ class _Outage:
 class Transfer:
     def __init__(self, src: AgentSide, dst: AgentSide, *, session_id: str, chunk_size: int,
                  spool_max: int, estimate: int, opts: EngineOptions, emit: Emit,
-                 early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None) -> None:
+                 early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None,
+                 link: LinkControl | None = None) -> None:
         self.src, self.dst, self.sid = src, dst, session_id
+        # the user's say over the link: a bandwidth limit (paced by ``pacer``) and pause
+        self.link = link or LinkControl(Bandwidth())
+        self.pacer = Pacer()
+        self.limit_said: tuple[float | None, str] | None = None
+        self.paused = False
+        self.unpaused = asyncio.Event()
+        self.unpaused.set()
         # channels being opened while the agents were installed (open_channel with source), by role:
         # the status poller's and the first worker's, taken before any new one is opened
         self.early = early or {}
@@ -189,14 +200,16 @@ class Transfer:
     # -- the main loop -------------------------------------------------------
 
     async def run(self) -> TransferResult:
+        self._follow_link()  # the limit in force before the first byte moves
         poller = asyncio.create_task(self._guard(self._poll_loop()))
+        link = asyncio.create_task(self._guard(self._link_loop()))
         workers = [asyncio.create_task(self._guard(self._worker(i))) for i in range(self.opts.parallel)]
         try:
             await self.done.wait()
         finally:
-            for t in [poller, *workers]:
+            for t in [poller, link, *workers]:
                 t.cancel()
-            await asyncio.gather(poller, *workers, return_exceptions=True)
+            await asyncio.gather(poller, link, *workers, return_exceptions=True)
             await close_early(self.early)
         if self.error is not None:
             raise self.error
@@ -297,6 +310,33 @@ class Transfer:
             if self.error is None and self.done.is_set():  # kept for the clean-up: no process to start for it
                 self.receiver = chans.take(self.dst.role)
             await chans.close()
+
+    async def _link_loop(self) -> None:
+        """The user's limit and pause, followed on their own clock: also while an outage holds the poller."""
+        while not self.done.is_set():
+            self._follow_link()
+            await asyncio.sleep(LINK_CHECK)
+
+    def _follow_link(self) -> None:
+        """The limit and pause in force now (a schedule's boundary, ``zchunk limit``/``pause``/``resume``)."""
+        st = self.link.state()
+        if st.rate != self.pacer.rate:
+            self.pacer.set_rate(st.rate)
+        said = (st.rate, st.limit)
+        if said != self.limit_said and (self.limit_said is not None or st.rate is not None):
+            self.emit("limit", rate=st.rate, limit=st.limit)  # not for the first "unlimited"
+        self.limit_said = said
+        if st.paused != self.paused:
+            self.paused = st.paused
+            if st.paused:
+                self.unpaused.clear()
+                self.emit("paused", session=self.sid)
+            else:
+                self.unpaused.set()
+                self.changed.set()
+                self.emit("unpaused", session=self.sid)
+        if self.paused:
+            self.progressed()  # paused time is not a stall: --patience counts from the resume
 
     async def close(self) -> None:
         """Close the receiver's channel that a finished transfer kept open (``receiver``)."""
@@ -415,11 +455,13 @@ class Transfer:
                   chunks_spooled=int(sender.get("chunks", 0)),
                   chunks_moved=received + len(self.reports.stored), chunks_received=received,
                   total_chunks=sender.get("total_chunks"), paused=sender.get("paused"),
-                  link_down=sorted(self.outage.since))
+                  link_down=sorted(self.outage.since), limit=self.pacer.rate, user_paused=self.paused)
 
     # -- workers -------------------------------------------------------------
 
     def _pick(self) -> int | None:
+        if self.paused:
+            return None  # zchunk pause: the poller wakes the workers at the resume
         if time.monotonic() < self.dst_room.until:
             return None  # the target spool is full: the poller wakes us again
         return next_chunk(self.reports, self.in_flight, self.window)
@@ -457,7 +499,7 @@ class Transfer:
                 self.moving[seq] = time.monotonic()
                 try:
                     stored = await relay_chunk(source, receiver, seq, have, moved,
-                                               functools.partial(self._turn_of, seq))
+                                               functools.partial(self._turn_of, seq), self.pacer.take)
                 finally:
                     self.moving.pop(seq, None)
                     self._turn.set()
@@ -504,7 +546,9 @@ class Transfer:
             await chans.close()
 
     async def _turn_of(self, seq: int) -> None:
-        """Wait until chunk ``seq`` may forward its next data frame (``scheduler.turn_wait``)."""
+        """Wait until chunk ``seq`` may forward its next data frame: not while paused, then in sequence
+        order (``scheduler.turn_wait``)."""
+        await self.unpaused.wait()
         while (wait := turn_wait(seq, self.moving, time.monotonic(), self.opts.overtake_idle)) > 0:
             try:
                 await asyncio.wait_for(self._turn.wait(), wait)

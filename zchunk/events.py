@@ -103,7 +103,13 @@ EVENTS = _kinds(
         "eta": "seconds left at that rate, or null", "chunks_spooled": "chunks the sender has written",
         "chunks_moved": "chunks the target holds or has consumed", "chunks_received": "chunks fed to zfs receive",
         "total_chunks": "chunks in the stream, once zfs send ended", "paused": "why the sender is paused "
-        "(spool-full, no-space) or null", "link_down": "hosts whose link is down now"}),
+        "(spool-full, no-space) or null", "link_down": "hosts whose link is down now",
+        "limit": "the bandwidth limit in force, bytes/s, or null", "user_paused": "paused by zchunk pause"}),
+    EventKind("limit", "The bandwidth limit in force changed (--bwlimit's schedule, zchunk limit).", {
+        "rate": "bytes/s, or null: unlimited", "limit": "what decides it, as written (a rate or a schedule)"}),
+    EventKind("paused", "zchunk pause: no chunk moves until zchunk resume; agents, zfs pipes and spools stay.", {
+        "session": "session id"}),
+    EventKind("unpaused", "zchunk resume: chunks move again.", {"session": "session id"}),
     EventKind("link_down", "A host's link failed; zchunk retries until --patience passes without progress.", {
         "host": _HOST, "reason": "what failed"}),
     EventKind("retrying", "The next try after a link failure.", {
@@ -131,7 +137,8 @@ EVENTS = _kinds(
         "session": "session id", "plan": "what was sent", "up_to_date": "nothing was sent",
         "transfer": "raw_bytes, wire_bytes, total_chunks, stream_hash, elapsed, outages, outage_seconds, "
         "discarded_chunks, receiver", "target_snapshot": "the replica's snapshot", "guid": "its guid",
-        "state": "(abort) the session's state"}),
+        "state": "(abort, limit, pause, resume) the session's state", "paused": "(limit, pause, resume) "
+        "whether it is paused", "limit": "(limit, pause) its bandwidth limit as set by zchunk limit"}),
     EventKind("replication", "zchunk sync's outcome, every dataset.", {
         "outcomes": "per dataset: source, target, status (sent, up-to-date, planned, skipped, failed), "
         "streams (results), error, exit_code"}),

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 from .errors import UsageError
 
@@ -199,3 +199,46 @@ class Pacer:
             while (d := self.delay()) > 0:
                 await asyncio.sleep(d)
             self.charge(n)
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """What a running transfer is allowed now."""
+
+    rate: float | None  # bytes/s; None: no limit
+    limit: str  # what decides it, as the user wrote it ("unlimited" when nothing does)
+    paused: bool
+
+
+class LinkControl:
+    """A session's limit and pause, asked for every poll: its ``Bandwidth`` (a rate, or a schedule read in
+    ``tz``, the coordinator's local time by default), replaced by what the user asked since (``zchunk
+    limit``, ``pause``, ``resume``: ``asked`` returns the limit text or None, and paused). ``asked`` is
+    called again only when ``stamp`` changes (the control file's mtime), so a poll costs one stat."""
+
+    def __init__(self, bandwidth: Bandwidth, tz: tzinfo | None = None,
+                 asked: Callable[[], tuple[str | None, bool]] | None = None,
+                 stamp: Callable[[], float] | None = None, now: Callable[[tzinfo | None], datetime] = datetime.now
+                 ) -> None:
+        self.bandwidth, self.tz, self.asked, self.stamp, self.now = bandwidth, tz, asked, stamp, now
+        self._seen: float | None = None
+        self._override: Bandwidth | None = None
+        self._paused = False
+
+    def _read(self) -> None:
+        if self.asked is None:
+            return
+        stamp = self.stamp() if self.stamp is not None else None
+        if stamp is not None and stamp == self._seen:
+            return
+        self._seen = stamp
+        limit, self._paused = self.asked()
+        try:
+            self._override = Bandwidth.parse(limit, "zchunk limit") if limit is not None else None
+        except UsageError:
+            pass  # written by zchunk limit, which checked it: keep what was in force
+
+    def state(self) -> LinkState:
+        self._read()
+        bw = self._override or self.bandwidth
+        return LinkState(bw.rate_at(self.now(self.tz)), bw.text, self._paused)

@@ -132,13 +132,25 @@ class TextRenderer:
         if self.verbose:
             self._line(f"chunk {f['seq']}: resuming at byte {f['offset']}")
 
+    def on_limit(self, f: dict[str, Any]) -> None:
+        rate = human_bytes(f["rate"]) + "/s" if f.get("rate") is not None else "unlimited"
+        how = f" ({f['limit']})" if f.get("limit") and "=" in f["limit"] else ""
+        self._line(f"bandwidth limit: {rate}{how}")
+
+    def on_paused(self, f: dict[str, Any]) -> None:
+        self._line(f"paused: no chunk moves until `zchunk resume {f['session']}` (the agents keep their spools)")
+
+    def on_unpaused(self, f: dict[str, Any]) -> None:
+        self._line("resumed: chunks move again")
+
     def on_warning(self, f: dict[str, Any]) -> None:
         self._line(f"warning: {f.get('host', '')}: {f['detail']}")
 
     def on_progress(self, f: dict[str, Any]) -> None:
         self.last = f
         p = percent(f["raw_bytes"], f["estimate"], f["exact"])
-        state = "link down, retrying" if f.get("link_down") else ("spool full" if f.get("paused") else "")
+        state = ("paused" if f.get("user_paused") else "link down, retrying" if f.get("link_down")
+                 else "spool full" if f.get("paused") else "")
         text = (f"{p:5.1f}% {human_bytes(f['raw_bytes'])} of {'' if f['exact'] else '~'}"
                 f"{human_bytes(f['estimate'])}  {human_bytes(f['rate'])}/s  ETA {human_duration(f['eta'])}  "
                 f"chunks {f['chunks_spooled']} spooled/{f['chunks_moved']} moved/{f['chunks_received']} received"

@@ -95,12 +95,14 @@ ChunkSource = ChannelChunks | LocalSpoolChunks
 
 async def relay_chunk(src: ChunkSource, dst: ReceiverClient, seq: int, offset: int,
                       on_bytes: Callable[[int], None] | None = None,
-                      turn: Callable[[], Awaitable[None]] | None = None) -> bool:
+                      turn: Callable[[], Awaitable[None]] | None = None,
+                      pace: Callable[[int], Awaitable[None]] | None = None) -> bool:
     """Stream chunk ``seq`` from ``offset`` out of the source spool into the target spool.
 
     Data is forwarded as it arrives (bounded memory: one 1 MiB piece); ``turn``, if given, is
-    awaited before each piece is read (the engine's ordering of parallel moves), ``on_bytes`` told
-    of each piece once it is on its way. True when the target holds the complete, verified chunk.
+    awaited before each piece is read (the engine's ordering of parallel moves), ``pace`` with the
+    piece's size before it is sent (a bandwidth limit), ``on_bytes`` told of each piece once it is on
+    its way. True when the target holds the complete, verified chunk.
     """
     try:
         length, total = await src.open(seq, offset)
@@ -114,6 +116,8 @@ async def relay_chunk(src: ChunkSource, dst: ReceiverClient, seq: int, offset: i
                 moved += len(payload)
                 if moved > length:
                     raise ProtocolError(host=src.host, reason=f"chunk {seq}: more data than announced")
+                if pace is not None:
+                    await pace(len(payload))
                 yield payload
                 if on_bytes is not None:
                     on_bytes(len(payload))

@@ -4,6 +4,11 @@ One JSON file per session under the state directory (default
 ``$XDG_STATE_HOME/zchunk/sessions``), replaced atomically (temp -> fsync ->
 rename) at every state change, so ``kill -9`` of the coordinator loses at most
 the chunk in flight: everything else is on the hosts' spools.
+
+Beside it, ``<id>.control.json`` holds what the user asked of a session while
+it runs (``zchunk limit``, ``pause``, ``resume`` from another terminal): only
+those commands write it, and the coordinator running the session reads it.
+``<id>.lock`` is held (flock) by the coordinator running the session.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class SessionRecord:
     # Its directories may exist on the hosts: from before the install until a removal of both succeeded
     # (a coordinator killed while cleaning up leaves a finished or failed session with them).
     dirs_left: bool = False
+    bwlimit: str | None = None  # --bwlimit as given: a rate or a schedule (link.Bandwidth)
+    timezone: str | None = None  # --timezone for the schedule; None: the coordinator's local time
 
     @property
     def active(self) -> bool:
@@ -122,6 +129,50 @@ class TargetLock:
             self.fd = None
 
 
+@dataclass
+class SessionControl:
+    """What the user asked of a running session: a limit replacing its --bwlimit (None: keep that one),
+    and whether it is paused."""
+
+    limit: str | None = None
+    paused: bool = False
+    updated: float = 0.0
+
+
+class SessionLock:
+    """Held by the coordinator running a session (an flock: free again when that process dies)."""
+
+    def __init__(self, state_dir: Path, sid: str) -> None:
+        self.path = state_dir / "sessions" / f"{sid}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True when this process now holds it; False when another process does."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process runs the session now (asked without keeping the lock)."""
+        if not self.acquire():
+            return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "sessions"
@@ -130,16 +181,45 @@ class StateStore:
         return self.dir / f"{sid}.json"
 
     def save(self, rec: SessionRecord) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         rec.updated = time.time()
-        path = self._path(rec.id)
+        self._write(self._path(rec.id), rec.to_json())
+
+    def _write(self, path: Path, data: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(rec.to_json(), f, indent=1, sort_keys=True)
+            json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def _control_path(self, sid: str) -> Path:
+        return self.dir / f"{sid}.control.json"
+
+    def control(self, sid: str) -> SessionControl:
+        """What the user asked of session ``sid`` (defaults when nothing was asked, or the file is damaged)."""
+        try:
+            data = json.loads(self._control_path(sid).read_text())
+            known = {f.name for f in fields(SessionControl)}
+            return SessionControl(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError):
+            return SessionControl()
+
+    def control_changed(self, sid: str) -> float:
+        """The control file's mtime (0: none), for a cheap "did anything change" per poll."""
+        try:
+            return self._control_path(sid).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def set_control(self, sid: str, **changes: Any) -> SessionControl:
+        ctl = self.control(sid)
+        for k, v in changes.items():
+            setattr(ctl, k, v)
+        ctl.updated = time.time()
+        self._write(self._control_path(sid), asdict(ctl))
+        return ctl
 
     def load(self, sid: str) -> SessionRecord:
         path = self._path(sid)
@@ -152,6 +232,8 @@ class StateStore:
             return []
         out = []
         for p in sorted(self.dir.glob("*.json")):
+            if p.name.endswith(".control.json"):
+                continue
             try:
                 out.append(_record(json.loads(p.read_text())))
             except (ValueError, TypeError):
@@ -180,4 +262,5 @@ class StateStore:
         return [r for r in self.all() if r.leftover and under(r.source, source) and under(r.target, target)]
 
     def remove(self, sid: str) -> None:
-        self._path(sid).unlink(missing_ok=True)
+        for path in (self._path(sid), self._control_path(sid), self.dir / f"{sid}.lock"):
+            path.unlink(missing_ok=True)

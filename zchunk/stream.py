@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from . import agent
 from . import errors as E
@@ -28,10 +29,19 @@ from .client import AGENT_SOURCE, AgentClient, HostAgent
 from .endpoint import parse_endpoint
 from .engine import EngineOptions, Transfer, TransferResult
 from .events import Emitter, Sink
+from .link import Bandwidth, LinkControl
 from .plan import SendPlan
 from .preflight import HostReport, negotiate
 from .protocol import AgentChannel
-from .session import SessionRecord, StateStore, TargetLock, default_state_dir, new_session_id
+from .session import (
+    SessionControl,
+    SessionLock,
+    SessionRecord,
+    StateStore,
+    TargetLock,
+    default_state_dir,
+    new_session_id,
+)
 from .transport import Host, LinkDown, LocalHost, SshOptions, first_contact, make_host
 from .zfs import Zfs
 
@@ -56,6 +66,8 @@ class SyncOptions:
     keep: bool = False
     python: str | None = None  # None: python3 on remote hosts, this interpreter locally
     verbose: bool = False
+    bwlimit: str | None = None  # a rate or a weekly schedule (link.Bandwidth); None: unlimited
+    timezone: str | None = None  # for the schedule; None: this machine's local time
 
 
 @dataclass
@@ -105,6 +117,17 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamS
     return cfg
 
 
+def link_control(rec: SessionRecord, store: StateStore) -> LinkControl:
+    """The session's --bwlimit (in its --timezone), and what the user asked of it since (``zchunk limit``,
+    ``pause``, ``resume``: its control file, read again whenever it changes)."""
+    def asked() -> tuple[str | None, bool]:
+        ctl = store.control(rec.id)
+        return ctl.limit, ctl.paused
+
+    return LinkControl(Bandwidth.parse(rec.bwlimit), ZoneInfo(rec.timezone) if rec.timezone else None,
+                       asked, lambda: store.control_changed(rec.id))
+
+
 def record_ssh(opts: SyncOptions) -> dict[str, Any]:
     s = opts.ssh
     return {"config": str(s.config) if s.config else None, "key": str(s.key) if s.key else None,
@@ -137,7 +160,7 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         snapshot_guid=plan.snapshot.guid, base=plan.base.name if plan.base else None,
         target_dataset=plan.target, source_dir="", target_dir="", spool_base=opts.spool_dir,
         codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
-        estimate=estimate, ssh=record_ssh(opts), dirs_left=True)
+        estimate=estimate, ssh=record_ssh(opts), dirs_left=True, bwlimit=opts.bwlimit, timezone=opts.timezone)
     store.save(rec)
     early = _open_early(rec, src_host, dst_host, opts)
     try:
@@ -259,7 +282,9 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
         emit(kind, **fields)
 
     transfer = Transfer(src, dst, session_id=rec.id, chunk_size=rec.chunk_size, spool_max=rec.spool_max,
-                        estimate=rec.estimate, opts=eopts, emit=on_event, early=early)
+                        estimate=rec.estimate, opts=eopts, emit=on_event, early=early, link=link_control(rec, store))
+    lock = SessionLock(opts.state_dir, rec.id)
+    lock.acquire()  # says to `zchunk resume ID` in another terminal that this process runs the session
     try:
         result = await transfer.run()
     except (E.PatienceExhausted, asyncio.CancelledError, KeyboardInterrupt) as e:
@@ -271,6 +296,8 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
         store.save(rec)
         await _cleanup(rec, src_host, dst_host, opts, store, emit)
         raise
+    finally:
+        lock.release()
     # The source's directory is of no more use once the target has the whole stream: removed while the
     # guid is checked. The target's stays until then (its receiver.json is the evidence of a mismatch).
     source_cleanup = asyncio.ensure_future(_remove_dirs(rec, src_host, dst_host, opts, emit, roles=("send",)))
@@ -382,8 +409,60 @@ async def abort(session_id: str, opts: SyncOptions, on_event: Sink | None = None
         return rec
 
 
-def list_sessions(opts: SyncOptions) -> list[SessionRecord]:
-    return StateStore(opts.state_dir).all()
+@dataclass
+class SessionView:
+    """A session as ``zchunk sessions`` shows it: its record and what the user asked of it."""
+
+    record: SessionRecord
+    control: SessionControl
+    running: bool  # a coordinator runs it now (holds its lock)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.record.to_json(), "paused": self.control.paused, "limit": self.control.limit or
+                self.record.bwlimit, "running": self.running}
+
+
+def list_sessions(opts: SyncOptions) -> list[SessionView]:
+    store = StateStore(opts.state_dir)
+    return [SessionView(rec, store.control(rec.id), rec.active and SessionLock(opts.state_dir, rec.id).held_elsewhere())
+            for rec in store.all()]
+
+
+def _active(store: StateStore, session_id: str, what: str) -> SessionRecord:
+    rec = store.load(session_id)
+    if not rec.active:
+        raise E.UsageError(reason=f"session {rec.id} is {rec.state}: there is nothing to {what}")
+    return rec
+
+
+def set_limit(session_id: str, opts: SyncOptions, limit: str) -> SessionView:
+    """``zchunk limit``: the session's bandwidth limit from now on (a rate, a schedule or ``unlimited``);
+    its running coordinator follows within a poll, or the next one that resumes it."""
+    store = StateStore(opts.state_dir)
+    rec = _active(store, session_id, "limit")
+    Bandwidth.parse(limit, "zchunk limit")  # refused here, with the reason, before anything is written
+    ctl = store.set_control(rec.id, limit=limit.strip())
+    return SessionView(rec, ctl, SessionLock(opts.state_dir, rec.id).held_elsewhere())
+
+
+def pause(session_id: str, opts: SyncOptions) -> SessionView:
+    """``zchunk pause``: no chunk moves until ``zchunk resume``; the agents, zfs pipes and spools stay (the
+    sender stops at the spool cap), and the running coordinator keeps them alive."""
+    store = StateStore(opts.state_dir)
+    rec = _active(store, session_id, "pause")
+    ctl = store.set_control(rec.id, paused=True)
+    return SessionView(rec, ctl, SessionLock(opts.state_dir, rec.id).held_elsewhere())
+
+
+def unpause(session_id: str, opts: SyncOptions) -> SessionView:
+    """The first half of ``zchunk resume``: a paused session moves chunks again. Whether a coordinator is
+    running it tells the caller whether to reattach (``resume``) or leave it to that one."""
+    store = StateStore(opts.state_dir)
+    rec = _active(store, session_id, "resume")
+    ctl = store.control(rec.id)
+    if ctl.paused:
+        ctl = store.set_control(rec.id, paused=False)
+    return SessionView(rec, ctl, SessionLock(opts.state_dir, rec.id).held_elsewhere())
 
 
 
