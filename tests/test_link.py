@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from zchunk.errors import UsageError
-from zchunk.link import Bandwidth, LinkControl, LinkState, Pacer, human_rate, parse_rate
+from zchunk.link import Bandwidth, LinkControl, LinkRate, LinkState, Pacer, human_rate, parse_rate
 
 MiB = 1 << 20
 
@@ -171,3 +171,16 @@ def test_a_running_session_follows_the_schedule_and_what_the_user_asks() -> None
     assert asked["reads"] == reads, "unchanged stamp: not read again"
     asked.update(limit=None, paused=False, stamp=3.0)
     assert ctl.state() == LinkState(20 * MiB, SCHEDULE, False), "the session's own --bwlimit again"
+
+
+def test_the_link_rate_leaves_out_outages_and_pauses() -> None:
+    meter = LinkRate()
+    for t in range(0, 20):  # 1 MiB/s for 20 s
+        meter.sample(float(t), t * MiB, moving=True)
+    assert meter.rate == pytest.approx(MiB)
+    assert meter.sample(20.0, 19 * MiB, moving=False) == pytest.approx(MiB), "down: the last rate stands"
+    meter.sample(60.0, 19 * MiB, moving=True)  # 40 s later, back: nothing moved meanwhile
+    meter.sample(61.0, 21 * MiB, moving=True)
+    assert meter.rate == pytest.approx(MiB), "a window of 1 s is too short to say"
+    meter.sample(62.0, 23 * MiB, moving=True)
+    assert meter.rate == pytest.approx(2 * MiB), "the outage is not in the window"

@@ -103,3 +103,18 @@ def test_polls_are_quick_during_the_ramp_and_the_tail_only() -> None:
     assert delay(late, in_flight=True, finish_sent=True) == normal, \
         "a chunk in flight: its move wakes the workers, not the poll"
     assert delay(late, finish_sent=True) == quick, "the tail: everything moved, the receiver finishing"
+
+
+def test_what_is_on_the_target_counts_half_moved_chunks() -> None:
+    dst = AgentStatus("receive", {"next_seq": 3, "stored_fed": 3000}, frozenset({4}), {5: 200}, 1200, 0)
+    assert Reports(sender(set()), dst).on_target() == 4200
+
+
+def test_the_expected_total_is_the_estimate_at_the_ratio_seen_so_far_then_exact() -> None:
+    src = sender(set(), raw_bytes=1000, stored_bytes=400)
+    assert Reports(src, receiver()).expected_on_target(10_000) == 4000
+    assert Reports(sender(set()), receiver()).expected_on_target(10_000) == 10_000, "no ratio yet: the estimate"
+    big = sender(set(), raw_bytes=20_000, stored_bytes=8000)
+    assert Reports(big, receiver()).expected_on_target(10_000) == 8000, "a stream beyond its estimate"
+    done = sender(set(), raw_bytes=20_000, stored_bytes=9000, eof=True)
+    assert Reports(done, receiver()).expected_on_target(10_000) == 9000, "exact once zfs send ended"

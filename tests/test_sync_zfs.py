@@ -65,6 +65,10 @@ def test_full_then_incremental(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool], rou
     assert zc.session_dirs() == [], "session directories must be removed"
     progress = run.of("progress")
     assert progress and all(p["raw_bytes"] <= p["estimate"] for p in progress), "percent never above 100"
+    for p in progress:  # the link's view: bytes on the target of those the stream will move
+        assert 0 <= p["on_target"] <= p["expected"] and 0 <= p["percent"] <= 100, p
+        assert p["percent"] < 100 or p["exact"], f"100 % before the total is known: {p}"
+        assert p["eta_seconds"] == p["eta"] and (p["eta"] is None or p["eta"] >= 0), p
     times = [p["time"] for p in progress]
     assert all(b - a >= 0.9 for a, b in zip(times, times[1:])), f"progress at most once a second: {times}"
 

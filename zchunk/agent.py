@@ -1193,6 +1193,7 @@ class Feeder:
         self.q: Any = queue.Queue(maxsize=1)
         self.stream = new_hasher(daemon.sess.hash_alg)
         self.seq, self.raw_total = 0, 0
+        self.stored_total = 0  # chunk file bytes fed (what crossed the link for them)
         self.failed = False
         self.thread = threading.Thread(target=self._run, name="zfs-receive-feeder", daemon=True)
 
@@ -1226,13 +1227,15 @@ class Feeder:
                     return
                 seq, path, f, hdr = item
                 with f:
+                    size = os.fstat(f.fileno()).st_size
                     f.seek(CHUNK_HEADER_SIZE)
                     for piece in raw_pieces(hdr, f):
                         d.proc.stdin.write(piece)
                         self.stream.update(piece)
                     d.proc.stdin.flush()
-                self.seq, self.raw_total = seq + 1, self.raw_total + hdr.raw_len
-                d.save(next_seq=self.seq, raw_bytes=self.raw_total)
+                self.seq, self.raw_total, self.stored_total = seq + 1, self.raw_total + hdr.raw_len, \
+                    self.stored_total + size
+                d.save(next_seq=self.seq, raw_bytes=self.raw_total, stored_fed=self.stored_total)
                 os.unlink(path)
                 d.make_reserve()
         except (OSError, ValueError):  # zfs receive closed its input (or the daemon is stopping)

@@ -37,8 +37,8 @@ from .errors import (
     ZfsReceiveFailed,
     from_daemon,
 )
-from .link import Bandwidth, LinkControl, Pacer
-from .progress import human_bytes
+from .link import Bandwidth, LinkControl, LinkRate, Pacer
+from .progress import human_bytes, percent_of
 from .protocol import AgentChannel, InProcessChannel
 from .relay import ChannelChunks, ChunkSource, LocalSpoolChunks, relay_chunk
 from .scheduler import Reports, already_there, may_overtake, next_chunk, poll_delay, turn_wait
@@ -136,8 +136,7 @@ class Transfer:
         self.src_room, self.dst_room = _SpoolRoom(), _SpoolRoom()
         self.starting_since: dict[str, float] = {}
         self.started = time.monotonic()
-        self._rate_mark = (time.monotonic(), 0)
-        self.rate = 0.0
+        self.link_rate = LinkRate()
         self._last_progress_event = 0.0
 
     # -- bookkeeping ---------------------------------------------------------
@@ -441,17 +440,17 @@ class Transfer:
         self._last_progress_event = now
         sender, receiver = self.reports.sender, self.reports.receiver
         raw = int(receiver.get("raw_bytes", 0))
-        t0, b0 = self._rate_mark
-        if now - t0 >= 3.0:
-            inst = (raw - b0) / (now - t0)
-            self.rate = inst if self.rate == 0 else 0.6 * self.rate + 0.4 * inst
-            self._rate_mark = (now, raw)
         est = max(self.estimate, raw)
-        eta = (est - raw) / self.rate if self.rate > 0 else None
+        # What is left is counted in the link's bytes (compressed chunks), at the link's rate while it is up.
+        rate = self.link_rate.sample(now, self.wire_bytes, moving=not self.outage.since and not self.paused)
+        total = self.reports.expected_on_target(est)
+        done = min(self.reports.on_target(), total)
+        eta = round((total - done) / rate) if rate > 0 else None
+        exact = bool(sender.get("eof"))
         received = self.reports.received
-        self.emit("progress", raw_bytes=raw, estimate=est, exact=bool(sender.get("eof")),
-                  wire_bytes=self.wire_bytes, rate=round(self.rate),
-                  eta=round(eta) if eta is not None else None,
+        self.emit("progress", raw_bytes=raw, estimate=est, exact=exact, wire_bytes=self.wire_bytes,
+                  on_target=done, expected=total, percent=round(percent_of(done, total, exact), 1), rate=round(rate),
+                  eta=eta, eta_seconds=eta,
                   chunks_spooled=int(sender.get("chunks", 0)),
                   chunks_moved=received + len(self.reports.stored), chunks_received=received,
                   total_chunks=sender.get("total_chunks"), paused=sender.get("paused"),

@@ -99,8 +99,13 @@ EVENTS = _kinds(
     EventKind("progress", "At most once a second while a stream moves.", {
         "raw_bytes": "stream bytes fed to zfs receive", "estimate": "expected stream bytes",
         "exact": "the estimate is the stream's real size (zfs send ended)",
-        "wire_bytes": "bytes moved over the link (compressed chunks)", "rate": "bytes/s into zfs receive, smoothed",
-        "eta": "seconds left at that rate, or null", "chunks_spooled": "chunks the sender has written",
+        "wire_bytes": "bytes this coordinator moved over the link (compressed chunks)",
+        "on_target": "chunk bytes that have crossed the link, half-moved chunks included (from the agents)",
+        "expected": "chunk bytes the whole stream will move: exact once zfs send ended, else the estimate at "
+        "the compression ratio seen so far", "percent": "on_target of expected; never 100 before it is exact",
+        "rate": "bytes/s on the link over the last 10 s it was up and not paused",
+        "eta": "seconds left: (expected - on_target) / rate, or null", "eta_seconds": "the same as eta",
+        "chunks_spooled": "chunks the sender has written",
         "chunks_moved": "chunks the target holds or has consumed", "chunks_received": "chunks fed to zfs receive",
         "total_chunks": "chunks in the stream, once zfs send ended", "paused": "why the sender is paused "
         "(spool-full, no-space) or null", "link_down": "hosts whose link is down now",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -242,3 +243,29 @@ class LinkControl:
         self._read()
         bw = self._override or self.bandwidth
         return LinkState(bw.rate_at(self.now(self.tz)), bw.text, self._paused)
+
+
+class LinkRate:
+    """The link's rate as the user should see it: bytes moved over the last ``WINDOW`` seconds in which the
+    link was up and the session not paused. An outage or a pause starts the window afresh (the last rate
+    stands meanwhile), so the ETA it gives counts neither."""
+
+    WINDOW = 10.0
+    MIN_SPAN = 1.5  # seconds of samples before a first rate is said
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, int]] = deque()
+        self.rate = 0.0
+
+    def sample(self, now: float, moved: int, moving: bool) -> float:
+        """``moved``: bytes moved so far (a counter); ``moving``: the link is up and not paused."""
+        if not moving:
+            self.samples.clear()
+            return self.rate
+        self.samples.append((now, moved))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - self.WINDOW:
+            self.samples.popleft()
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        if t1 - t0 >= self.MIN_SPAN:
+            self.rate = (b1 - b0) / (t1 - t0)
+        return self.rate

@@ -27,7 +27,7 @@ def human_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def percent(done: int, estimate: int, exact: bool) -> float:
+def percent_of(done: int, estimate: int, exact: bool) -> float:
     """Never above 100, and never 100 until the total is known to be exact."""
     if estimate <= 0:
         return 0.0
@@ -148,7 +148,7 @@ class TextRenderer:
 
     def on_progress(self, f: dict[str, Any]) -> None:
         self.last = f
-        p = percent(f["raw_bytes"], f["estimate"], f["exact"])
+        p = f["percent"] if "percent" in f else percent_of(f["raw_bytes"], f["estimate"], f["exact"])
         state = ("paused" if f.get("user_paused") else "link down, retrying" if f.get("link_down")
                  else "spool full" if f.get("paused") else "")
         text = (f"{p:5.1f}% {human_bytes(f['raw_bytes'])} of {'' if f['exact'] else '~'}"

@@ -57,6 +57,22 @@ class Reports:
         """Changes whenever the stream moved: chunks spooled, held in the source spool, received."""
         return len(self.src.chunks), self.received, int(self.src.daemon.get("chunks", 0))
 
+    def on_target(self) -> int:
+        """Chunk file bytes that have crossed the link: those fed to zfs receive, and those in the target
+        spool, half-moved chunks included."""
+        return int(self.receiver.get("stored_fed", 0)) + self.dst.spool_bytes
+
+    def expected_on_target(self, estimate: int) -> int:
+        """Chunk file bytes the whole stream will have moved: exact once zfs send has ended, else the stream
+        estimate at the compression ratio seen so far."""
+        sender = self.sender
+        stored, raw = int(sender.get("stored_bytes", 0)), int(sender.get("raw_bytes", 0))
+        if sender.get("eof"):
+            return stored
+        if raw <= 0:
+            return estimate
+        return max(stored, round(max(estimate, raw) * stored / raw))
+
     def releasable(self) -> bool:
         """The source spool still holds chunks the receiver has consumed."""
         return self.received > 0 and any(s < self.received for s in self.src.chunks)
