@@ -327,14 +327,16 @@ def resume(
     """
     _setup_logging(opts.verbose)
     try:
-        view = streams.unpause(session, opts)
+        view, was_paused = streams.unpause(session, opts)
     except E.ZchunkError as e:
         _fail(e, json_out)
     if view.running:
         if json_out:
             JsonRenderer()("result", {"session": session, "state": view.record.state, "paused": False})
-        else:
+        elif was_paused:
             sys.stderr.write(f"resumed {session}: its running coordinator moves chunks again\n")
+        else:
+            sys.stderr.write(f"{session} is not paused and another zchunk process is running it: nothing to do\n")
         return
     _finish(_run(streams.resume(session, opts, _renderer(json_out, opts.verbose)), json_out), json_out)
 

@@ -454,15 +454,16 @@ def pause(session_id: str, opts: SyncOptions) -> SessionView:
     return SessionView(rec, ctl, SessionLock(opts.state_dir, rec.id).held_elsewhere())
 
 
-def unpause(session_id: str, opts: SyncOptions) -> SessionView:
-    """The first half of ``zchunk resume``: a paused session moves chunks again. Whether a coordinator is
-    running it tells the caller whether to reattach (``resume``) or leave it to that one."""
+def unpause(session_id: str, opts: SyncOptions) -> tuple[SessionView, bool]:
+    """The first half of ``zchunk resume``: a paused session moves chunks again; and whether it was paused.
+    Whether a coordinator is running it tells the caller whether to reattach (``resume``) or leave it be."""
     store = StateStore(opts.state_dir)
     rec = _active(store, session_id, "resume")
     ctl = store.control(rec.id)
-    if ctl.paused:
+    was_paused = ctl.paused
+    if was_paused:
         ctl = store.set_control(rec.id, paused=False)
-    return SessionView(rec, ctl, SessionLock(opts.state_dir, rec.id).held_elsewhere())
+    return SessionView(rec, ctl, SessionLock(opts.state_dir, rec.id).held_elsewhere()), was_paused
 
 
 
