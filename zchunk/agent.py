@@ -1560,10 +1560,51 @@ def cmd_probe(args: List[str]) -> Dict[str, Any]:
             listing = cmd_sessions(args[:1])
         except OSError:  # an unreadable base: left to `sessions`, asked for when needed, to report
             pass
-    return {"python": list(sys.version_info[:3]), "capabilities": capabilities(),
+    here = {"python": list(sys.version_info[:3]), "zstd": zstandard is not None, "xxhash": xxhash is not None}
+    return {"python": here["python"], "capabilities": capabilities(),
             "agent_version": AGENT_VERSION, "protocol": PROTOCOL_VERSION,
             "zfs": shutil.which("zfs"), "uid": os.geteuid(), "user": user, "groups": groups,
-            "host": socket.gethostname(), **listing}
+            "host": socket.gethostname(), "executable": sys.executable,
+            "interpreters": other_interpreters() if not (here["zstd"] and here["xxhash"]) else [], **listing}
+
+
+#: Where a host keeps the python3 that has its distribution's packages (Debian's python3-zstandard and
+#: python3-xxhash live under /usr/lib/python3/dist-packages), besides the first python3 on PATH.
+INTERPRETERS = ["/usr/bin/python3", "/usr/local/bin/python3"] + [
+    "python3.%d" % minor for minor in range(14, 8, -1)]
+INTERPRETER_CHECK = (
+    "import json,sys\n"
+    "def has(m):\n"
+    "    try:\n"
+    "        __import__(m)\n"
+    "        return True\n"
+    "    except Exception:\n"
+    "        return False\n"
+    "print(json.dumps({'python':list(sys.version_info[:3]),'zstd':has('zstandard'),'xxhash':has('xxhash')}))"
+)
+
+
+def other_interpreters() -> List[Dict[str, Any]]:
+    """The host's other python3 interpreters (3.9+) and which speed-ups each can import: the coordinator
+    runs the agent with the best of them when this one lacks zstandard or xxhash."""
+    import shutil
+    # Not by the binary it resolves to: a venv's python3 is a link to the system's, without its packages.
+    seen = {os.path.abspath(sys.executable)}
+    found = []
+    for name in INTERPRETERS:
+        path = name if name.startswith("/") else shutil.which(name)
+        if not path or not os.access(path, os.X_OK) or os.path.abspath(path) in seen:
+            continue
+        seen.add(os.path.abspath(path))
+        try:
+            out = subprocess.run([path, "-c", INTERPRETER_CHECK], stdin=subprocess.DEVNULL, capture_output=True,
+                                 timeout=10).stdout
+            info = json.loads(out.decode().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            continue
+        if list(info.get("python", [0]))[:2] >= [3, 9]:
+            found.append(dict(info, path=path))
+    return found
 
 
 def ensure_base(base: str) -> None:

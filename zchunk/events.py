@@ -47,7 +47,8 @@ def _kinds(*kinds: EventKind) -> dict[str, EventKind]:
 EVENTS = _kinds(
     # -- replication (zchunk sync) --------------------------------------------------------------
     EventKind("preflight", "Both hosts were reached and probed; with -v the text output shows them.", {
-        "source": "the source host: host, python (version), capabilities (agent), zfs (features), uid",
+        "source": "the source host: host, python (version), interpreter (its path), why (how it was chosen), "
+        "capabilities (agent), zfs (features), uid",
         "target": "the target host, as source",
         "identifier": "names this replication's sync snapshots and holds"}),
     EventKind("dataset_skipped", "With -r: a child dataset left out.", {

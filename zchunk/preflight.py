@@ -33,15 +33,20 @@ class HostReport:
     groups: tuple[str, ...] = ()
     hostname: str = "host"
     sessions: list[dict[str, Any]] | None = None  # ``sessions --spool-dir`` as the probe saw it
+    interpreter: str = ""  # the python the agent runs with there
+    why: str = ""  # how that one was chosen
 
     def summary(self) -> dict[str, Any]:
         """For the ``preflight`` event."""
         return {"host": self.name, "python": ".".join(map(str, self.python)), "capabilities": self.capabilities,
-                "zfs": self.features.summary(), "uid": self.uid}
+                "zfs": self.features.summary(), "uid": self.uid, "interpreter": self.interpreter, "why": self.why}
 
 
-async def probe_host(host: Host, spool_dir: str) -> HostReport:
-    """python3 and zfs present and usable; nothing is written."""
+async def probe_host(host: Host, spool_dir: str, choose_python: bool = True) -> HostReport:
+    """python3 and zfs present and usable; nothing is written. With ``choose_python`` (no --python given),
+    a host whose first python3 lacks zstandard or xxhash runs the agent with another of its interpreters
+    that has them (Debian's /usr/bin/python3 with python3-zstandard, under a pyenv or venv python3 on PATH):
+    ``host.python`` is set to it."""
     # Both at once (the zfs probes are read-only); python's answer is judged first.
     info, features = await asyncio.gather(HostAgent(host).probe(spool_dir), Zfs(host).features(),
                                           return_exceptions=True)
@@ -52,9 +57,50 @@ async def probe_host(host: Host, spool_dir: str) -> HostReport:
         raise E.OldPython(host=host.name, version=".".join(map(str, py)))
     if isinstance(features, BaseException):
         raise features
+    why = "given with --python" if not choose_python else "has zstandard and xxhash"
+    better = best_interpreter(info) if choose_python else None
+    if better is not None:
+        first, first_info, host.python = f"{host.python} ({_version(info['python'])})", info, better["path"]
+        info = await HostAgent(host).probe(spool_dir)
+        py = tuple(info.get("python", [0]))
+        why = f"{first} lacks {_lacks(first_info)}: {better['path']} has {_has(better)}"
+    elif choose_python and not (_speedups(info) == (True, True)):
+        why = f"lacks {_lacks(info)}, and so do the host's other python3 interpreters: stdlib codecs"
     return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
                       str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")),
-                      session_listing(info.get("sessions")) if "sessions" in info else None)
+                      session_listing(info.get("sessions")) if "sessions" in info else None,
+                      str(info.get("executable") or host.python), why)
+
+
+def _speedups(info: dict[str, Any]) -> tuple[bool, bool]:
+    caps = info.get("capabilities")
+    if isinstance(caps, list):
+        return agent.CODEC_CAPS["zstd"] in caps, agent.HASH_CAPS["xxh3-128"] in caps
+    return bool(info.get("zstd")), bool(info.get("xxhash"))
+
+
+def best_interpreter(info: dict[str, Any]) -> dict[str, Any] | None:
+    """Of the host's other interpreters (the probe's ``interpreters``), one with more of zstandard and xxhash
+    than the probing one (zstandard first: it is the larger gain), or None."""
+    current = _speedups(info)
+    candidates = [c for c in info.get("interpreters") or [] if isinstance(c, dict) and c.get("path")]
+    best = max(candidates, key=_speedups, default=None)
+    return best if best is not None and _speedups(best) > current else None
+
+
+def _version(v: Any) -> str:
+    return ".".join(map(str, v)) if isinstance(v, list) else "?"
+
+
+def _lacks(info: dict[str, Any]) -> str:
+    zstd, xx = _speedups(info)
+    return " and ".join(n for n, ok in (("zstandard", zstd), ("xxhash", xx)) if not ok) or "nothing"
+
+
+def _has(info: dict[str, Any]) -> str:
+    zstd, xx = _speedups(info)
+    return " and ".join(n for n, ok in (("zstandard", zstd), ("xxhash", xx)) if ok) or "neither"
+
 
 
 def negotiate(compress: str, src: HostReport, dst: HostReport) -> tuple[str, int | None, str]:

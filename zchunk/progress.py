@@ -93,7 +93,8 @@ class TextRenderer:
         if self.verbose:
             for side in ("source", "target"):
                 r = f[side]
-                self._line(f"{side} {r['host']}: python {r['python']}; {describe_zfs(r['zfs'])}; "
+                how = f" ({r['interpreter']}: {r['why']})" if r.get("interpreter") else ""
+                self._line(f"{side} {r['host']}: python {r['python']}{how}; {describe_zfs(r['zfs'])}; "
                            f"agent capabilities {' '.join(r['capabilities'])}")
 
     def on_plan(self, f: dict[str, Any]) -> None:

@@ -196,7 +196,7 @@ async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
     host = make_host(ep, opts.ssh, opts.python)
     try:
         await first_contact(host, opts.patience, opts.connect_patience)
-        rep = await probe_host(host, opts.spool_dir)
+        rep = await probe_host(host, opts.spool_dir, choose_python=opts.python is None)
     except BaseException:
         await host.close()
         raise

@@ -65,6 +65,10 @@ class SessionRecord:
     dirs_left: bool = False
     bwlimit: str | None = None  # --bwlimit as given: a rate or a schedule (link.Bandwidth)
     timezone: str | None = None  # --timezone for the schedule; None: the coordinator's local time
+    # the interpreter the agents run with on a remote host (preflight may pick one with zstandard/xxhash):
+    # a resume must use it too, since the session's codec and checksum need it
+    source_python: str | None = None
+    target_python: str | None = None
 
     @property
     def active(self) -> bool:

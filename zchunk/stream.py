@@ -160,7 +160,9 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         snapshot_guid=plan.snapshot.guid, base=plan.base.name if plan.base else None,
         target_dataset=plan.target, source_dir="", target_dir="", spool_base=opts.spool_dir,
         codec=codec, checksum=checksum, chunk_size=opts.chunk_size, spool_max=opts.spool_max,
-        estimate=estimate, ssh=record_ssh(opts), dirs_left=True, bwlimit=opts.bwlimit, timezone=opts.timezone)
+        estimate=estimate, ssh=record_ssh(opts), dirs_left=True, bwlimit=opts.bwlimit, timezone=opts.timezone,
+        source_python=None if isinstance(src_host, LocalHost) else src_host.python,
+        target_python=None if isinstance(dst_host, LocalHost) else dst_host.python)
     store.save(rec)
     early = _open_early(rec, src_host, dst_host, opts)
     try:
@@ -244,8 +246,8 @@ async def resume(session_id: str, opts: SyncOptions, on_event: Sink | None = Non
 async def _session_hosts(rec: SessionRecord, opts: SyncOptions) -> AsyncIterator[tuple[Host, Host]]:
     """The source and target hosts of a recorded session, reached as it was (its own ssh options), closed after."""
     ssh = ssh_from_record(rec, opts.ssh)
-    src_host = make_host(parse_endpoint(rec.source), ssh, opts.python)
-    dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python)
+    src_host = make_host(parse_endpoint(rec.source), ssh, opts.python or rec.source_python)
+    dst_host = make_host(parse_endpoint(rec.target), ssh, opts.python or rec.target_python)
     try:
         await first_contact(src_host, opts.patience, opts.connect_patience)
         await first_contact(dst_host, opts.patience, opts.connect_patience)
