@@ -83,7 +83,11 @@ def main() -> int:
                 failed += 1
                 continue
             rows = judge(events, link)
-            results.append({"run": r + 1, "seconds": round(took, 1), "rows": rows})
+            start = next(e["time"] for e in events if e["event"] == "session")
+            series = [[round(e["time"] - start, 2), e["on_target"], e["wire_bytes"], e["expected"], e["rate"]]
+                      for e in events if e["event"] == "progress"]
+            results.append({"run": r + 1, "seconds": round(took, 1), "rows": rows,
+                            "series [t, on_target, wire_bytes, expected, rate]": series})
             print(f"run {r + 1}: {took:.1f} s")
             for row in rows:
                 print(f"  at {row['share']:.0%} ({row['shown_at']:5.1f} s): ETA {row['eta']} s, really "

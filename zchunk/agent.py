@@ -1338,8 +1338,16 @@ class Server:
     # -- common -------------------------------------------------------------
 
     def status(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
-        done, parts, used = self.sess.spool_listing()
-        return {"role": self.sess.role, "daemon": self.sess.state(), "chunks": sorted(done),
+        # The state file and the spool as of one moment: a chunk fed while the spool is listed would be
+        # counted twice or not at all (the receiver saves its progress, then deletes the chunk).
+        st = self.sess.state()
+        for _ in range(3):
+            done, parts, used = self.sess.spool_listing()
+            again = self.sess.state()
+            if again.get("next_seq") == st.get("next_seq"):
+                break
+            st = again
+        return {"role": self.sess.role, "daemon": st, "chunks": sorted(done),
                 "parts": {str(k): v for k, v in parts.items()}, "spool_bytes": used,
                 "spool_max": self.sess.spool_max}
 

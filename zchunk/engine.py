@@ -441,10 +441,11 @@ class Transfer:
         sender, receiver = self.reports.sender, self.reports.receiver
         raw = int(receiver.get("raw_bytes", 0))
         est = max(self.estimate, raw)
-        # What is left is counted in the link's bytes (compressed chunks), at the link's rate while it is up.
-        rate = self.link_rate.sample(now, self.wire_bytes, moving=not self.outage.since and not self.paused)
+        # What is left is counted in the link's bytes (compressed chunks), at the link's rate while it is up,
+        # both from what the target holds (what was forwarded may still sit in buffers on the way).
         total = self.reports.expected_on_target(est)
         done = min(self.reports.on_target(), total)
+        rate = self.link_rate.sample(now, done, moving=not self.outage.since and not self.paused)
         eta = round((total - done) / rate) if rate > 0 else None
         exact = bool(sender.get("eof"))
         received = self.reports.received
