@@ -3,6 +3,8 @@ snapshots only, target policies, dry runs, recursion, properties."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -57,11 +59,41 @@ def test_sync_snapshots_and_pruning_touch_only_our_own(zc: Zchunk, pools: Any, t
     pruned = [e["snapshot"] for e in run.of("pruned")]
     assert pruned and all("@zchunk_mine_" in p for p in pruned)
     notes = " ".join(e.get("detail", "") for e in run.of("note"))
-    if tier == "zfs-fuse":
-        assert "no working holds" in notes, "zfs-fuse cannot hold: said, not hidden"
-    else:
-        newest = own(src, "mine")[0]
+    assert "no working holds" not in notes, "zfs-fuse holds too (hold/release work; only `zfs holds` is missing)"
+    newest = own(src, "mine")[0]
+    for ds in (src, dst):  # the base is held on both sides, on both tiers: an admin's destroy fails
+        assert [userrefs(f"{ds}@{n}") for n in names(ds)] == [int(n == newest) for n in names(ds)], names(ds)
+        refused = subprocess.run(["zfs", "destroy", f"{ds}@{newest}"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and ("busy" in refused.stderr or "hold" in refused.stderr), refused.stderr
+        assert f"{ds}@{newest}" in snapshots(ds)
+    if tier == "openzfs":
         assert "zchunk_mine" in zfs("holds", "-H", f"{src}@{newest}", f"{dst}@{newest}")
+
+
+def userrefs(snapshot: str) -> int:
+    return int(zfs("get", "-H", "-p", "-o", "value", "userrefs", snapshot).strip())
+
+
+def test_a_hold_of_ours_left_on_an_older_snapshot_is_released(zc: Zchunk, pools: Any) -> None:
+    """A run killed between the hold of the new base and the release of the old one leaves two held: the
+    next run leaves only the newest common snapshot held, and never touches another tag's hold."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=44)
+    dst = f"{dst_pool.name}/r"
+    run = zc.run("sync", src, dst, "--identifier", "lh")
+    assert run.returncode == 0, run.explain()
+    first = own(src, "lh")[0]
+    zfs("hold", "zchunk_lh", f"{src}@s1")  # as a killed earlier run would have left it
+    zfs("hold", "admin", f"{src}@s1")  # the admin's own
+    add_change(src, MiB // 4, seed=45, snap="user1")
+    time.sleep(1.1)  # sync snapshots are named to the second
+    run = zc.run("sync", src, dst, "--identifier", "lh", "--keep-sync-snaps", "2")
+    assert run.returncode == 0, run.explain()
+    second = own(src, "lh")[-1]
+    assert second != first
+    assert userrefs(f"{src}@{second}") == 1 and userrefs(f"{src}@{first}") == 0
+    assert userrefs(f"{src}@s1") == 1, "the admin's hold stays; ours is gone"
+    zfs("release", "admin", f"{src}@s1")
 
 
 def test_no_sync_snap_no_stream_and_snapshot_filters(zc: Zchunk, pools: Any) -> None:

@@ -519,15 +519,17 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
     dst_snap = f"{dst_name}@{newest.short}"
     await _both(_hold(src, tag, newest.name, Emitter(None)), _hold(dst, tag, dst_snap, Emitter(None)))
     if plan.common is not None and plan.common.guid != newest.guid:
-        async def release_source() -> None:
-            if src.holds and plan.common is not None:
-                await src.zfs.release(tag, plan.common.name)
+        # the old base, and any other snapshot still holding our tag (a run killed between the hold of
+        # the new base and the release of the old one): always exactly one held, the newest common
+        await _both(_release_others(src, tag, newest.name), _release_others(dst, tag, dst_snap))
 
-        async def release_target() -> None:
-            if dst.holds and plan.target_common is not None:
-                await dst.zfs.release(tag, plan.target_common.name)
 
-        await _both(release_source(), release_target())
+async def _release_others(side: Side, tag: str, keep: str) -> None:
+    if not side.holds:
+        return
+    for snapshot in await side.zfs.held_snapshots(keep.split("@", 1)[0]):
+        if snapshot != keep:
+            await side.zfs.release(tag, snapshot)  # not ours: zfs release says so, and nothing changes
 
 
 async def _both(source_step: Awaitable[Any], target_step: Awaitable[Any]) -> tuple[Any, Any]:

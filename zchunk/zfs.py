@@ -313,7 +313,21 @@ class Zfs:
         return tuple(sorted(marks, key=lambda b: b.createtxg))
 
     async def holds_supported(self, snapshot: str) -> bool:
+        """Whether holds work here, by what they do: a snapshot counts its holds (``userrefs``). Not by the
+        listing ``zfs holds``, which Debian's zfs-fuse lacks (it needs pyzfs) though hold/release work."""
+        refs = await self.prop(snapshot, "userrefs")
+        if refs is not None:
+            return refs.isdigit()
         return (await self.run("holds", "-H", snapshot, check=False)).status == 0
+
+    async def held_snapshots(self, dataset: str) -> list[str]:
+        """The snapshots of ``dataset`` that carry any hold (``userrefs`` > 0): where a hold of ours may be
+        left, found without ``zfs holds``."""
+        res = await self.run("list", "-H", "-t", "snapshot", "-d", "1", "-o", "name,userrefs", dataset, check=False)
+        if res.status != 0:
+            return []
+        rows = [line.split("\t") for line in res.stdout.decode().splitlines()]
+        return [r[0] for r in rows if len(r) == 2 and r[1].isdigit() and int(r[1]) > 0]
 
     async def hold(self, tag: str, snapshot: str) -> None:
         res = await self.run("hold", tag, snapshot, check=False)
