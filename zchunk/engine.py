@@ -499,7 +499,7 @@ class Transfer:
                 self.moving[seq] = time.monotonic()
                 try:
                     stored = await relay_chunk(source, receiver, seq, have, moved,
-                                               functools.partial(self._turn_of, seq), self.pacer.take)
+                                               functools.partial(self._turn_of, seq), self._pace)
                 finally:
                     self.moving.pop(seq, None)
                     self._turn.set()
@@ -544,6 +544,12 @@ class Transfer:
                     self.changed.set()
         finally:
             await chans.close()
+
+    async def _pace(self, n: int) -> None:
+        """Before a piece of ``n`` bytes goes on the link: its turn under the bandwidth limit, and not while
+        paused (a piece read before a pause waits for the resume, wherever it was in the queue)."""
+        await self.pacer.take(n)
+        await self.unpaused.wait()
 
     async def _turn_of(self, seq: int) -> None:
         """Wait until chunk ``seq`` may forward its next data frame: not while paused, then in sequence
