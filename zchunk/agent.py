@@ -285,22 +285,14 @@ def raw_pieces(hdr: ChunkHeader, source: Any, piece: int = 1 << 20) -> Any:
     payload, or anything with ``read(n)``); bounded: never more than ``raw_len`` + 1 in all."""
     left = hdr.raw_len + 1
     if hdr.codec == CODEC_NONE:
-        while left > 0:
-            out = source.read(min(piece, left))
-            if not out:
-                return
-            left -= len(out)
+        for out in _pieces_of(source, left, piece):
             yield out
         return
     if hdr.codec == CODEC_ZSTD:
         if zstandard is None:
             raise AgentError("unsupported", "chunk is zstd but zstandard is not importable")
         with zstandard.ZstdDecompressor().stream_reader(source, read_size=piece, closefd=False) as reader:
-            while left > 0:
-                out = reader.read(min(piece, left))
-                if not out:
-                    return
-                left -= len(out)
+            for out in _pieces_of(reader, left, piece):
                 yield out
         return
     if hdr.codec == CODEC_ZLIB:
@@ -321,6 +313,16 @@ def raw_pieces(hdr: ChunkHeader, source: Any, piece: int = 1 << 20) -> Any:
             yield out
         return
     raise AgentError("unsupported", "unknown codec id %d" % hdr.codec)
+
+
+def _pieces_of(reader: Any, left: int, piece: int) -> Any:
+    """``reader.read`` in pieces of at most ``piece`` bytes until ``left`` bytes or the end."""
+    while left > 0:
+        out = reader.read(min(piece, left))
+        if not out:
+            return
+        left -= len(out)
+        yield out
 
 
 class _HashingReader:

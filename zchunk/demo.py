@@ -25,8 +25,6 @@ from .replicate import ReplicateOptions, replicate
 from .stream import SyncOptions, SyncResult
 from .transport import SshOptions
 
-Emit = Sink
-
 
 @dataclass
 class DemoOptions:
@@ -46,7 +44,7 @@ class DemoResult:
     lab_dir: Path | None  # set when kept
 
 
-def run_demo(opts: DemoOptions, emit: Emit) -> DemoResult:
+def run_demo(opts: DemoOptions, emit: Sink) -> DemoResult:
     missing = lab.lab_prerequisites()
     if missing:
         raise UsageError(reason=f"the demo cannot run here: {'; '.join(missing)}. "
@@ -68,7 +66,7 @@ def run_demo(opts: DemoOptions, emit: Emit) -> DemoResult:
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
-def _run(opts: DemoOptions, emit: Emit, workdir: Path, stack: contextlib.ExitStack) -> DemoResult:
+def _run(opts: DemoOptions, emit: Sink, workdir: Path, stack: contextlib.ExitStack) -> DemoResult:
     step = lambda text: emit("demo_step", {"text": text})  # noqa: E731
     step("starting zfs-fuse and creating two throwaway pools on sparse files")
     stack.enter_context(lab.ZfsFuse())
