@@ -766,7 +766,7 @@ def pid_is_ours(pid: int, session_path: str) -> bool:
 # Daemons
 # --------------------------------------------------------------------------
 
-ALLOWED_SEND_FLAGS = {"-p", "-R", "-D", "-L", "-e", "-c", "-w", "-h", "-b"}
+ALLOWED_SEND_FLAGS = {"-L", "-e", "-c", "-w", "-h"}  # what zchunk.flags may ask for
 ALLOWED_RECV_FLAGS = {"-F", "-u", "-s", "-v", "-e", "-d"}
 
 
@@ -805,11 +805,19 @@ def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
         raise AgentError("bad-request", "refusing zfs receive arguments %r" % (flags + [recv["target"]]))
     props: List[str] = []
     for name, value in sorted((recv.get("props") or {}).items()):
-        if not name or not all(c.isalnum() or c in ":._-" for c in name) or name.startswith("-") \
-                or any(c in str(value) for c in "\0\n") or len(str(value)) > 4096:
+        if not valid_property_name(name) or any(c in str(value) for c in "\0\n") or len(str(value)) > 4096:
             raise AgentError("bad-request", "refusing receive property %r" % name)
         props += ["-o", "%s=%s" % (name, value)]
+    for name in recv.get("excluded") or []:
+        if not valid_property_name(name):
+            raise AgentError("bad-request", "refusing receive -x %r" % name)
+        props += ["-x", name]
     return [zfs, "receive"] + flags + props + [recv["target"]]
+
+
+def valid_property_name(name: Any) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 256 and not name.startswith("-") \
+        and all(c.isascii() and (c.isalnum() or c in ":._-") for c in name)
 
 
 RESERVE_BYTES = 256 * 1024

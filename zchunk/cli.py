@@ -32,6 +32,7 @@ import typer
 from . import __version__
 from . import errors as E
 from . import stream as streams
+from .flags import stream_options
 from .link import Bandwidth
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
 from .replicate import ReplicateOptions, ReplicationResult, replicate
@@ -268,6 +269,26 @@ def sync(
                                          "after the snapshot is gone."),
     preserve_properties: bool = typer.Option(False, "--preserve-properties", help="Copy the source's local "
                                              "properties (mountpoint, shares, encryption keys excluded)."),
+    no_raw: bool = typer.Option(False, "--no-raw", help="Send an encrypted source decrypted (its key must be "
+                                "loaded): the replica is unencrypted, or encrypted under the target parent's "
+                                "key. Default: raw (zfs send -w), the replica keeps the source's keys and the "
+                                "target never has them."),
+    send_option: Optional[list[str]] = typer.Option(None, "--send-option", metavar="OPT", help="Add a zfs send "
+                                                    "flag (repeatable): -L -e -c -w -h or their long forms. "
+                                                    "zchunk already sends -L -e -c where both hosts run OpenZFS "
+                                                    "and -w for encrypted sources; flags that change which "
+                                                    "stream is sent (-R -I -i -p -t -D) are refused."),
+    recv_option: Optional[list[str]] = typer.Option(None, "--recv-option", metavar="OPT", help="Add to zfs "
+                                                    "receive (repeatable): '-o NAME=VALUE' or '-x NAME'. Flags "
+                                                    "that change where or how the stream lands (-F -d -e -u -s) "
+                                                    "are refused: zchunk decides those."),
+    set_property: Optional[list[str]] = typer.Option(None, "--set-property", metavar="NAME=VALUE", help="Set "
+                                                     "a property on the replica (receive -o; set right after "
+                                                     "each receive where zfs lacks -o). Repeatable."),
+    exclude_property: Optional[list[str]] = typer.Option(None, "--exclude-property", metavar="NAME",
+                                                         help="Never copy this property to the replica "
+                                                         "(receive -x where zfs has it; dropped from "
+                                                         "--preserve-properties). Repeatable."),
     dry_run: bool = typer.Option(False, "-n", "--dry-run", help="Print the plan (snapshots to send with "
                                  "estimated sizes, holds, prunes, rollbacks) and change nothing."),
     json_out: bool = Json, *, opts: SyncOptions,
@@ -293,7 +314,8 @@ def sync(
             include_snaps=include_snaps or [], exclude_snaps=exclude_snaps or [], rollback=rollback,
             force_delete=force_delete, keep_sync_snaps=keep_sync_snaps, create_bookmark=create_bookmark,
             recursive=recursive, exclude=exclude or [], preserve_properties=preserve_properties,
-            dry_run=dry_run)
+            dry_run=dry_run, stream_opts=stream_options(not no_raw, send_option or [], recv_option or [],
+                                                        set_property or [], exclude_property or []))
     except E.ZchunkError as e:
         _fail(e, json_out)
     _setup_logging(opts.verbose)

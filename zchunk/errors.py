@@ -124,6 +124,38 @@ class RootObjectUnknown(ZchunkError):
            "on {host}) or run zchunk as a user who can read the pool's devices there, then run again")
 
 
+class RawNeedsEncryption(ZchunkError):
+    """{source} is encrypted and is sent raw, but {target} runs {target_zfs}, which has no encryption"""
+
+    exit_code = 4
+    fix = ("nothing was changed. Replicate to an OpenZFS target to keep the replica encrypted with the source's "
+           "keys, or pass --no-raw to send it decrypted (the replica is then unencrypted; the source's key must be "
+           "loaded)")
+
+
+class SourceKeyNotLoaded(ZchunkError):
+    """{source} is encrypted and its key is not loaded: --no-raw cannot send it decrypted"""
+
+    exit_code = 4
+    fix = ("nothing was changed. Load the key on the source (zfs load-key {root}), or leave out --no-raw: a raw "
+           "send needs no key and keeps the replica encrypted")
+
+
+class TargetKeyNotLoaded(ZchunkError):
+    """{target} {why}, and the key of {root} is not loaded there"""
+
+    exit_code = 4
+    fix = ("nothing was changed. Load it on the target (zfs load-key {root}) for this run, or {instead}")
+
+
+class RawOntoUnencrypted(ZchunkError):
+    """{target} is an unencrypted replica: the raw stream of encrypted {source} cannot go onto it"""
+
+    exit_code = 4
+    fix = ("nothing was changed. Keep sending it decrypted with --no-raw (as the replica was made), or re-seed a raw "
+           "replica under a new name (zfs rename the old one away first)")
+
+
 class HostUnreachable(ZchunkError):
     """cannot reach {host}: {reason}"""
 

@@ -177,7 +177,10 @@ class TextRenderer:
             lost = f", destroying {', '.join(f['destroys'])}" if f.get("destroys") else ""
             self._line(f"{head}: {would}roll the target back to {f['rollback']}{lost}")
         for step in f.get("steps", []):
-            self._line(f"{head}: {would}send {step}")
+            flags = f" (zfs send {' '.join(f['send_flags'])})" if self.verbose and f.get("send_flags") else ""
+            self._line(f"{head}: {would}send {step}{flags}")
+        if f.get("encryption") and f.get("steps"):
+            self._line(f"{head}: encryption: {f['encryption']}")
         for key, where in (("prune_source", "source"), ("prune_target", "target")):
             for snap in f.get(key, []):
                 self._line(f"{head}: {would}prune {snap} on the {where}")

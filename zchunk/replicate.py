@@ -24,6 +24,7 @@ from .aio import all_of
 from .client import HostAgent
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
+from .flags import StreamOptions, send_flags
 from .plan import (
     Policy,
     ReplicationPlan,
@@ -37,7 +38,7 @@ from .preflight import HostReport, probe_host
 from .session import StateStore, TargetLock
 from .stream import StreamSpec, SyncOptions, SyncResult, abort, resume, run_stream
 from .transport import Host, first_contact, make_host
-from .zfs import Dataset, Snapshot, Zfs, receive_perms, send_perms
+from .zfs import UNENCRYPTED, Dataset, Snapshot, Zfs, receive_perms, send_perms
 
 # Properties never copied by --preserve-properties: they would clash with the
 # source's mounts and shares or cannot be set on receive.
@@ -62,6 +63,7 @@ class ReplicateOptions:
     exclude: list[str] = field(default_factory=list)
     preserve_properties: bool = False
     dry_run: bool = False
+    stream_opts: StreamOptions = field(default_factory=StreamOptions)
 
 
 @dataclass
@@ -272,6 +274,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     # Plan against the sync snapshot-to-be first: a refusal must leave the source untouched too.
     planned_ds = _with_planned_snapshot(src_ds, snap_name) if ropts.sync_snap else src_ds
     plan = await _plan(src, dst, planned_ds, dst_ds, dst_name, policy)
+    flags, encryption = await _stream_flags(src, dst, src_name, dst_name, dst_ds, plan, ropts.stream_opts)
     if ropts.sync_snap and ropts.dry_run:
         emit("would_snapshot", snapshot=snap_name)
         src_ds = planned_ds
@@ -283,8 +286,9 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     else:
         src_ds = planned_ds
     src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps)
-    props = await _props(src, dst, src_name, ropts, emit)
-    emit("dataset_plan", source=src_name, target=dst_name, up_to_date=plan.up_to_date,
+    props = ropts.stream_opts.receive.merge(await _props(src, dst, src_name, ropts, emit))
+    emit("dataset_plan", source=src_name, target=dst_name, up_to_date=plan.up_to_date, send_flags=list(flags),
+         encryption=encryption,
          steps=[s.describe() for s in plan.steps],
          rollback=plan.rollback_to.name if plan.rollback_to else None, destroys=list(plan.destroys),
          destroy_target=plan.destroy_target, hold=f"zchunk_{policy.identifier}",
@@ -293,15 +297,17 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     if ropts.dry_run:
         return DatasetOutcome(src_name, dst_name, "planned")
     await _prepare_target(dst, dst_name, plan, emit)
+    excluded = ropts.stream_opts.receive.excluded if "x" in dst.rep.features.recv_flags else ()
     tag = f"zchunk_{policy.identifier}"
     if plan.common is not None and plan.target_common is not None:
         await _hold(src, tag, plan.common.name, emit)
         await _hold(dst, tag, plan.target_common.name, emit)
     for step in plan.steps:
-        spec = StreamSpec(step, _recv_flags(dst), props if dst.rep.features.receive_props else ())
+        spec = StreamSpec(step, _recv_flags(dst), props if dst.rep.features.receive_props else (),
+                          send_flags=flags, recv_excluded=excluded)
         results.append(await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_name),
                                         _label(dst, dst_name), spec, opts, store, emit))
-        if props and not dst.rep.features.receive_props and step.base is None:
+        if props and not dst.rep.features.receive_props:  # every stream: a changed value too
             await _set_props(dst, dst_name, props)
         if not dst.rep.features.receive_unmounted:
             await _keep_unmounted(dst, dst_name, step.base is None, emit)
@@ -427,6 +433,38 @@ async def _plan(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset | None, d
     plan = plan_replication(src_ds, dst_ds, dst_name, policy, _label(src, src_ds.name), _label(dst, dst_name),
                             target_changed=changed, bookmarks=bookmarks)
     return plan
+
+
+async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_ds: Dataset | None,
+                        plan: ReplicationPlan, sopts: StreamOptions) -> tuple[tuple[str, ...], str | None]:
+    """The send flags of this dataset's streams (``flags.send_flags``) and what becomes of its encryption,
+    said in the plan; refuses (exit 4), before the sync snapshot, what zfs would refuse late: a raw stream
+    onto an unencrypted replica, a decrypted one into a target whose key is not loaded."""
+    enc = await src.zfs.encryption(src_name) if src.rep.features.encryption else UNENCRYPTED
+    flags = send_flags(_label(src, src_name), _label(dst, dst_name), src.rep.features, dst.rep.features, enc,
+                       sopts)
+    if not plan.steps or not dst.rep.features.encryption:
+        return flags, ("raw: the replica keeps the source's keys and is never decrypted on the target"
+                       if "-w" in flags else None)
+    target = _label(dst, dst_name)
+    replaced = dst_ds is None or plan.destroy_target
+    where = dst_name.rsplit("/", 1)[0] if replaced else dst_name
+    dst_enc = await dst.zfs.encryption(where) if "/" in where or not replaced else UNENCRYPTED
+    if "-w" in flags:
+        if not replaced and not dst_enc.on:
+            raise E.RawOntoUnencrypted(target=target, source=_label(src, src_name))
+        return flags, "raw: the replica keeps the source's keys and is never decrypted on the target"
+    if not dst_enc.on:
+        return flags, "decrypted (--no-raw): the replica is not encrypted" if enc.on else None
+    if dst_enc.keystatus != "available":
+        if replaced:
+            raise E.TargetKeyNotLoaded(target=target, why=f"would be encrypted under its parent {where}'s key",
+                                       root=dst_enc.root, instead="replicate under a parent that is not encrypted")
+        raise E.TargetKeyNotLoaded(target=target, why="is encrypted (a raw replica) and is sent decrypted",
+                                   root=dst_enc.root, instead="leave out --no-raw: raw streams need no key")
+    if replaced:
+        return flags, f"encrypted on the target under {dst_enc.root}'s key (its parent {where} is encrypted)"
+    return flags, f"encrypted on the target under {dst_enc.root}'s key"
 
 
 def _target_at_common(src_ds: Dataset, dst_ds: Dataset | None) -> bool:

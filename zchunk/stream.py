@@ -95,6 +95,8 @@ class StreamSpec:
     recv_flags: tuple[str, ...] = ()
     recv_props: tuple[tuple[str, str], ...] = ()  # receive -o name=value
     resume_token: str | None = None  # send -t TOKEN instead of the plan's snapshots
+    send_flags: tuple[str, ...] = ()  # -L -e -c -w ... (none with a token: it carries the original's)
+    recv_excluded: tuple[str, ...] = ()  # receive -x name
 
     def describe(self) -> str:
         return (f"resume of {self.plan.snapshot.name} from its receive token" if self.resume_token
@@ -110,10 +112,11 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamS
     plan = spec.plan
     if role == "send":
         cfg["send"] = {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
-                       "intermediates": plan.intermediates, "flags": [], "token": spec.resume_token}
+                       "intermediates": plan.intermediates,
+                       "flags": [] if spec.resume_token else list(spec.send_flags), "token": spec.resume_token}
     else:
         cfg["receive"] = {"target": rec.target_dataset, "flags": list(spec.recv_flags),
-                          "props": dict(spec.recv_props)}
+                          "props": dict(spec.recv_props), "excluded": list(spec.recv_excluded)}
     return cfg
 
 
@@ -152,7 +155,7 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
     """Negotiate, start both agents in fresh session directories, move the stream, verify, clean up."""
     plan = spec.plan
     codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
-    estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features)
+    estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features, spec.send_flags)
     emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
          base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
     rec = SessionRecord(

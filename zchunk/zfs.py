@@ -44,6 +44,22 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class Encryption:
+    """A dataset's native encryption, as ``zfs get`` shows it."""
+
+    cipher: str  # "off" when not encrypted
+    keystatus: str  # available | unavailable | "-" (not encrypted)
+    root: str  # encryptionroot, "" when not encrypted
+
+    @property
+    def on(self) -> bool:
+        return self.cipher not in ("off", "-", "")
+
+
+UNENCRYPTED = Encryption("off", "-", "")
+
+
+@dataclass(frozen=True)
 class Features:
     """What one host's zfs can do, read from its usage text."""
 
@@ -83,6 +99,15 @@ class Features:
     @property
     def receive_unmounted(self) -> bool:
         return "u" in self.recv_flags
+
+    @property
+    def encryption(self) -> bool:
+        """Native encryption: raw sends (``send -w``) and the ``encryption`` property (OpenZFS >= 0.8)."""
+        return "w" in self.send_flags
+
+    def compact_send_flags(self) -> tuple[str, ...]:
+        """``-L -e -c`` where this zfs sends them: large blocks whole, embedded data, blocks as stored."""
+        return tuple(f"-{f}" for f in "Lec" if f in self.send_flags)
 
     def summary(self) -> dict[str, object]:
         return {"implementation": self.implementation, "version": self.version, "holds": self.holds,
@@ -253,10 +278,12 @@ class Zfs:
                         parse_usage_flags((recv.stdout + recv.stderr).decode(), "receive"), version,
                         parse_commands((top.stdout + top.stderr).decode()))
 
-    async def estimate(self, snapshot: Snapshot, base: Snapshot | None, features: Features) -> int:
-        """Stream size: ``zfs send -nP`` where supported, else referenced sizes."""
+    async def estimate(self, snapshot: Snapshot, base: Snapshot | None, features: Features,
+                       flags: tuple[str, ...] = ()) -> int:
+        """Stream size: ``zfs send -nP`` (with the send's own flags: ``-c``/``-w`` streams are smaller) where
+        supported, else referenced sizes."""
         if features.send_estimate:
-            args = ["send", "-nP"] + (["-I", base.name] if base else []) + [snapshot.name]
+            args = ["send", "-nP", *flags] + (["-I", base.name] if base else []) + [snapshot.name]
             res = await self.run(*args, check=False)
             for line in reversed((res.stdout + res.stderr).decode().splitlines()):
                 parts = line.split()
@@ -290,6 +317,16 @@ class Zfs:
         res = await self.run("get", "-H", "-p", "-o", "value", prop, name, check=False)
         value = res.stdout.decode().strip()
         return value if res.status == 0 and value not in ("", "-") else None
+
+    async def encryption(self, name: str) -> Encryption:
+        """``name``'s encryption; UNENCRYPTED where this zfs has none (zfs-fuse: no such property)."""
+        res = await self.run("get", "-H", "-o", "property,value", "encryption,keystatus,encryptionroot", name,
+                             check=False)
+        if res.status != 0:
+            return UNENCRYPTED
+        props = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+        root = props.get("encryptionroot", "-")
+        return Encryption(props.get("encryption", "off"), props.get("keystatus", "-"), "" if root == "-" else root)
 
     async def local_props(self, name: str) -> dict[str, str]:
         res = await self.run("get", "-H", "-p", "-s", "local", "-o", "property,value", "all", name)
