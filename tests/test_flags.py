@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from zchunk import errors as E
-from zchunk.flags import ReceiveProperties, StreamOptions, parse_recv_options, parse_send_options, send_flags, \
-    stream_options
+from zchunk.flags import (
+    ReceiveProperties,
+    StreamOptions,
+    parse_recv_options,
+    parse_send_options,
+    send_flags,
+    stream_options,
+)
 from zchunk.zfs import UNENCRYPTED, Encryption, Features
 
 OPENZFS = Features(frozenset("DLPbcehnpsVvwiIRt"), frozenset("vMnsFhuoxde"), "zfs-2.3.2",
@@ -23,8 +29,10 @@ ENCRYPTED = Encryption("aes-256-gcm", "available", "pool/enc")
 LOCKED = Encryption("aes-256-gcm", "unavailable", "pool/enc")
 
 
-def flags(src: Features, dst: Features, enc: Encryption = UNENCRYPTED, **kw: object) -> tuple[str, ...]:
-    return send_flags("a:pool/src", "b:tank/dst", src, dst, enc, StreamOptions(**kw))  # type: ignore[arg-type]
+def flags(src: Features, dst: Features, enc: Encryption = UNENCRYPTED, into_encrypted: bool = False,
+          **kw: object) -> tuple[str, ...]:
+    return send_flags("a:pool/src", "b:tank/dst", src, dst, enc, StreamOptions(**kw),  # type: ignore[arg-type]
+                      into_encrypted=into_encrypted)
 
 
 def test_openzfs_to_openzfs_sends_large_embedded_compressed_blocks() -> None:
@@ -39,6 +47,13 @@ def test_a_legacy_zfs_on_either_side_gets_plain_streams(src: Features, dst: Feat
 def test_an_encrypted_source_is_sent_raw_unless_no_raw() -> None:
     assert flags(OPENZFS, OPENZFS, ENCRYPTED) == ("-L", "-e", "-c", "-w")
     assert flags(OPENZFS, OPENZFS, ENCRYPTED, raw=False) == ("-L", "-e", "-c")
+
+
+def test_into_an_encrypted_target_a_decrypted_stream_carries_no_embedded_data() -> None:
+    assert flags(OPENZFS, OPENZFS, into_encrypted=True) == ("-L", "-c")
+    assert flags(OPENZFS, OPENZFS, ENCRYPTED, into_encrypted=True) == ("-L", "-e", "-c", "-w"), "raw keeps it"
+    with pytest.raises(E.UsageError, match="embedded data only in raw"):
+        flags(OPENZFS, OPENZFS, into_encrypted=True, send=("-e",))
 
 
 def test_raw_to_a_zfs_without_encryption_is_refused_naming_no_raw() -> None:

@@ -34,6 +34,12 @@ class Run:
         assert res, f"no result event; stderr:\n{self.stderr}"
         return res[-1]
 
+    def error(self) -> dict[str, Any]:
+        """The run's error event (``--json``): error, message, hint, exit_code."""
+        errors = self.of("error")
+        assert errors, f"no error event; exit {self.returncode}; stderr:\n{self.stderr}"
+        return errors[-1]
+
     def explain(self) -> str:
         return (f"$ {' '.join(self.argv)}\nexit {self.returncode}\n"
                 f"stdout:\n{self.stdout[-4000:]}\nstderr:\n{self.stderr[-4000:]}")

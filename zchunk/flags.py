@@ -180,9 +180,17 @@ def _allowed(table: dict[str, str]) -> str:
 
 
 def send_flags(source: str, target: str, src: Features, dst: Features, enc: Encryption,
-               opts: StreamOptions) -> tuple[str, ...]:
-    """The flags of every stream of this dataset, or a refusal (exit 4) naming what cannot work and the fix."""
+               opts: StreamOptions, into_encrypted: bool = False) -> tuple[str, ...]:
+    """The flags of every stream of this dataset, or a refusal (exit 4) naming what cannot work and the fix.
+    ``into_encrypted``: the stream lands in an encrypted dataset (or under an encrypted parent), which takes
+    no embedded data unless the stream is raw ("incompatible embedded data stream feature")."""
     flags: list[str] = list(src.compact_send_flags()) if dst.openzfs and src.openzfs else []
+    raw = enc.on and opts.raw
+    if into_encrypted and not raw:
+        if "-e" in opts.send:
+            raise E.UsageError(reason=f"--send-option -e: {target} is encrypted, and an encrypted dataset receives "
+                               "embedded data only in raw streams")
+        flags = [f for f in flags if f != "-e"]
     if enc.on and opts.raw:
         if not dst.encryption:
             raise E.RawNeedsEncryption(source=source, target=target, target_zfs=dst.implementation)

@@ -441,18 +441,16 @@ async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_
     said in the plan; refuses (exit 4), before the sync snapshot, what zfs would refuse late: a raw stream
     onto an unencrypted replica, a decrypted one into a target whose key is not loaded."""
     enc = await src.zfs.encryption(src_name) if src.rep.features.encryption else UNENCRYPTED
-    flags = send_flags(_label(src, src_name), _label(dst, dst_name), src.rep.features, dst.rep.features, enc,
-                       sopts)
-    if not plan.steps or not dst.rep.features.encryption:
-        return flags, ("raw: the replica keeps the source's keys and is never decrypted on the target"
-                       if "-w" in flags else None)
-    target = _label(dst, dst_name)
     replaced = dst_ds is None or plan.destroy_target
-    where = dst_name.rsplit("/", 1)[0] if replaced else dst_name
-    dst_enc = await dst.zfs.encryption(where) if "/" in where or not replaced else UNENCRYPTED
+    where = dst_name.rsplit("/", 1)[0] if replaced else dst_name  # what the stream lands in or on
+    dst_enc = UNENCRYPTED
+    if plan.steps and dst.rep.features.encryption and (where != dst_name or not replaced):
+        dst_enc = await dst.zfs.encryption(where)
+    source, target = _label(src, src_name), _label(dst, dst_name)
+    flags = send_flags(source, target, src.rep.features, dst.rep.features, enc, sopts, into_encrypted=dst_enc.on)
     if "-w" in flags:
-        if not replaced and not dst_enc.on:
-            raise E.RawOntoUnencrypted(target=target, source=_label(src, src_name))
+        if plan.steps and not replaced and not dst_enc.on:
+            raise E.RawOntoUnencrypted(target=target, source=source)
         return flags, "raw: the replica keeps the source's keys and is never decrypted on the target"
     if not dst_enc.on:
         return flags, "decrypted (--no-raw): the replica is not encrypted" if enc.on else None
