@@ -273,6 +273,37 @@ def test_incompressible_data_is_stored_with_codec_none(codec: int) -> None:
     assert decode_chunk(blob, 3) == INCOMPRESSIBLE
 
 
+def encoded(pieces: list[bytes], codec: int, skip: bool = True) -> bytes:
+    enc = agent.ChunkEncoder(codec, None, HASH_BLAKE2B, skip_incompressible=skip)
+    for p in pieces:
+        enc.update(p)
+    return b"".join(enc.finish(4))
+
+
+TEXT = b"".join(b"line %d of a log that compresses well\n" % i for i in range(30000))  # ~1 MiB
+NOISE = os.urandom(1 << 20)
+
+
+@pytest.mark.parametrize("codec", [CODEC_ZLIB, pytest.param(CODEC_ZSTD, marks=needs_fast)])
+def test_a_chunk_whose_first_piece_does_not_compress_is_stored_without_compressing(codec: int) -> None:
+    blob = encoded([NOISE, TEXT[:1000]], codec)
+    hdr = check_stored(blob)
+    assert hdr.codec == CODEC_NONE and hdr.stored_len == hdr.raw_len == len(NOISE) + 1000
+    assert decode_chunk(blob, 4) == NOISE + TEXT[:1000]
+    kept = check_stored(encoded([NOISE, TEXT[:1000]], codec, skip=False))
+    assert kept.codec == codec, "without the skip the codec is tried (and costs CPU)"
+
+
+@pytest.mark.parametrize("codec", [CODEC_ZLIB, pytest.param(CODEC_ZSTD, marks=needs_fast)])
+def test_a_chunk_whose_first_piece_compresses_keeps_its_codec(codec: int) -> None:
+    blob = encoded([TEXT, NOISE[:4096]], codec)
+    hdr = check_stored(blob)
+    assert hdr.codec == codec and hdr.stored_len < len(TEXT) // 4
+    assert decode_chunk(blob, 4) == TEXT + NOISE[:4096]
+    small = check_stored(encoded([INCOMPRESSIBLE], codec))
+    assert small.codec == codec, "a piece too small to sample is not judged"
+
+
 def test_empty_chunk_round_trips() -> None:
     blob = encode_chunk(0, b"", CODEC_ZLIB, None, HASH_BLAKE2B)
     assert check_stored(blob).codec == CODEC_NONE

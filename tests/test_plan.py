@@ -125,3 +125,16 @@ def test_volume_to_volume_is_fine() -> None:
 def test_empty_target_dataset_has_no_common_snapshot() -> None:
     with pytest.raises(NoCommonSnapshot):
         plan(SOURCE, dataset(DST))
+
+
+def test_target_prunes_name_the_target_snapshots_that_arrive() -> None:
+    from zchunk.plan import Policy, plan_replication, sync_snapshot_name
+    from zchunk.replicate import _prunes
+
+    own = [sync_snapshot_name("x", "h", t) for t in (1e9, 1e9 + 60, 1e9 + 120)]
+    src = dataset("p/src", *(snap("p/src", n, 10 + i, 100 + i) for i, n in enumerate(own)))
+    dst = dataset("t/dst", snap("t/dst", own[0], 10, 7))
+    plan = plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst")
+    src_prunes, dst_prunes = _prunes(src, dst, plan, "x", keep=1)
+    assert [s.name for s in src_prunes] == [f"p/src@{own[0]}", f"p/src@{own[1]}"]
+    assert [s.name for s in dst_prunes] == [f"t/dst@{own[0]}", f"t/dst@{own[1]}"], "not the source's names"

@@ -189,7 +189,7 @@ def test_dry_run_changes_nothing_and_shows_the_plan(zc: Zchunk, pools: Any) -> N
 def test_recursive_with_exclusions_and_a_failing_child(zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools
     root = make_source(src_pool, 1 * MiB, seed=52, name="tree")
-    for child in ("a", "b", "skipme", "noprop", "a/deep"):
+    for child in ("a", "b", "skipme", "noprop", "a/deep", "skipme/under"):
         zfs("create", f"{root}/{child}")
         lab.write_dataset(mountpoint(f"{root}/{child}") / "f", 256 << 10, seed=len(child))
     zfs("set", "zchunk:sync=false", f"{root}/noprop")
@@ -203,7 +203,8 @@ def test_recursive_with_exclusions_and_a_failing_child(zc: Zchunk, pools: Any) -
         assert snapshot_digest(f"{dst + child}@{newest}") == snapshot_digest(f"{root + child}@{newest}")
     assert not exists(f"{dst}/skipme") and not exists(f"{dst}/noprop")
     skipped = {e["source"]: e["reason"] for e in run.of("dataset_skipped")}
-    assert skipped == {f"{root}/skipme": "matches --exclude", f"{root}/noprop": "zchunk:sync=false"}
+    assert skipped == {f"{root}/skipme": "matches --exclude", f"{root}/noprop": "zchunk:sync=false",
+                       f"{root}/skipme/under": f"its parent {root}/skipme is skipped"}, "the hierarchy, as send -X"
     # one child diverges: the others still replicate, exit code says partial
     zfs("snapshot", f"{dst}/b@diverged")
     for child in ("", "/a", "/b"):

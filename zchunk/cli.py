@@ -245,8 +245,9 @@ def sync(
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset "
                                    "(parents first, one session each)."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="With -r: skip datasets whose name "
-                                                "matches this regex (repeatable). A dataset with the user "
-                                                "property zchunk:sync=false is skipped too."),
+                                                "matches this regex (repeatable), and their children (as zfs "
+                                                "send -X). A dataset with the user property zchunk:sync=false "
+                                                "is skipped too."),
     identifier: Optional[str] = typer.Option(None, "--identifier", help="Names this replication's sync "
                                              "snapshots (zchunk_<identifier>_<host>_<UTC time>) and holds; "
                                              "default: derived from TARGET."),
@@ -257,7 +258,8 @@ def sync(
     include_snaps: Optional[list[str]] = typer.Option(None, "--include-snaps", help="Send only snapshots "
                                                       "matching this regex (repeatable)."),
     exclude_snaps: Optional[list[str]] = typer.Option(None, "--exclude-snaps", help="Do not send snapshots "
-                                                      "matching this regex (repeatable)."),
+                                                      "matching this regex (repeatable); zchunk's own sync "
+                                                      "snapshot is always sent (it is what the run sends)."),
     keep_sync_snaps: int = typer.Option(1, "--keep-sync-snaps", help="How many of zchunk's own sync "
                                         "snapshots (this identifier) to keep on each side."),
     rollback: bool = typer.Option(False, "--rollback", help="Allow rolling the target back to the common "

@@ -11,6 +11,7 @@ sync snapshots of this identifier. ``dry_run`` plans and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 import time
@@ -214,13 +215,16 @@ async def _datasets(src: Side, dst: Side, recursive: bool, excludes: tuple[re.Pa
         return [(root, troot)]
     await src.zfs.require(root)
     pairs = []
+    skipped: list[str] = []  # a skipped dataset's children go too (as zfs send -X): their parent is missing
     for name, _type, prop in await src.zfs.children(root):
         rel = name[len(root):]
-        if any(p.search(name) for p in excludes):
-            emit("dataset_skipped", source=name, reason="matches --exclude")
-            continue
-        if prop.strip().lower() == "false":
-            emit("dataset_skipped", source=name, reason="zchunk:sync=false")
+        under = next((s for s in skipped if name.startswith(s + "/")), None)
+        reason = (f"its parent {under} is skipped" if under is not None
+                  else "matches --exclude" if any(p.search(name) for p in excludes)
+                  else "zchunk:sync=false" if prop.strip().lower() == "false" else None)
+        if reason is not None:
+            emit("dataset_skipped", source=name, reason=reason)
+            skipped.append(name)
             continue
         pairs.append((name, check_dataset_name(troot + rel)))
     return pairs
@@ -480,7 +484,7 @@ def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, iden
     src_list = prune_list(src_ds.snapshots, identifier, keep, protect)
     kept = () if dst_ds is None or plan.destroy_target else tuple(
         s for s in dst_ds.snapshots if s.name not in plan.destroys)
-    arriving = tuple(_arriving(src_ds, plan))
+    arriving = tuple(dataclasses.replace(s, name=f"{plan.target}@{s.short}") for s in _arriving(src_ds, plan))
     return src_list, prune_list(kept + arriving, identifier, keep, protect)
 
 
