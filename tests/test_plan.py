@@ -138,3 +138,28 @@ def test_target_prunes_name_the_target_snapshots_that_arrive() -> None:
     src_prunes, dst_prunes = _prunes(src, dst, plan, "x", keep=1)
     assert [s.name for s in src_prunes] == [f"p/src@{own[0]}", f"p/src@{own[1]}"]
     assert [s.name for s in dst_prunes] == [f"t/dst@{own[0]}", f"t/dst@{own[1]}"], "not the source's names"
+
+
+def test_own_sync_snapshots_gone_from_the_source_are_rolled_back_over_only_when_unwritten() -> None:
+    from zchunk.plan import Policy, plan_replication, sync_snapshot_name
+
+    old = sync_snapshot_name("x", "h", 1e9)
+    src = dataset("p/src", snap("p/src", "s1", 1, 10), snap("p/src", "s2", 3, 30))
+    dst = dataset("t/dst", snap("t/dst", "s1", 1, 5), snap("t/dst", old, 2, 6))
+    plan = plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst", target_changed=False)
+    assert plan.rollback_to is not None and plan.rollback_to.name == "t/dst@s1" and plan.destroys == (f"t/dst@{old}",)
+    for changed in (True, None):  # written after it, or this zfs cannot tell: the user decides
+        with pytest.raises(TargetDiverged):
+            plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst", target_changed=changed)
+    with pytest.raises(TargetDiverged):  # another identifier's (another target's) is not ours to drop
+        plan_replication(src, dst, "t/dst", Policy("y"), "p/src", "t/dst", target_changed=False)
+
+
+def test_a_recreated_snapshot_is_named_as_such() -> None:
+    from zchunk.plan import Policy, plan_replication
+
+    src = dataset("p/src", snap("p/src", "s1", 1, 10), snap("p/src", "s2", 3, 30))
+    dst = dataset("t/dst", snap("t/dst", "s1", 1, 5), snap("t/dst", "s2", 2, 6))
+    with pytest.raises(TargetDiverged) as e:
+        plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst", target_changed=False)
+    assert "@s2 on the target is not the source's" in str(e.value) and "re-created" in str(e.value)

@@ -176,21 +176,37 @@ def plan_replication(source: Dataset, target: Dataset | None, target_name: str, 
                                    tuple(_chain(source.name, target_name, None, selected, policy)),
                                    destroy_target=True)
         raise _no_common(source, target, source_label, target_label)
-    newer_on_target = tuple(s.name for s in target.snapshots if s.createtxg > tgt_common.createtxg)
+    newer = [s for s in target.snapshots if s.createtxg > tgt_common.createtxg]
+    newer_on_target = tuple(s.name for s in newer)
     rollback_to = None
     if policy.rollback and target_changed is None:
         rollback_to = tgt_common  # this zfs can't say whether the target changed: with --rollback, make sure
     if newer_on_target or target_changed:
-        if not policy.rollback:
-            what = (f"target-only snapshots newer than it: {', '.join(newer_on_target)}" if newer_on_target
-                    else "data written on the target since then")
+        # Our own sync snapshots whose source snapshot is gone (a run killed mid-transfer, its snapshot then
+        # destroyed on the source, delivered by the next run) hold nothing a later sync snapshot would not
+        # replace: rolled back over like any pruned sync snapshot, if nothing was written after them.
+        ours = bool(newer) and target_changed is False and all(
+            is_own_sync_snapshot(s.short, policy.identifier) for s in newer)
+        if not policy.rollback and not ours:
             raise TargetDiverged(target=target_label, common=tgt_common.short, common_full=tgt_common.name,
-                                 reason=f"{what}; they would be lost (--rollback allows it)")
+                                 reason=_divergence(source, newer, bool(target_changed)))
         rollback_to = tgt_common
     todo = [s for s in selected if s.createtxg > base.createtxg]
     steps = _chain(source.name, target_name, base, todo, policy)
     return ReplicationPlan(source.name, target_name, tuple(steps), base if "#" not in base.name else None,
                            tgt_common, rollback_to, newer_on_target)
+
+
+def _divergence(source: Dataset, newer: list[Snapshot], written: bool) -> str:
+    if not newer:
+        return "data written on the target since then; it would be lost (--rollback allows it)"
+    by_name = {s.short: s for s in source.snapshots}
+    clash = [s.short for s in newer if s.short in by_name and by_name[s.short].guid != s.guid]
+    what = f"target-only snapshots newer than it: {', '.join(s.name for s in newer)}"
+    if clash:
+        what += (f" ({', '.join('@' + c for c in clash)} on the target is not the source's: same name, another "
+                 "guid, so the source's was destroyed and re-created; --rollback replaces it with the source's)")
+    return f"{what}; they would be lost (--rollback allows it)"
 
 
 def _no_common(source: Dataset, target: Dataset, source_label: str, target_label: str) -> NoCommonSnapshot:

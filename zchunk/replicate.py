@@ -277,7 +277,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     snap_name = f"{src_name}@{sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())}"
     # Plan against the sync snapshot-to-be first: a refusal must leave the source untouched too.
     planned_ds = _with_planned_snapshot(src_ds, snap_name) if ropts.sync_snap else src_ds
-    plan = await _plan(src, dst, planned_ds, dst_ds, dst_name, policy)
+    changed = await _target_changed(dst, dst_ds, ropts.dry_run)
+    plan = await _plan(src, dst, planned_ds, dst_ds, dst_name, policy, changed)
     flags, encryption = await _stream_flags(src, dst, src_name, dst_name, dst_ds, plan, ropts.stream_opts)
     if ropts.sync_snap and ropts.dry_run:
         emit("would_snapshot", snapshot=snap_name)
@@ -286,7 +287,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         await src.zfs.snapshot(snap_name)
         emit("snapshot", snapshot=snap_name)
         src_ds = await src.zfs.require(src_name)
-        plan = await _plan(src, dst, src_ds, dst_ds, dst_name, policy)
+        plan = await _plan(src, dst, src_ds, dst_ds, dst_name, policy, changed)
     else:
         src_ds = planned_ds
     src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps)
@@ -300,9 +301,9 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
          properties=props, dry_run=ropts.dry_run)
     if ropts.dry_run:
         return DatasetOutcome(src_name, dst_name, "planned")
-    await _prepare_target(dst, dst_name, plan, emit)
-    excluded = ropts.stream_opts.receive.excluded if "x" in dst.rep.features.recv_flags else ()
     tag = f"zchunk_{policy.identifier}"
+    await _prepare_target(dst, dst_name, plan, tag, emit)
+    excluded = ropts.stream_opts.receive.excluded if "x" in dst.rep.features.recv_flags else ()
     if plan.common is not None and plan.target_common is not None:
         await _hold(src, tag, plan.common.name, emit)
         await _hold(dst, tag, plan.target_common.name, emit)
@@ -424,19 +425,19 @@ def _with_planned_snapshot(ds: Dataset, name: str) -> Dataset:
 
 
 async def _plan(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset | None, dst_name: str,
-                policy: Policy) -> ReplicationPlan:
-    changed = None
+                policy: Policy, changed: bool | None) -> ReplicationPlan:
     bookmarks: tuple[Snapshot, ...] = ()
-    if dst_ds is not None:
-        written = await dst.zfs.prop(dst_ds.name, "written")
-        changed = bool(written and written.isdigit() and int(written) > 0) if written is not None else None
-        if src.rep.features.bookmarks:
-            bookmarks = await src.zfs.bookmarks(src_ds.name)
-    if changed is not None:
-        changed = changed and _target_at_common(src_ds, dst_ds)
-    plan = plan_replication(src_ds, dst_ds, dst_name, policy, _label(src, src_ds.name), _label(dst, dst_name),
+    if dst_ds is not None and src.rep.features.bookmarks:
+        bookmarks = await src.zfs.bookmarks(src_ds.name)
+    return plan_replication(src_ds, dst_ds, dst_name, policy, _label(src, src_ds.name), _label(dst, dst_name),
                             target_changed=changed, bookmarks=bookmarks)
-    return plan
+
+
+async def _target_changed(dst: Side, dst_ds: Dataset | None, dry_run: bool) -> bool | None:
+    """Was the target written after its newest snapshot? None: no target, or this zfs cannot tell."""
+    if dst_ds is None or dst_ds.newest is None:
+        return None
+    return await dst.zfs.changed_since(dst_ds.name, dst_ds.newest.name, probe=not dry_run)
 
 
 async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_ds: Dataset | None,
@@ -467,13 +468,6 @@ async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_
     if replaced:
         return flags, f"encrypted on the target under {dst_enc.root}'s key (its parent {where} is encrypted)"
     return flags, f"encrypted on the target under {dst_enc.root}'s key"
-
-
-def _target_at_common(src_ds: Dataset, dst_ds: Dataset | None) -> bool:
-    """``written`` counts bytes since the target's newest snapshot: meaningful only if that one is common."""
-    if dst_ds is None or dst_ds.newest is None:
-        return False
-    return dst_ds.newest.guid in src_ds.by_guid()
 
 
 def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, identifier: str,
@@ -533,12 +527,19 @@ def _recv_flags(dst: Side) -> tuple[str, ...]:
     return tuple(flag for flag, ok in (("-u", f.receive_unmounted), ("-s", f.resume_tokens)) if ok)
 
 
-async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, emit: Emitter) -> None:
+async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, tag: str, emit: Emitter) -> None:
+    """--force-delete's destroy and --rollback's rollback; a hold of ours on what goes (an earlier run's base)
+    is released first, or zfs would refuse ("dataset is busy"). Anyone else's hold still refuses."""
     if plan.destroy_target:
         emit("destroying", target=_label(dst, dst_name), reason="--force-delete and no common snapshot")
+        if dst.rep.features.holds:
+            await asyncio.gather(*(dst.zfs.release(tag, s) for s in await dst.zfs.held_snapshots(dst_name)))
         await dst.zfs.destroy(dst_name, "-r")
     elif plan.rollback_to is not None:
         emit("rolling_back", target=_label(dst, dst_name), to=plan.rollback_to.name, destroys=list(plan.destroys))
+        if dst.rep.features.holds and plan.destroys:
+            held = set(await dst.zfs.held_snapshots(dst_name))
+            await asyncio.gather(*(dst.zfs.release(tag, s) for s in plan.destroys if s in held))
         await dst.zfs.rollback(plan.rollback_to.name, destroy_newer=bool(plan.destroys))
 
 
