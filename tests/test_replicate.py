@@ -154,6 +154,23 @@ def test_written_target_rolls_back_only_with_rollback(zc: Zchunk, pools: Any) ->
     assert_replica(src, dst, "s2")
 
 
+def test_encryption_options_where_zfs_has_no_encryption_say_so(zc: Zchunk, pools: Any, tier: str) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 256 << 10, seed=95)
+    dst = f"{dst_pool.name}/r"
+    run = zc.run("sync", src, dst, "--no-raw", "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    notes = [n["detail"] for n in run.of("note")]
+    if tier == "openzfs":
+        assert not any("no encryption" in n for n in notes), notes
+        return
+    assert any("has no encryption: --no-raw changes nothing" in n for n in notes), notes
+    add_change(src, 64 << 10, seed=96, snap="s2")
+    refused = zc.run("sync", src, dst, "--send-option", "-w", "--no-sync-snap")
+    assert refused.returncode == 2 and "has no send -w" in refused.error()["message"], refused.explain()
+    assert names(dst) == ["s1"]
+
+
 def test_a_snapshot_destroyed_and_recreated_on_the_source_is_named_and_replaced_with_rollback(
         zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools

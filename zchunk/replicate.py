@@ -280,6 +280,9 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     changed = await _target_changed(dst, dst_ds, ropts.dry_run)
     plan = await _plan(src, dst, planned_ds, dst_ds, dst_name, policy, changed)
     flags, encryption = await _stream_flags(src, dst, src_name, dst_name, dst_ds, plan, ropts.stream_opts)
+    if not ropts.stream_opts.raw and not src.rep.features.encryption:
+        emit("note", host=src.label, detail=f"{src.rep.features.implementation} has no encryption: "
+             "--no-raw changes nothing")
     if ropts.sync_snap and ropts.dry_run:
         emit("would_snapshot", snapshot=snap_name)
         src_ds = planned_ds
