@@ -139,3 +139,24 @@ def test_bad_stream_options_exit_2_with_one_line_before_any_host_is_asked(tmp_pa
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert words in lines[0] and len(lines) <= 2, res.stderr
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_the_agent_builds_zfs_argv_from_named_fields_and_refuses_the_rest() -> None:
+    """The agent's own allowlist (zchunk/agent.py zfs_argv), the last line before a zfs command runs."""
+    from zchunk import agent
+
+    def argv(send: dict[str, object] | None = None, receive: dict[str, object] | None = None) -> list[str]:
+        cfg = {"role": "send", "send": send} if send is not None else {"role": "receive", "receive": receive}
+        return agent.zfs_argv(cfg)
+
+    base = {"snapshot": "p/t@s", "base": None}
+    assert argv({**base, "flags": ["-L", "-w", "-R"], "exclude": ["p/t/a", "p/t/b"]}) == \
+        ["zfs", "send", "-L", "-w", "-R", "-X", "p/t/a,p/t/b", "p/t@s"]
+    assert argv(receive={"target": "b/t", "flags": ["-u"], "props": {"atime": "off"}, "excluded": ["mountpoint"]}) \
+        == ["zfs", "receive", "-u", "-o", "atime=off", "-x", "mountpoint", "b/t"]
+    for bad in ({**base, "flags": ["-p"]}, {**base, "flags": ["-L"], "exclude": ["p/t/a"]},
+                {**base, "flags": ["-R"], "exclude": ["p/t/a,p/u"]}, {**base, "flags": ["-R"], "exclude": ["-F"]}):
+        with pytest.raises(agent.AgentError):
+            argv(bad)
+    with pytest.raises(agent.AgentError):
+        argv(receive={"target": "b/t", "flags": [], "excluded": ["-o"]})

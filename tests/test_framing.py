@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -761,10 +762,40 @@ def test_adaptive_level_is_1_while_the_link_keeps_up_and_3_once_chunks_wait(tmp_
     assert daemon.level() == 1  # empty spool
     chunk = path / "chunks" / (wire.chunk_name(0) + ".chunk")
     chunk.write_bytes(b"x")
-    assert daemon.level() == 1  # just made
+    assert daemon.level() == 1 and daemon.stores_as_is(1)  # just made: chunks that barely compress skip it
     old = time.time() - wire.SLOW_LINK_AGE - 1
     os.utime(chunk, (old, old))
-    assert daemon.level() == 3  # waiting for the link
+    assert daemon.level() == 3 and not daemon.stores_as_is(3)  # waiting for the link: every byte counts
     cfg = json.loads((path / "session.json").read_text())
     (path / "session.json").write_text(json.dumps(dict(cfg, level=6)))
-    assert wire.SenderDaemon(wire.Session(str(path))).level() == 6  # --compress zstd:6 is kept
+    fixed = wire.SenderDaemon(wire.Session(str(path)))
+    assert fixed.level() == 6 and fixed.stores_as_is(6)  # --compress zstd:6 is kept
+
+
+def test_sender_stores_as_is_only_after_a_chunk_that_did_not_compress(tmp_path: Path) -> None:
+    """A first piece that does not compress skips compression only when the chunk before did not compress
+    either: a stream of already compressed blocks is stored as it is from its second chunk on, while a
+    random extent at the start of an otherwise compressible chunk (a VM image) does not mislead."""
+    rng = random.Random(5)
+    noise = rng.randbytes(2 << 20)
+    text = b"".join(b"row %d of a table that compresses\n" % i for i in range(60000))[:2 << 20]
+    stream = noise + noise[::-1] + text + noise[:1 << 20] + text[:1 << 20] + text
+    (tmp_path / "stream").write_bytes(stream)
+    fake_zfs = tmp_path / "fake-zfs"
+    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
+    fake_zfs.chmod(0o755)
+    path = make_session(tmp_path, "send")
+    cfg = json.loads((path / "session.json").read_text())
+    cfg.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []},
+                "chunk_size": 2 << 20, "first_chunk": 2 << 20, "expected_bytes": len(stream),
+                "spool_max": 1 << 30, "codec": "zlib", "level": None})
+    (path / "session.json").write_text(json.dumps(cfg))
+    wire.SenderDaemon(wire.Session(str(path))).run()
+    chunks = sorted((path / "chunks").glob("*.chunk"))
+    codecs = [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).codec for c in chunks]
+    # noise (nothing before it: tried), noise (after noise: stored as is), text (after noise, but its first
+    # piece compresses), noise|text (first piece noise, but the chunk before compressed: tried), text
+    assert codecs == [wire.CODEC_ZLIB, wire.CODEC_NONE, wire.CODEC_ZLIB, wire.CODEC_ZLIB, wire.CODEC_ZLIB], codecs
+    sizes = [len(c.read_bytes()) for c in chunks]
+    assert sizes[3] < 1.6 * (1 << 20), "the mixed chunk was compressed: its text half shrank"
+    assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream

@@ -151,3 +151,40 @@ def test_an_unencrypted_source_lands_encrypted_under_an_encrypted_target_parent(
     assert prop(dst, "encryptionroot") == [vault]
     assert_replica(src, dst, "s1")
 
+
+
+def test_a_recursive_encrypted_tree_keeps_its_encryption_roots(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    root, key = encrypted_source(src_pool, tmp_path, MiB, seed=89, name="t")
+    for child in ("a", "a/deep", "skipme"):
+        zfs("create", f"{root}/{child}")
+    zfs("create", "-o", "encryption=on", "-o", "keyformat=passphrase", "-o", f"keylocation=file://{key}",
+        f"{root}/own")
+    zfs("set", f"mountpoint={src_pool.mountpoint}/elsewhere", f"{root}/a")
+    for n, child in enumerate(("a", "a/deep", "own", "skipme")):
+        lab.write_dataset(mountpoint(f"{root}/{child}") / "f", 256 << 10, seed=90 + n)
+    dst = f"{dst_pool.name}/t"
+    run = zc.run("sync", "-r", root, dst, "--identifier", "tr", "--exclude", "skipme$")
+    assert run.returncode == 0, run.explain()
+    plan = run.of("dataset_plan")[0]
+    assert "-R" in plan["send_flags"] and "keeps their encryption roots" in plan["steps"][0], plan
+    want = {dst: dst, f"{dst}/a": dst, f"{dst}/a/deep": dst, f"{dst}/own": f"{dst}/own"}
+    got = {name: prop(name, "encryptionroot")[0] for name in want}
+    assert got == want, "each inherits from the same encryption root as on the source"
+    assert all(prop(name, "keystatus") == ["unavailable"] for name in want), "no key on the target"
+    assert prop(dst, "keylocation") == ["prompt"] and prop(f"{dst}/own", "keylocation") == ["prompt"]
+    assert zfs("get", "-H", "-o", "source", "mountpoint", f"{dst}/a").strip() != "local", "not copied"
+    assert not exists(f"{dst}/skipme") and not [s for s in snapshots(f"{root}/skipme") if "zchunk_" in s]
+    ours = [s for s in snapshots(root) if "@zchunk_tr_" in s][-1].split("@")[1]
+    assert prop(f"{root}/a/deep@{ours}", "userrefs") == ["1"] and prop(f"{dst}/a/deep@{ours}", "userrefs") == ["1"]
+    for child in ("a", "a/deep"):  # later runs: each dataset incrementally, raw, which keeps the roots
+        add_change(f"{root}/{child}", 128 << 10, seed=95, snap="s2")
+    run = zc.run("sync", "-r", root, dst, "--identifier", "tr", "--exclude", "skipme$")
+    assert run.returncode == 0, run.explain()
+    assert {name: prop(name, "encryptionroot")[0] for name in want} == want
+    open_replica(dst, key)
+    open_replica(f"{dst}/own", key)
+    for child in ("", "/a", "/a/deep", "/own"):  # each dataset's own sync snapshot of the second run
+        newest = [s for s in snapshots(root + child) if "@zchunk_tr_" in s][-1].split("@")[1]
+        assert newest != ours
+        assert_replica(root + child, dst + child, newest)

@@ -197,7 +197,9 @@ SAMPLE = 64 * 1024
 
 
 def looks_incompressible(piece: bytes, codec: int) -> bool:
-    """Three slices of the piece, compressed at level 1: cheap (~0.2 ms per MiB piece) and telling."""
+    """Three slices of the piece, compressed at level 1: cheap (~0.2 ms per MiB piece). A first piece can
+    mislead (a VM image's random extent before a run of zeros), so the sender asks only after a chunk that
+    did not compress either (SenderDaemon.run)."""
     if codec == CODEC_NONE or len(piece) < 4 * SAMPLE:
         return False
     step = (len(piece) - SAMPLE) // 2
@@ -792,7 +794,7 @@ def pid_is_ours(pid: int, session_path: str) -> bool:
 # Daemons
 # --------------------------------------------------------------------------
 
-ALLOWED_SEND_FLAGS = {"-L", "-e", "-c", "-w", "-h"}  # what zchunk.flags may ask for
+ALLOWED_SEND_FLAGS = {"-L", "-e", "-c", "-w", "-h", "-R"}  # zchunk.flags', and -R for an encrypted tree
 ALLOWED_RECV_FLAGS = {"-F", "-u", "-s", "-v", "-e", "-d"}
 
 
@@ -813,9 +815,11 @@ def zfs_argv(cfg: Dict[str, Any]) -> List[str]:
         flags = [f for f in send.get("flags", [])]
         bad = [f for f in flags if f not in ALLOWED_SEND_FLAGS]
         names = [send["snapshot"]] + ([send["base"]] if send.get("base") else [])
-        if bad or not all(valid_zfs_name(n) for n in names):
-            raise AgentError("bad-request", "refusing zfs send arguments %r" % (flags + names))
-        argv = [zfs, "send"] + flags
+        exclude = list(send.get("exclude") or [])
+        if bad or not all(valid_zfs_name(n) for n in names + exclude) or (exclude and "-R" not in flags) \
+                or any("," in n for n in exclude):
+            raise AgentError("bad-request", "refusing zfs send arguments %r" % (flags + names + exclude))
+        argv = [zfs, "send"] + flags + (["-X", ",".join(exclude)] if exclude else [])
         token = send.get("token")
         if token:  # resume a partial receive (OpenZFS resume tokens)
             if not all(c.isalnum() or c == "-" for c in token) or len(token) > 65536:
@@ -849,6 +853,7 @@ def valid_property_name(name: Any) -> bool:
 RESERVE_BYTES = 256 * 1024
 # A chunk this many seconds in the source spool is waiting for the link: compress harder (adaptive level).
 SLOW_LINK_AGE = 2.0
+SLOW_LINK_LEVEL = 3
 
 
 class Daemon:
@@ -991,8 +996,11 @@ class SenderDaemon(Daemon):
         pieces.start()
         stream = new_hasher(sess.hash_alg)
         seq, raw_total, stored_total = 0, 0, 0
+        barely = False  # the last chunk shrank by under 2 %: the next one may be stored as it is
         while True:
-            enc = ChunkEncoder(sess.codec, self.level(), sess.hash_alg)
+            level = self.level()
+            enc = ChunkEncoder(sess.codec, level, sess.hash_alg,
+                               skip_incompressible=barely and self.stores_as_is(level))
             limit = sess.chunk_limit(seq, raw_total)
             while enc.raw_len < limit:
                 piece = pieces.next(limit - enc.raw_len)
@@ -1004,6 +1012,7 @@ class SenderDaemon(Daemon):
                 break
             parts = enc.finish(seq)
             size = sum(len(p) for p in parts)
+            barely = size - CHUNK_HEADER_SIZE > STORE_ABOVE * enc.raw_len
             self.wait_for_room(size)
             self.write_chunk(seq, parts)
             seq += 1
@@ -1030,7 +1039,13 @@ class SenderDaemon(Daemon):
         """
         if self.sess.level is not None or self.sess.codec == CODEC_NONE:
             return self.sess.level
-        return 3 if self.sess.oldest_chunk_age() > SLOW_LINK_AGE else 1
+        return SLOW_LINK_LEVEL if self.sess.oldest_chunk_age() > SLOW_LINK_AGE else 1
+
+    def stores_as_is(self, level: Optional[int]) -> bool:
+        """Whether a chunk that barely compresses (``looks_incompressible``) is stored as it is: that saves
+        CPU and costs under 2 % of its wire bytes, worth it while the link keeps up, not once chunks wait
+        for it (adaptive level 3). A level the user fixed keeps it on."""
+        return self.sess.level is not None or level != SLOW_LINK_LEVEL
 
     def wait_for_room(self, need: int) -> None:
         """Backpressure: while the spool is full we stop reading zfs send (it blocks, never fails)."""

@@ -25,7 +25,7 @@ from .aio import all_of
 from .client import HostAgent
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
-from .flags import StreamOptions, send_flags
+from .flags import KEY_PROPERTIES, StreamOptions, send_flags
 from .plan import (
     Policy,
     ReplicationPlan,
@@ -178,9 +178,18 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
         try:
             emit("preflight", source=src.rep.summary(), target=dst.rep.summary(), identifier=identifier)
             pairs = await _datasets(src, dst, ropts.recursive, excludes, emit)
-            outcomes = []
+            outcomes: list[DatasetOutcome] = []
+            seeded: dict[str, DatasetOutcome] = {}
             for src_name, dst_name in pairs:
+                if src_name in seeded:  # a descendant that came with its encrypted tree's -R stream
+                    outcomes.append(seeded[src_name])
+                    continue
                 try:
+                    tree = await _encrypted_tree(src, dst, src_name, dst_name, pairs, policy, ropts, emit)
+                    if tree is not None:
+                        seeded = await _seed_tree(src, dst, tree, policy, ropts, opts, store, emit)
+                        outcomes.append(seeded.pop(src_name))
+                        continue
                     outcomes.append(await _one(src, dst, src_name, dst_name, policy, ropts, opts, store, emit))
                 except E.ZchunkError as e:
                     if not ropts.recursive:
@@ -244,6 +253,125 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
                 raise
             _restarting(src_name, dst, e, attempt, emit)
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A dataset and its descendants of this run, seeded together by one raw ``zfs send -R`` stream."""
+
+    root: str
+    target: str
+    members: tuple[tuple[str, str], ...]  # (source, target), the root first
+    excluded: tuple[str, ...]  # descendants on the source this run skips (send -R -X)
+
+
+async def _encrypted_tree(src: Side, dst: Side, src_name: str, dst_name: str, pairs: list[tuple[str, str]],
+                          policy: Policy, ropts: ReplicateOptions, emit: Emitter) -> Tree | None:
+    """With -r, an encrypted dataset whose target does not exist yet and below which a dataset inherits its
+    key is seeded with its subtree as one raw ``zfs send -R``: only such a stream keeps the encryption roots
+    on the target (each raw stream of its own makes its dataset an encryption root there: openzfs #15687,
+    zrepl #950). Later runs send each dataset incrementally, raw, which keeps them. None: send it alone."""
+    if not (ropts.recursive and ropts.stream_opts.raw and src.rep.features.encryption
+            and dst.rep.features.encryption and "R" in src.rep.features.send_flags):
+        return None
+    members = tuple(p for p in pairs if p[0] == src_name or p[0].startswith(src_name + "/"))
+    if len(members) < 2 or await dst.zfs.dataset(dst_name) is not None:
+        return None
+    res = await src.zfs.run("get", "-H", "-r", "-t", "filesystem,volume", "-o", "name,value", "encryptionroot",
+                            src_name, dataset=src_name)
+    roots = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+    if roots.get(src_name, "-") == "-" or not any(roots.get(m, "-") not in ("-", m) for m, _ in members[1:]):
+        return None  # not encrypted, or no descendant inherits a key: separate streams lose nothing
+    why = ("--include-snaps/--exclude-snaps" if policy.filtered else "--no-sync-snap" if not ropts.sync_snap
+           else None)
+    excluded = tuple(n for n in roots if n.startswith(src_name + "/") and n not in dict(members))
+    if why is None and excluded and "X" not in src.rep.features.send_flags:
+        why = "--exclude (this zfs has no send -R -X)"
+    if why is not None:
+        emit("note", host=src.label, detail=f"{src_name}: with {why} its encrypted descendants are sent one by "
+             "one, and each becomes its own encryption root on the target (same key)")
+        return None
+    return Tree(src_name, dst_name, members, excluded)
+
+
+async def _seed_tree(src: Side, dst: Side, tree: Tree, policy: Policy, ropts: ReplicateOptions,
+                     opts: SyncOptions, store: StateStore, emit: Emitter) -> dict[str, DatasetOutcome]:
+    """One sync snapshot of the whole subtree (atomic), one raw ``send -R`` of it (``-X`` the excluded),
+    received unmounted without the properties a replica must not have; then the same holds, checks and
+    key location as a dataset sent alone. Outcomes by source dataset."""
+    root, target = tree.root, tree.target
+    await all_of(_check_target_parent(dst, target, None, ropts),
+                 _check_delegation(src, dst, root, target, None, ropts))
+    if not ropts.dry_run:
+        await _other_sessions(dst, target, opts, store, emit)
+    short = sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())
+    flags = send_flags(_label(src, root), _label(dst, target), src.rep.features, dst.rep.features,
+                       await src.zfs.encryption(root), ropts.stream_opts)
+    local = await src.zfs.run("get", "-H", "-r", "-s", "local", "-o", "property", "all", root, dataset=root)
+    props = set(local.stdout.decode().split()) - KEY_PROPERTIES - {"keylocation"}
+    sets = ropts.stream_opts.receive.set
+    keep = set() if not ropts.preserve_properties else props - UNSAFE_PROPERTIES
+    excluded_props = tuple(sorted((props - keep) | set(ropts.stream_opts.receive.excluded)))
+    step = f"full raw -R stream of {root}@{short} and {len(tree.members) - 1} descendants -> {target} " \
+           "(one stream keeps their encryption roots)"
+    emit("dataset_plan", source=root, target=target, up_to_date=False, steps=[step], rollback=None, destroys=[],
+         destroy_target=False, hold=f"zchunk_{policy.identifier}", prune_source=[], prune_target=[],
+         properties=list(sets) + [(p, "(kept)") for p in sorted(keep)], dry_run=ropts.dry_run,
+         send_flags=[*flags, "-R"] + (["-X", ",".join(tree.excluded)] if tree.excluded else []),
+         encryption="raw: the replica keeps the source's keys and encryption roots, never decrypted on the target")
+    if ropts.dry_run:
+        emit("would_snapshot", snapshot=f"{root}@{short}")
+        return {s: DatasetOutcome(s, t, "planned") for s, t in tree.members}
+    await src.zfs.run("snapshot", "-r", f"{root}@{short}", dataset=root, action="snapshot")
+    emit("snapshot", snapshot=f"{root}@{short}")
+    emit("note", host=src.label, detail=f"{root}@{short}: taken with zfs snapshot -r, one moment for the tree")
+    try:
+        snap = (await src.zfs.require(root)).newest
+        assert snap is not None and snap.short == short
+        spec = StreamSpec(SendPlan(root, target, snap, None), _recv_flags(dst), sets, send_flags=(*flags, "-R"),
+                          recv_excluded=excluded_props, send_excluded=tree.excluded)
+        result = await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, root), _label(dst, target),
+                                  spec, opts, store, emit)
+    finally:
+        for name in tree.excluded:  # a sync snapshot only -R needed there: not theirs to keep
+            await src.zfs.destroy(f"{name}@{short}")
+    await _check_tree(src, dst, tree, short)
+    tag = f"zchunk_{policy.identifier}"
+    await _both(_hold_all(src, tag, [f"{s}@{short}" for s, _ in tree.members], emit),
+                _hold_all(dst, tag, [f"{t}@{short}" for _, t in tree.members], emit))
+    await _prompt_for_keys(dst, target)
+    return {s: DatasetOutcome(s, t, "sent", [result] if s == root else []) for s, t in tree.members}
+
+
+async def _check_tree(src: Side, dst: Side, tree: Tree, short: str) -> None:
+    """Every member's snapshot arrived with its guid (the stream's own check covered the root's)."""
+    async def guids(side: Side, names: list[str]) -> list[int | None]:
+        return [await side.zfs.guid(n) for n in names]
+
+    want, got = await _both(guids(src, [f"{s}@{short}" for s, _ in tree.members]),
+                            guids(dst, [f"{t}@{short}" for _, t in tree.members]))
+    for (s, t), a, b in zip(tree.members, want, got):
+        if a is None or a != b:
+            raise E.IntegrityError(reason=f"{t}@{short} did not arrive with the guid of {s}@{short} "
+                                   f"({b} != {a}) after the -R stream")
+
+
+async def _hold_all(side: Side, tag: str, snapshots: list[str], emit: Emitter) -> None:
+    if await _hold(side, tag, snapshots[0], emit):
+        for snapshot in snapshots[1:]:
+            await side.zfs.hold(tag, snapshot)
+
+
+async def _prompt_for_keys(dst: Side, target: str) -> None:
+    """The -R stream brings the source's keylocation (a file path there, say): the replica's encryption roots
+    ask for their key instead, as a raw stream of a single dataset leaves them (key properties are never
+    copied)."""
+    res = await dst.zfs.run("get", "-H", "-r", "-t", "filesystem,volume", "-o", "name,value,source", "keylocation",
+                            target, dataset=target)
+    for line in res.stdout.decode().splitlines():
+        name, value, source = (line.split("\t") + ["", "", ""])[:3]
+        if source == "local" and value not in ("prompt", "none"):
+            await dst.zfs.set(name, "keylocation", "prompt")
 
 
 def _restarting(src_name: str, dst: Side, err: E.ZchunkError, attempt: int, emit: Emitter) -> None:

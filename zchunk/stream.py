@@ -97,6 +97,7 @@ class StreamSpec:
     resume_token: str | None = None  # send -t TOKEN instead of the plan's snapshots
     send_flags: tuple[str, ...] = ()  # -L -e -c -w ... (none with a token: it carries the original's)
     recv_excluded: tuple[str, ...] = ()  # receive -x name
+    send_excluded: tuple[str, ...] = ()  # send -R -X dataset,...
 
     def describe(self) -> str:
         return (f"resume of {self.plan.snapshot.name} from its receive token" if self.resume_token
@@ -113,7 +114,8 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamS
     if role == "send":
         cfg["send"] = {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
                        "intermediates": plan.intermediates,
-                       "flags": [] if spec.resume_token else list(spec.send_flags), "token": spec.resume_token}
+                       "flags": [] if spec.resume_token else list(spec.send_flags), "token": spec.resume_token,
+                       "exclude": list(spec.send_excluded)}
     else:
         cfg["receive"] = {"target": rec.target_dataset, "flags": list(spec.recv_flags),
                           "props": dict(spec.recv_props), "excluded": list(spec.recv_excluded)}
