@@ -4,11 +4,12 @@ piece does not compress (agent.ChunkEncoder, ``skip_incompressible``), on real `
 
     python3 benchmarks/skip.py STREAM.zfs...        # with each interpreter you want to measure
 
-Streams are files of ``zfs send`` output (plain, ``-L -e -c``, ``-w``), made in the OpenZFS VM by the
-recipe in benchmarks/README.md ("Compressed and raw streams"). Each is cut into chunks (``--chunk-mib``, default 32) of 1 MiB
-pieces, as the sender daemon does, encoded with the codec this interpreter has (zstd if importable, else
-zlib) at level 1 and 3 (the sender's adaptive levels); CPU is this process's user+sys time, the best of
-``--runs``. Prints one JSON line per stream and level.
+Streams are files of ``zfs send`` output (plain, ``-L -e -c``, ``-w``), made in the OpenZFS VM by
+benchmarks/make-streams.sh. Each is cut into chunks (``--chunk-mib``, default 32) of 1 MiB pieces, as
+the sender daemon does, encoded with the codec this interpreter has (zstd if importable, else zlib) at
+level 1 and 3 (the sender's adaptive levels), with the daemon's rule for storing a chunk as it is (only
+after a chunk that did not compress either) and without; CPU is this process's user+sys time, the best
+of ``--runs``. Prints one JSON line per stream and level.
 """
 
 from __future__ import annotations

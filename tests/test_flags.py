@@ -35,8 +35,9 @@ def flags(src: Features, dst: Features, enc: Encryption = UNENCRYPTED, into_encr
                       into_encrypted=into_encrypted)
 
 
-def test_openzfs_to_openzfs_sends_large_embedded_compressed_blocks() -> None:
-    assert flags(OPENZFS, OPENZFS) == ("-L", "-e", "-c")
+def test_openzfs_to_openzfs_sends_large_blocks_and_embedded_data_not_blocks_as_stored() -> None:
+    assert flags(OPENZFS, OPENZFS) == ("-L", "-e")
+    assert flags(OPENZFS, OPENZFS, send=("-c",)) == ("-L", "-e", "-c"), "asked for"
 
 
 @pytest.mark.parametrize("src,dst", [(OPENZFS, LEGACY), (LEGACY, OPENZFS), (LEGACY, LEGACY)])
@@ -45,13 +46,13 @@ def test_a_legacy_zfs_on_either_side_gets_plain_streams(src: Features, dst: Feat
 
 
 def test_an_encrypted_source_is_sent_raw_unless_no_raw() -> None:
-    assert flags(OPENZFS, OPENZFS, ENCRYPTED) == ("-L", "-e", "-c", "-w")
-    assert flags(OPENZFS, OPENZFS, ENCRYPTED, raw=False) == ("-L", "-e", "-c")
+    assert flags(OPENZFS, OPENZFS, ENCRYPTED) == ("-L", "-e", "-w")
+    assert flags(OPENZFS, OPENZFS, ENCRYPTED, raw=False) == ("-L", "-e")
 
 
 def test_into_an_encrypted_target_a_decrypted_stream_carries_no_embedded_data() -> None:
-    assert flags(OPENZFS, OPENZFS, into_encrypted=True) == ("-L", "-c")
-    assert flags(OPENZFS, OPENZFS, ENCRYPTED, into_encrypted=True) == ("-L", "-e", "-c", "-w"), "raw keeps it"
+    assert flags(OPENZFS, OPENZFS, into_encrypted=True) == ("-L",)
+    assert flags(OPENZFS, OPENZFS, ENCRYPTED, into_encrypted=True) == ("-L", "-e", "-w"), "raw keeps it"
     with pytest.raises(E.UsageError, match="embedded data only in raw"):
         flags(OPENZFS, OPENZFS, into_encrypted=True, send=("-e",))
 
@@ -66,11 +67,11 @@ def test_no_raw_without_the_source_key_is_refused_naming_load_key() -> None:
     with pytest.raises(E.SourceKeyNotLoaded) as e:
         flags(OPENZFS, OPENZFS, LOCKED, raw=False)
     assert "zfs load-key pool/enc" in e.value.hint
-    assert flags(OPENZFS, OPENZFS, LOCKED) == ("-L", "-e", "-c", "-w"), "raw needs no key"
+    assert flags(OPENZFS, OPENZFS, LOCKED) == ("-L", "-e", "-w"), "raw needs no key"
 
 
 def test_user_send_options_are_added_once_and_checked_against_both_zfs() -> None:
-    assert flags(OPENZFS, OPENZFS, send=("-h", "-L")) == ("-L", "-e", "-c", "-h")
+    assert flags(OPENZFS, OPENZFS, send=("-h", "-L")) == ("-L", "-e", "-h")
     with pytest.raises(E.UsageError, match="receives only plain streams"):
         flags(OPENZFS, LEGACY, send=("-c",))
     with pytest.raises(E.UsageError, match="has no send -c"):

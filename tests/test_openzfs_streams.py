@@ -48,7 +48,7 @@ def open_replica(dst: str, key: Path) -> None:
     zfs("load-key", "-L", f"file://{key}", dst)
 
 
-def test_openzfs_hosts_send_large_embedded_compressed_blocks(zc: Zchunk, pools: Any) -> None:
+def test_openzfs_hosts_send_large_blocks_whole_and_blocks_as_stored_when_asked(zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools
     src = f"{src_pool.name}/big"
     zfs("create", "-o", "recordsize=1M", "-o", "compression=lz4", src)
@@ -58,10 +58,7 @@ def test_openzfs_hosts_send_large_embedded_compressed_blocks(zc: Zchunk, pools: 
     run = zc.run("sync", src, dst, "--no-sync-snap", "--recv-option", "-o com.example:note=replica",
                  "--set-property", "atime=off")
     assert run.returncode == 0, run.explain()
-    assert run.of("dataset_plan")[0]["send_flags"] == ["-L", "-e", "-c"]
-    stream = run.result()["transfer"]["raw_bytes"]
-    logical = int(zfs("get", "-H", "-p", "-o", "value", "logicalreferenced", f"{src}@s1"))
-    assert stream < 0.75 * logical, f"-c sends the blocks as stored (lz4): {stream} of {logical} logical bytes"
+    assert run.of("dataset_plan")[0]["send_flags"] == ["-L", "-e"]
     assert_replica(src, dst, "s1")
     assert prop(dst, "com.example:note", "atime") == ["replica", "off"]
     large = subprocess.run(["zpool", "get", "-H", "-o", "value", "feature@large_blocks", dst_pool.name],
@@ -71,6 +68,14 @@ def test_openzfs_hosts_send_large_embedded_compressed_blocks(zc: Zchunk, pools: 
     run = zc.run("sync", src, dst, "--no-sync-snap")
     assert run.returncode == 0, run.explain()
     assert_replica(src, dst, "s2")
+    # -c when asked: the lz4 blocks as stored, a smaller stream (zchunk's chunks still compress it further)
+    run = zc.run("sync", src, f"{dst_pool.name}/asis", "--no-sync-snap", "--send-option", "-c")
+    assert run.returncode == 0, run.explain()
+    assert run.of("dataset_plan")[0]["send_flags"] == ["-L", "-e", "-c"]
+    stream = run.result()["transfer"]["raw_bytes"]
+    logical = int(zfs("get", "-H", "-p", "-o", "value", "logicalreferenced", f"{src}@s2"))
+    assert stream < 0.75 * logical, f"-c sends the blocks as stored (lz4): {stream} of {logical} logical bytes"
+    assert_replica(src, f"{dst_pool.name}/asis", "s2")
 
 
 def test_encrypted_source_is_replicated_raw_and_the_key_never_reaches_the_target(

@@ -277,7 +277,7 @@ def sync(
                                 "target never has them."),
     send_option: Optional[list[str]] = typer.Option(None, "--send-option", metavar="OPT", help="Add a zfs send "
                                                     "flag (repeatable): -L -e -c -w -h or their long forms. "
-                                                    "zchunk already sends -L -e -c where both hosts run OpenZFS "
+                                                    "zchunk already sends -L -e where both hosts run OpenZFS "
                                                     "and -w for encrypted sources; flags that change which "
                                                     "stream is sent (-R -I -i -p -t -D) are refused."),
     recv_option: Optional[list[str]] = typer.Option(None, "--recv-option", metavar="OPT", help="Add to zfs "

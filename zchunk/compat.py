@@ -1,6 +1,7 @@
 """Across ZFS implementations: can the target's zfs receive what the source's zfs will send?
 
-zchunk sends plain streams (``zfs send`` without ``-L -e -c -w``): OpenZFS then splits large
+Where either side is legacy ZFS, zchunk sends plain streams (``zfs send`` without ``-L -e -c -w``;
+``flags.py``): OpenZFS then splits large
 blocks to 128K, decompresses, and sends no embedded or raw blocks, so a stream carries only the
 feature flags the dataset itself forces into its BEGIN record. Measured with OpenZFS 2.3.2 and
 zfs-fuse 0.7 (pool version 23, ZPL version 4; tests/test_cross_impl.py):

@@ -59,7 +59,7 @@ EVENTS = _kinds(
         "destroys": "target snapshots the rollback destroys", "destroy_target": "the target is destroyed "
         "(--force-delete)", "hold": "the hold tag", "prune_source": "own sync snapshots pruned on the source",
         "prune_target": "own sync snapshots pruned on the target", "properties": "properties set on the replica",
-        "send_flags": "flags of zfs send (-L -e -c where both run OpenZFS, -w for an encrypted source)",
+        "send_flags": "flags of zfs send (-L -e where both run OpenZFS, -w for an encrypted source)",
         "encryption": "what becomes of encryption on the replica, or null (neither side encrypted)",
         "dry_run": "nothing is changed"}),
     EventKind("would_snapshot", "--dry-run: the sync snapshot that would be taken.", {"snapshot": "its full name"}),

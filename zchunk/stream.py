@@ -95,7 +95,7 @@ class StreamSpec:
     recv_flags: tuple[str, ...] = ()
     recv_props: tuple[tuple[str, str], ...] = ()  # receive -o name=value
     resume_token: str | None = None  # send -t TOKEN instead of the plan's snapshots
-    send_flags: tuple[str, ...] = ()  # -L -e -c -w ... (none with a token: it carries the original's)
+    send_flags: tuple[str, ...] = ()  # -L -e -w ... (none with a token: it carries the original's)
     recv_excluded: tuple[str, ...] = ()  # receive -x name
     send_excluded: tuple[str, ...] = ()  # send -R -X dataset,...
 

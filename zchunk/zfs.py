@@ -106,8 +106,10 @@ class Features:
         return "w" in self.send_flags
 
     def compact_send_flags(self) -> tuple[str, ...]:
-        """``-L -e -c`` where this zfs sends them: large blocks whole, embedded data, blocks as stored."""
-        return tuple(f"-{f}" for f in "Lec" if f in self.send_flags)
+        """``-L -e`` where this zfs sends them: large blocks whole, embedded data. Not ``-c`` (blocks as
+        stored): zchunk's own chunk compression of the plain stream puts fewer bytes on the wire
+        (``flags.py``)."""
+        return tuple(f"-{f}" for f in "Le" if f in self.send_flags)
 
     def summary(self) -> dict[str, object]:
         return {"implementation": self.implementation, "version": self.version, "holds": self.holds,
