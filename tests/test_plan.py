@@ -163,3 +163,8 @@ def test_a_recreated_snapshot_is_named_as_such() -> None:
     with pytest.raises(TargetDiverged) as e:
         plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst", target_changed=False)
     assert "@s2 on the target is not the source's" in str(e.value) and "re-created" in str(e.value)
+    plan = plan_replication(src, dst, "t/dst", Policy("x", force_delete=True), "p/src", "t/dst", target_changed=False)
+    assert plan.rollback_to is not None and plan.destroys == ("t/dst@s2",), "--force-delete overwrites, as syncoid's"
+    other = dataset("t/dst", snap("t/dst", "s1", 1, 5), snap("t/dst", "mine", 2, 6))
+    with pytest.raises(TargetDiverged):  # no clash: --force-delete is no licence to roll back
+        plan_replication(src, other, "t/dst", Policy("x", force_delete=True), "p/src", "t/dst", target_changed=False)

@@ -171,6 +171,23 @@ def test_encryption_options_where_zfs_has_no_encryption_say_so(zc: Zchunk, pools
     assert names(dst) == ["s1"]
 
 
+def test_a_target_an_earlier_run_created_for_its_full_stream_receives_it(zc: Zchunk, pools: Any) -> None:
+    """Where receive -o is missing, the target is created first (with the properties) and the full stream
+    received into it with -F; a run killed in between leaves it empty, marked: the next run goes on."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 512 << 10, seed=97)
+    dst = f"{dst_pool.name}/r"
+    zfs("create", "-o", "zchunk:seeding=sd", dst)
+    run = zc.run("sync", src, dst, "--identifier", "sd")
+    assert run.returncode == 0, run.explain()
+    assert zfs("get", "-H", "-o", "value", "zchunk:seeding", dst).strip() == "-", "the mark is gone"
+    assert_replica(src, dst, [n for n in names(src) if n.startswith("zchunk_sd_")][-1])
+    other = f"{dst_pool.name}/other"
+    zfs("create", "-o", "zchunk:seeding=someone-else", other)
+    refused = zc.run("sync", src, other, "--identifier", "sd")
+    assert refused.returncode == 4, "an empty dataset not made by this identifier is never overwritten"
+
+
 def test_a_snapshot_destroyed_and_recreated_on_the_source_is_named_and_replaced_with_rollback(
         zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools
@@ -285,6 +302,11 @@ def test_preserve_properties_copies_local_ones_but_not_unsafe(zc: Zchunk, pools:
     assert run.returncode == 0, run.explain()
     get = lambda p: zfs("get", "-H", "-o", "value,source", p, dst).split("\t")  # noqa: E731
     assert get("compression") == ["gzip", "local\n"]
+    ratio = lambda d: float(zfs("get", "-H", "-o", "value", "compressratio", d).strip().rstrip("x"))  # noqa: E731
+    # the full stream landed gzip-compressed (written before compression=gzip on the source, the source's own
+    # blocks are not: 1.00x), not only what is written after it (receive -o, or a target created first)
+    assert ratio(dst) > 1.15, f"replica compressratio {ratio(dst)}x (source {ratio(src)}x)"
+    assert zfs("get", "-H", "-o", "value", "zchunk:seeding", dst).strip() == "-"
     assert get("zchunk:note")[0] == "keep me"
     assert get("mountpoint")[1].strip() != "local", "mountpoint is never copied"
     assert "mountpoint" in run.of("properties_skipped")[0]["properties"]

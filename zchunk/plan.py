@@ -187,7 +187,9 @@ def plan_replication(source: Dataset, target: Dataset | None, target_name: str, 
         # replace: rolled back over like any pruned sync snapshot, if nothing was written after them.
         ours = bool(newer) and target_changed is False and all(
             is_own_sync_snapshot(s.short, policy.identifier) for s in newer)
-        if not policy.rollback and not ours:
+        # --force-delete allows overwriting snapshots the source re-created under the same name (as syncoid's)
+        clash = policy.force_delete and bool(_clashes(source, newer))
+        if not policy.rollback and not ours and not clash:
             raise TargetDiverged(target=target_label, common=tgt_common.short, common_full=tgt_common.name,
                                  reason=_divergence(source, newer, bool(target_changed)))
         rollback_to = tgt_common
@@ -200,13 +202,19 @@ def plan_replication(source: Dataset, target: Dataset | None, target_name: str, 
 def _divergence(source: Dataset, newer: list[Snapshot], written: bool) -> str:
     if not newer:
         return "data written on the target since then; it would be lost (--rollback allows it)"
-    by_name = {s.short: s for s in source.snapshots}
-    clash = [s.short for s in newer if s.short in by_name and by_name[s.short].guid != s.guid]
+    clash = _clashes(source, newer)
     what = f"target-only snapshots newer than it: {', '.join(s.name for s in newer)}"
     if clash:
         what += (f" ({', '.join('@' + c for c in clash)} on the target is not the source's: same name, another "
-                 "guid, so the source's was destroyed and re-created; --rollback replaces it with the source's)")
+                 "guid, so the source's was destroyed and re-created; --rollback or --force-delete replaces it "
+                 "with the source's)")
     return f"{what}; they would be lost (--rollback allows it)"
+
+
+def _clashes(source: Dataset, newer: list[Snapshot]) -> list[str]:
+    """Target snapshot names the source has with another guid."""
+    by_name = {s.short: s for s in source.snapshots}
+    return [s.short for s in newer if s.short in by_name and by_name[s.short].guid != s.guid]
 
 
 def _no_common(source: Dataset, target: Dataset, source_label: str, target_label: str) -> NoCommonSnapshot:

@@ -385,6 +385,10 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
                        ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
                        emit: Emitter) -> DatasetOutcome:
     src_ds, dst_ds = await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
+    seeding = dst_ds is not None and not dst_ds.snapshots and \
+        await dst.zfs.prop(dst_name, SEEDING_PROPERTY) == policy.identifier
+    if seeding:  # made by an earlier run of ours for a full stream that never arrived: receive into it again
+        dst_ds = None
     # Read-only checks, all at once; the first failing in this order is the one reported. Before the sync
     # snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature.
     await all_of(
@@ -435,16 +439,24 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     tag = f"zchunk_{policy.identifier}"
     await _prepare_target(dst, dst_name, plan, tag, emit)
     excluded = ropts.stream_opts.receive.excluded if "x" in dst.rep.features.recv_flags else ()
+    full = bool(plan.steps) and plan.steps[0].base is None
+    precreated = full and (seeding or bool(props) and not dst.rep.features.receive_props)
+    if precreated:
+        await _precreate(dst, dst_name, props if not dst.rep.features.receive_props else (), policy.identifier,
+                         exists=seeding, emit=emit)
     if plan.common is not None and plan.target_common is not None:
         await _hold(src, tag, plan.common.name, emit)
         await _hold(dst, tag, plan.target_common.name, emit)
     for step in plan.steps:
-        spec = StreamSpec(step, _recv_flags(dst), props if dst.rep.features.receive_props else (),
+        force = ("-F",) if precreated and step.base is None else ()  # a full stream into the dataset made for it
+        spec = StreamSpec(step, _recv_flags(dst) + force, props if dst.rep.features.receive_props else (),
                           send_flags=flags, recv_excluded=excluded)
         results.append(await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_name),
                                         _label(dst, dst_name), spec, opts, store, emit))
         if props and not dst.rep.features.receive_props:  # every stream: a changed value too
             await _set_props(dst, dst_name, props)
+        if force:
+            await dst.zfs.run("inherit", SEEDING_PROPERTY, dst_name, dataset=dst_name, action="set properties on")
         if not dst.rep.features.receive_unmounted:
             await _keep_unmounted(dst, dst_name, step.base is None, emit)
     newest = plan.newest
@@ -634,6 +646,29 @@ async def _props(src: Side, dst: Side, src_name: str, ropts: ReplicateOptions,
     if skipped:
         emit("properties_skipped", dataset=src_name, properties=skipped)
     return tuple(sorted((k, v) for k, v in local.items() if k not in UNSAFE_PROPERTIES))
+
+
+#: Marks a target zchunk created, empty, for a full stream on a zfs without ``receive -o``; its value is the
+#: identifier. Removed once the stream has arrived.
+SEEDING_PROPERTY = "zchunk:seeding"
+
+
+async def _precreate(dst: Side, dst_name: str, props: tuple[tuple[str, str], ...], identifier: str, exists: bool,
+                     emit: Emitter) -> None:
+    """Where ``zfs receive -o`` is missing (zfs-fuse): create the target with the properties first, so the
+    full stream's blocks are written with them (compression above all), and receive it with ``-F``, which
+    keeps a dataset's properties. Set after the receive, they would only apply to later writes."""
+    if exists:
+        await _set_props(dst, dst_name, props)
+        emit("note", host=dst.label, detail=f"{dst_name}: receiving the full stream into the empty dataset an "
+             "earlier run of this identifier created for it")
+    else:
+        args = [a for k, v in props for a in ("-o", f"{k}={v}")]
+        await dst.zfs.run("create", *args, "-o", f"{SEEDING_PROPERTY}={identifier}", dst_name, dataset=dst_name,
+                          action="create")
+        emit("note", host=dst.label, detail=f"{dst_name}: this zfs has no `receive -o`: created it with "
+             f"{', '.join(k for k, _ in props)} for the full stream to land in (receive -F)")
+    await dst.zfs.unmount(dst_name)
 
 
 async def _set_props(dst: Side, dst_name: str, props: tuple[tuple[str, str], ...]) -> None:
