@@ -123,28 +123,29 @@ def test_refusals_change_nothing(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -
     assert zc.session_dirs() == [] and not (zc.state_dir / "sessions").exists()
 
 
-def test_receive_failure_is_reported_with_zfs_stderr(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool],
-                                                     tier: str) -> None:
-    """The target was written to after the common snapshot: zfs-fuse's zfs receive refuses (zchunk reports
-    its stderr and cleans up); OpenZFS tells by `written`, so zchunk refuses before sending anything."""
+def test_receive_failure_is_reported_with_zfs_stderr(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -> None:
+    """The replica is written to after planning, before the stream's first bytes reach zfs receive (a slow
+    link: the first chunk takes seconds): zfs receive refuses ("destination ... has been modified"), and
+    zchunk reports its stderr and cleans up. (Written before the run, it is refused at planning: exit 4,
+    tests/test_replicate.py.)"""
     src_pool, dst_pool = pools
     src = make_source(src_pool, 2 * MiB, seed=11)
     dst = f"{dst_pool.name}/replica"
     assert zc.run("sync", src, dst).returncode == 0
-    with mounted(dst) as files:
-        (files / "local-change").write_bytes(b"written on the replica")
     add_change(src, 1 * MiB, seed=12, snap="s2")
-    run = zc.run("sync", src, dst)
-    if tier == "openzfs":
-        assert run.returncode == 4 and "written on the target" in run.stderr, run.explain()
-        states = ["done"]
-    else:
-        assert run.returncode == 12, run.explain()
-        assert "zfs receive failed" in run.stderr and "modified" in run.stderr, run.stderr
-        states = ["done", "failed"]
+    bg = zc.start("sync", src, dst, "--bwlimit", "128K")
+    try:
+        bg.wait_for(lambda: zc.agent_state("receive") is not None, 120, "the receiver agent")
+        with mounted(dst) as files:
+            (files / "local-change").write_bytes(b"written on the replica")
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 12, run.explain()
+    assert "zfs receive failed" in run.stderr and "modified" in run.stderr, run.stderr
     assert snapshots(dst) == [f"{dst}@s1"] and snapshots(src) == [f"{src}@s1", f"{src}@s2"]
     assert zc.session_dirs() == []
-    assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == states
+    assert [s["state"] for s in json.loads(zc.run("sessions").stdout)] == ["done", "failed"]
 
 
 def test_no_chunk_moves_twice_without_faults(zc: Zchunk, pools: tuple[lab.Pool, lab.Pool]) -> None:
