@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -102,7 +103,9 @@ def test_a_remote_python3_without_the_speed_ups_hands_the_agent_to_one_with_them
     assert "zstd-v1" in rep.capabilities and "xxh3-128-v1" in rep.capabilities
     assert rep.why.startswith(f"{bare} (") and "lacks zstandard and xxhash" in rep.why, rep.why
     kept, python = probe(sshd_local, bare, False, tmp_path / "spool")  # --python given: the user's choice
-    assert python == bare and "zstd-v1" not in kept.capabilities and kept.why == "given with --python"
+    assert python == bare and kept.why.startswith("given with --python"), kept.why
+    assert "zstd-v1" in kept.capabilities and "zstd through the zstd command" in kept.why, "the command, then"
+    assert "no xxhash: BLAKE2b checksums" in kept.why
 
 
 def test_sync_to_a_host_whose_path_python3_lacks_zstandard_uses_zstd(zc: Zchunk, pools: Any,
@@ -120,6 +123,73 @@ def test_sync_to_a_host_whose_path_python3_lacks_zstandard_uses_zstd(zc: Zchunk,
     plan = run.of("plan")[0]
     assert (plan["codec"], plan["checksum"]) == ("zstd", "xxh3-128"), plan
     assert_replica(src, dst, "s1")
-    forced = zc.run("sync", src, f"local:{dst_pool.name}/forced", "--python", "python3",
+    # --python python3 (pyenv's, no zstandard) on both ends: zstd through the zstd command, each side
+    forced = zc.run("sync", f"local:{src}", f"local:{dst_pool.name}/forced", "--python", "python3", "-v",
                     "--ssh-config", str(sshd_local.ssh_config))
     assert forced.returncode == 0, forced.explain()
+    assert (forced.of("plan")[0]["codec"], forced.of("plan")[0]["checksum"]) == ("zstd", "blake2b-128")
+    assert all("zstd through the zstd command" in forced.of("preflight")[0][side]["why"]
+               for side in ("source", "target"))
+    assert forced.result()["transfer"]["stored_bytes"] < 0.95 * forced.result()["transfer"]["raw_bytes"]
+    assert_replica(src, f"{dst_pool.name}/forced", "s1")
+
+
+def agent_probe(python: str, path: str) -> dict[str, Any]:
+    res = subprocess.run([python, "-c", agent.BOOTSTRAP, "probe"], input=Path(agent.__file__).read_bytes(),
+                         capture_output=True, timeout=60, env={"PATH": path})
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("hide,with_command,via,caps", [
+    ((), True, "module", {"zstd-v1", "xxh3-128-v1"}),
+    (("zstandard",), True, "command", {"zstd-v1", "xxh3-128-v1"}),
+    (("zstandard",), False, None, {"xxh3-128-v1"}),
+    (("zstandard", "xxhash"), True, "command", {"zstd-v1"}),
+    (("zstandard", "xxhash"), False, None, set()),
+])
+def test_the_agent_finds_zstd_in_the_module_then_the_command_then_does_without(
+        tmp_path: Path, hide: tuple[str, ...], with_command: bool, via: str | None, caps: set[str]) -> None:
+    """The fallback chain, pinned: modules hidden by a sitecustomize, the command by a PATH without it."""
+    system_python_has_both()
+    zstd = shutil.which("zstd")
+    need(zstd is not None, "the zstd command (apt install zstd)")
+    python = hiding(tmp_path, "py", *hide) if hide else SYSTEM_PYTHON
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if with_command:
+        (bindir / "zstd").symlink_to(str(zstd))
+    info = agent_probe(python, str(bindir))
+    assert info["zstd_via"] == via and info["zstd"] == (via == "module")
+    assert set(info["capabilities"]) & {"zstd-v1", "xxh3-128-v1"} == caps
+    assert {"zlib-v1", "blake2b-128-v1"} <= set(info["capabilities"]), "the stdlib codecs are always there"
+
+
+def test_chunks_made_by_the_zstd_command_and_by_the_module_read_each_other(tmp_path: Path) -> None:
+    system_python_has_both()
+    need(shutil.which("zstd") is not None, "the zstd command (apt install zstd)")
+    python = hiding(tmp_path, "py", "zstandard")
+    raw = b"".join(b"line %d of something to compress\n" % i for i in range(50000)) + os.urandom(1 << 18)
+    (tmp_path / "raw").write_bytes(raw)
+    (tmp_path / "by-module").write_bytes(agent.encode_chunk(1, raw, agent.CODEC_ZSTD, 3, agent.HASH_BLAKE2B))
+    script = f"""
+import io, sys
+sys.path.insert(0, {str(Path(agent.__file__).parent.parent)!r})
+from zchunk import agent
+assert agent.ZSTD_VIA == "command", agent.ZSTD_VIA
+raw = open({str(tmp_path / "raw")!r}, "rb").read()
+blob = open({str(tmp_path / "by-module")!r}, "rb").read()
+assert agent.decode_chunk(blob, 1) == raw
+hdr = agent.check_stored(blob)
+f = io.BytesIO(blob)
+f.seek(agent.CHUNK_HEADER_SIZE)
+assert b"".join(agent.raw_pieces(hdr, f, piece=4096)) == raw
+enc = agent.ChunkEncoder(agent.CODEC_ZSTD, 1, agent.HASH_BLAKE2B)
+for i in range(0, len(raw), 1 << 20):
+    enc.update(raw[i:i + (1 << 20)])
+open({str(tmp_path / "by-command")!r}, "wb").write(b"".join(enc.finish(2)))
+"""
+    res = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    blob = (tmp_path / "by-command").read_bytes()
+    assert agent.check_stored(blob).codec == agent.CODEC_ZSTD and agent.decode_chunk(blob, 2) == raw

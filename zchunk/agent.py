@@ -64,6 +64,147 @@ try:  # pragma: no cover - depends on the host
 except ImportError:  # pragma: no cover
     xxhash = None  # type: ignore[assignment]
 
+
+class ZstdCommand:
+    """zstd through the ``zstd`` command, for a python without the zstandard module (a pyenv or venv
+    python3, an appliance's) on a host that has the command (Debian and Proxmox do): the subset of
+    zstandard's API the agent uses, each call one ``zstd`` process fed and drained through pipes. The
+    frames are standard zstd, so either side may have the module and the other the command."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def ZstdCompressor(self, level: int = 3) -> "ZstdCommand._Compressor":  # noqa: N802 - zstandard's name
+        return ZstdCommand._Compressor([self.path, "-q", "-c", "-%d" % max(1, min(19, level))])
+
+    def ZstdDecompressor(self) -> "ZstdCommand._Decompressor":  # noqa: N802
+        return ZstdCommand._Decompressor([self.path, "-q", "-d", "-c"])
+
+    class _Pipe:
+        """One zstd process: what is written goes in, what it prints is collected by a thread."""
+
+        def __init__(self, argv: List[str]) -> None:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, close_fds=True)
+            self.out: List[bytes] = []
+            self.lock = threading.Lock()
+            self.reader = threading.Thread(target=self._drain, daemon=True)
+            self.reader.start()
+
+        def _drain(self) -> None:
+            assert self.proc.stdout is not None
+            while True:
+                data = self.proc.stdout.read(1 << 20)
+                if not data:
+                    return
+                with self.lock:
+                    self.out.append(data)
+
+        def take(self) -> bytes:
+            with self.lock:
+                data, self.out = b"".join(self.out), []
+            return data
+
+        def write(self, data: Any) -> None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(data)
+            except BrokenPipeError:
+                raise AgentError("internal", "the zstd command exited early") from None
+
+        def close(self) -> bytes:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.reader.join()
+            if self.proc.wait() != 0:
+                raise AgentError("internal", "the zstd command failed (exit %d)" % self.proc.returncode)
+            return self.take()
+
+    class _Compressor:
+        def __init__(self, argv: List[str]) -> None:
+            self.argv = argv
+
+        def compress(self, data: bytes) -> bytes:
+            pipe = ZstdCommand._Pipe(self.argv)
+            pipe.write(data)
+            return pipe.close()
+
+        def compressobj(self) -> "ZstdCommand._Stream":
+            return ZstdCommand._Stream(self.argv)
+
+    class _Stream:
+        def __init__(self, argv: List[str]) -> None:
+            self.pipe = ZstdCommand._Pipe(argv)
+
+        def compress(self, data: bytes) -> bytes:
+            self.pipe.write(data)
+            return self.pipe.take()
+
+        def flush(self) -> bytes:
+            return self.pipe.close()
+
+    class _Decompressor:
+        def __init__(self, argv: List[str]) -> None:
+            self.argv = argv
+
+        def stream_reader(self, source: Any, read_size: int = 1 << 20, closefd: bool = True) -> "ZstdCommand._Reader":
+            return ZstdCommand._Reader(self.argv, source, read_size)
+
+    class _Reader:
+        """``read(n)`` of what zstd decompresses from ``source`` (bytes, or a file read to its end by a
+        thread); leaving the ``with`` stops the process whether or not everything was read."""
+
+        def __init__(self, argv: List[str], source: Any, read_size: int) -> None:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, close_fds=True)
+            self.writer = threading.Thread(target=self._feed, args=(source, read_size), daemon=True)
+            self.writer.start()
+
+        def _feed(self, source: Any, read_size: int) -> None:
+            assert self.proc.stdin is not None
+            try:
+                if isinstance(source, (bytes, bytearray, memoryview)):
+                    self.proc.stdin.write(source)
+                else:
+                    while True:
+                        data = source.read(read_size)
+                        if not data:
+                            break
+                        self.proc.stdin.write(data)
+            except (BrokenPipeError, ValueError):  # zstd stopped (bad frame, or we stopped reading)
+                pass
+            finally:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+
+        def read(self, n: int) -> bytes:
+            assert self.proc.stdout is not None
+            return self.proc.stdout.read(n)
+
+        def __enter__(self) -> "ZstdCommand._Reader":
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.writer.join()
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+
+
+#: How this interpreter does zstd: "module" (zstandard), "command" (the zstd command, ZstdCommand), or None.
+ZSTD_VIA: Optional[str] = "module" if zstandard is not None else None
+if zstandard is None:  # pragma: no cover - depends on the host
+    import shutil as _shutil
+
+    _zstd_path = _shutil.which("zstd")
+    if _zstd_path:
+        zstandard = ZstdCommand(_zstd_path)  # type: ignore[assignment]
+        ZSTD_VIA = "command"
+
 AGENT_VERSION = "0.1.0"
 PROTOCOL_VERSION = 1
 
@@ -1619,8 +1760,9 @@ def cmd_probe(args: List[str]) -> Dict[str, Any]:
             listing = cmd_sessions(args[:1])
         except OSError:  # an unreadable base: left to `sessions`, asked for when needed, to report
             pass
-    here = {"python": list(sys.version_info[:3]), "zstd": zstandard is not None, "xxhash": xxhash is not None}
-    return {"python": here["python"], "capabilities": capabilities(),
+    here = {"python": list(sys.version_info[:3]), "zstd": ZSTD_VIA == "module", "xxhash": xxhash is not None}
+    return {"python": here["python"], "capabilities": capabilities(), "zstd": here["zstd"],
+            "zstd_via": ZSTD_VIA, "xxhash": here["xxhash"],
             "agent_version": AGENT_VERSION, "protocol": PROTOCOL_VERSION,
             "zfs": shutil.which("zfs"), "uid": os.geteuid(), "user": user, "groups": groups,
             "host": socket.gethostname(), "executable": sys.executable,

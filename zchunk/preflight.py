@@ -65,7 +65,13 @@ async def probe_host(host: Host, spool_dir: str, choose_python: bool = True) -> 
         py = tuple(info.get("python", [0]))
         why = f"{first} lacks {_lacks(first_info)}: {better['path']} has {_has(better)}"
     elif choose_python and not (_speedups(info) == (True, True)):
-        why = f"lacks {_lacks(info)}, and so do the host's other python3 interpreters: stdlib codecs"
+        why = f"lacks {_lacks(info)}, and so do the host's other python3 interpreters"
+    if info.get("zstd_via") == "command":
+        why += "; zstd through the zstd command (a pipe per chunk)"
+    elif not _speedups(info)[0]:
+        why += "; no zstd module or command: zlib"
+    if not _speedups(info)[1]:
+        why += "; no xxhash: BLAKE2b checksums"
     return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
                       str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")),
                       session_listing(info.get("sessions")) if "sessions" in info else None,
@@ -73,10 +79,12 @@ async def probe_host(host: Host, spool_dir: str, choose_python: bool = True) -> 
 
 
 def _speedups(info: dict[str, Any]) -> tuple[bool, bool]:
-    caps = info.get("capabilities")
-    if isinstance(caps, list):
-        return agent.CODEC_CAPS["zstd"] in caps, agent.HASH_CAPS["xxh3-128"] in caps
-    return bool(info.get("zstd")), bool(info.get("xxhash"))
+    """(the zstandard module, xxhash): the zstd command counts less than the module, which needs no process
+    per chunk, so an interpreter with the module is still preferred."""
+    if "zstd" in info or "capabilities" not in info:
+        return bool(info.get("zstd")), bool(info.get("xxhash"))
+    caps = info["capabilities"]  # an agent from before the probe said which (the module, then)
+    return agent.CODEC_CAPS["zstd"] in caps, agent.HASH_CAPS["xxh3-128"] in caps
 
 
 def best_interpreter(info: dict[str, Any]) -> dict[str, Any] | None:
