@@ -117,7 +117,7 @@ def test_agent_runs_under_python_3_9() -> None:
         assert not any(isinstance(n, banned) for n in ast.walk(tree()))
         return
     res = subprocess.run([PY39, "-I", "-S", "-c", BLOCK_OPTIONAL + "import json\n" + STDLIB_RUN, str(AGENT)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=NO_ZSTD_COMMAND)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["zstd"] == "unsupported"
 
@@ -213,6 +213,9 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 """
 
+#: No zstd command either (the agent would compress through it: tests/test_interpreters.py).
+NO_ZSTD_COMMAND = {"PATH": "/nonexistent"}
+
 STDLIB_RUN = """
 g = {"__name__": "zchunk_agent"}
 exec(compile(open(sys.argv[1]).read(), "zchunk_agent", "exec"), g)
@@ -231,7 +234,7 @@ print(json.dumps({"caps": g["capabilities"](), "zstd": zstd_code}))
 def test_agent_works_without_the_optional_modules() -> None:
     """Run under ``python -I -S`` (no site-packages) with zstandard/xxhash blocked."""
     res = subprocess.run([sys.executable, "-I", "-S", "-c", BLOCK_OPTIONAL + "import json\n" + STDLIB_RUN,
-                          str(AGENT)], capture_output=True, text=True, timeout=60)
+                          str(AGENT)], capture_output=True, text=True, timeout=60, env=NO_ZSTD_COMMAND)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["caps"] == ["chunk-v1", "resume-offset-v1", "none-v1", "zlib-v1", "blake2b-128-v1"]

@@ -109,7 +109,7 @@ def test_a_remote_python3_without_the_speed_ups_hands_the_agent_to_one_with_them
 
 
 def test_sync_to_a_host_whose_path_python3_lacks_zstandard_uses_zstd(zc: Zchunk, pools: Any,
-                                                                     sshd_local: lab.Sshd) -> None:
+                                                                     sshd_local: lab.Sshd, tmp_path: Path) -> None:
     """This machine's sshd sessions find pyenv's python3 first (no zstandard, no xxhash), as a host with a
     venv or pyenv python3 would: the agent runs with /usr/bin/python3 there, and the chunks are zstd."""
     system_python_has_both()
@@ -123,14 +123,16 @@ def test_sync_to_a_host_whose_path_python3_lacks_zstandard_uses_zstd(zc: Zchunk,
     plan = run.of("plan")[0]
     assert (plan["codec"], plan["checksum"]) == ("zstd", "xxh3-128"), plan
     assert_replica(src, dst, "s1")
-    # --python python3 (pyenv's, no zstandard) on both ends: zstd through the zstd command, each side
-    forced = zc.run("sync", f"local:{src}", f"local:{dst_pool.name}/forced", "--python", "python3", "-v",
+    # --python: a python3 without zstandard and xxhash (a venv's) on both ends: zstd through the zstd command
+    bare = venv_python(tmp_path)
+    forced = zc.run("sync", f"local:{src}", f"local:{dst_pool.name}/forced", "--python", bare, "-v",
                     "--ssh-config", str(sshd_local.ssh_config))
     assert forced.returncode == 0, forced.explain()
-    assert (forced.of("plan")[0]["codec"], forced.of("plan")[0]["checksum"]) == ("zstd", "blake2b-128")
+    assert (forced.of("plan")[0]["codec"], forced.of("plan")[0]["checksum"]) == ("zstd", "blake2b-128"), \
+        forced.explain()
     assert all("zstd through the zstd command" in forced.of("preflight")[0][side]["why"]
                for side in ("source", "target"))
-    assert forced.result()["transfer"]["stored_bytes"] < 0.95 * forced.result()["transfer"]["raw_bytes"]
+    assert forced.result()["transfer"]["wire_bytes"] < 0.95 * forced.result()["transfer"]["raw_bytes"]
     assert_replica(src, f"{dst_pool.name}/forced", "s1")
 
 
