@@ -728,6 +728,22 @@ def test_sender_ramps_chunk_sizes_from_first_chunk(tmp_path: Path, first: int | 
     assert sess.chunk_limit(10**6) == 1 << 20
 
 
+def sender_chunks(tmp_path: Path, stream: bytes, **cfg: Any) -> list[Path]:
+    """The sender daemon run over ``stream`` (a fake zfs that prints it: the cutting and encoding are what
+    is tested) with these session settings; its chunk files in order."""
+    (tmp_path / "stream").write_bytes(stream)
+    fake_zfs = tmp_path / "fake-zfs"
+    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
+    fake_zfs.chmod(0o755)
+    path = make_session(tmp_path, "send")
+    session = json.loads((path / "session.json").read_text())
+    session.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []},
+                    "spool_max": 1 << 30, **cfg})
+    (path / "session.json").write_text(json.dumps(session))
+    wire.SenderDaemon(wire.Session(str(path))).run()
+    return sorted((path / "chunks").glob("*.chunk"))
+
+
 @pytest.mark.parametrize("expected, sizes_mib", [
     # as expected: up 1, 2, 4, 8, then half of what is left (8.5, 4.25), 4 MiB at the least, the rest
     (32 << 20, [1, 2, 4, 8, 8.5, 4.25, 4, 0.25]),
@@ -739,18 +755,7 @@ def test_last_chunks_get_smaller_towards_the_expected_size(tmp_path: Path, expec
     """The chunk still on its way when zfs send ends is a small one (first_chunk 1 MiB, chunk_size 16 MiB)."""
     sizes = [int(m * (1 << 20)) for m in sizes_mib]
     stream = bytes(range(256)) * (sum(sizes) // 256)
-    (tmp_path / "stream").write_bytes(stream)
-    fake_zfs = tmp_path / "fake-zfs"
-    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
-    fake_zfs.chmod(0o755)
-    path = make_session(tmp_path, "send")
-    cfg = json.loads((path / "session.json").read_text())
-    cfg.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []},
-                "chunk_size": 16 << 20, "first_chunk": 1 << 20, "expected_bytes": expected,
-                "spool_max": 1 << 30})
-    (path / "session.json").write_text(json.dumps(cfg))
-    wire.SenderDaemon(wire.Session(str(path))).run()
-    chunks = sorted((path / "chunks").glob("*.chunk"))
+    chunks = sender_chunks(tmp_path, stream, chunk_size=16 << 20, first_chunk=1 << 20, expected_bytes=expected)
     assert [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).raw_len for c in chunks] == sizes
     assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream
 
@@ -780,18 +785,8 @@ def test_sender_stores_as_is_only_after_a_chunk_that_did_not_compress(tmp_path: 
     noise = rng.randbytes(2 << 20)
     text = b"".join(b"row %d of a table that compresses\n" % i for i in range(60000))[:2 << 20]
     stream = noise + noise[::-1] + text + noise[:1 << 20] + text[:1 << 20] + text
-    (tmp_path / "stream").write_bytes(stream)
-    fake_zfs = tmp_path / "fake-zfs"
-    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
-    fake_zfs.chmod(0o755)
-    path = make_session(tmp_path, "send")
-    cfg = json.loads((path / "session.json").read_text())
-    cfg.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []},
-                "chunk_size": 2 << 20, "first_chunk": 2 << 20, "expected_bytes": len(stream),
-                "spool_max": 1 << 30, "codec": "zlib", "level": None})
-    (path / "session.json").write_text(json.dumps(cfg))
-    wire.SenderDaemon(wire.Session(str(path))).run()
-    chunks = sorted((path / "chunks").glob("*.chunk"))
+    chunks = sender_chunks(tmp_path, stream, chunk_size=2 << 20, first_chunk=2 << 20, expected_bytes=len(stream),
+                           codec="zlib", level=None)
     codecs = [wire.ChunkHeader.unpack(c.read_bytes()[:wire.CHUNK_HEADER_SIZE]).codec for c in chunks]
     # noise (nothing before it: tried), noise (after noise: stored as is), text (after noise, but its first
     # piece compresses), noise|text (first piece noise, but the chunk before compressed: tried), text

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.zc import Zchunk, kill_matching
+from tests.zc import Run, Zchunk, kill_matching
 from tests.zfsutil import add_change, assert_replica, exists, make_source, snapshots, wait_until, zfs
 from zchunk import lab
 
@@ -82,17 +82,22 @@ def kill_receiver(zc: Zchunk) -> None:
             pass
 
 
-def test_receive_killed_then_resumed_from_its_token(zc: Zchunk, pools: Any) -> None:
-    src_pool, dst_pool = pools
-    src = make_source(src_pool, 24 * MiB, seed=74, compressible=0.0)
-    dst = f"{dst_pool.name}/r"
+def sync_killing_the_receiver(zc: Zchunk, src: str, dst: str) -> Run:
+    """A sync whose receiver is killed once 6 chunks went into zfs receive (-s): it goes on from the token."""
     bg = zc.start("sync", src, dst, "--no-sync-snap", "--spool-max", "2M", "--parallel", "1")
     try:
         bg.wait_for(lambda: int((zc.agent_state("receive") or {}).get("next_seq", 0)) >= 6, 600, "6 chunks")
         kill_receiver(zc)
-        run = bg.finish()
+        return bg.finish()
     finally:
         bg.stop()
+
+
+def test_receive_killed_then_resumed_from_its_token(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 24 * MiB, seed=74, compressible=0.0)
+    dst = f"{dst_pool.name}/r"
+    run = sync_killing_the_receiver(zc, src, dst)
     # the same run goes on from the token zfs receive -s left (issue 5, item 2), and says so
     assert run.returncode == 0, run.explain()
     restart = run.of("restart")

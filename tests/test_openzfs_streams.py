@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_openzfs import kill_receiver
+from tests.test_openzfs import sync_killing_the_receiver
 from tests.zc import Zchunk
 from tests.zfsutil import add_change, assert_replica, exists, make_source, mountpoint, snapshots, zfs
 from zchunk import lab
@@ -107,13 +107,7 @@ def test_an_interrupted_raw_receive_resumes_from_its_token(zc: Zchunk, pools: An
     src_pool, dst_pool = pools
     src, key = encrypted_source(src_pool, tmp_path, 24 * MiB, seed=85)
     dst = f"{dst_pool.name}/enc"
-    bg = zc.start("sync", src, dst, "--no-sync-snap", "--spool-max", "2M", "--parallel", "1")
-    try:
-        bg.wait_for(lambda: int((zc.agent_state("receive") or {}).get("next_seq", 0)) >= 6, 600, "6 chunks")
-        kill_receiver(zc)
-        run = bg.finish()
-    finally:
-        bg.stop()
+    run = sync_killing_the_receiver(zc, src, dst)
     assert run.returncode == 0, run.explain()
     assert run.of("resume_token"), "the raw stream went on from the token (openzfs #10234 territory)"
     assert prop(dst, "keystatus") == ["unavailable"]
