@@ -180,12 +180,13 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
             pairs = await _datasets(src, dst, ropts.recursive, excludes, emit)
             outcomes: list[DatasetOutcome] = []
             seeded: dict[str, DatasetOutcome] = {}
+            roots = await _encryption_roots(src, pairs, ropts)
             for src_name, dst_name in pairs:
                 if src_name in seeded:  # a descendant that came with its encrypted tree's -R stream
                     outcomes.append(seeded[src_name])
                     continue
                 try:
-                    tree = await _encrypted_tree(src, dst, src_name, dst_name, pairs, policy, ropts, emit)
+                    tree = await _encrypted_tree(src, dst, src_name, dst_name, pairs, roots, policy, ropts, emit)
                     if tree is not None:
                         seeded = await _seed_tree(src, dst, tree, policy, ropts, opts, store, emit)
                         outcomes.append(seeded.pop(src_name))
@@ -265,23 +266,32 @@ class Tree:
     excluded: tuple[str, ...]  # descendants on the source this run skips (send -R -X)
 
 
+async def _encryption_roots(src: Side, pairs: list[tuple[str, str]], ropts: ReplicateOptions) -> dict[str, str]:
+    """Each source dataset's encryption root ("-": not encrypted), one command for the whole tree of a
+    recursive raw run where both hosts have encryption; empty otherwise (nothing to seed as a tree)."""
+    if not (ropts.recursive and ropts.stream_opts.raw and src.rep.features.encryption
+            and "R" in src.rep.features.send_flags and len(pairs) > 1):
+        return {}
+    root = pairs[0][0]
+    res = await src.zfs.run("get", "-H", "-r", "-t", "filesystem,volume", "-o", "name,value", "encryptionroot",
+                            root, dataset=root)
+    return dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+
+
 async def _encrypted_tree(src: Side, dst: Side, src_name: str, dst_name: str, pairs: list[tuple[str, str]],
-                          policy: Policy, ropts: ReplicateOptions, emit: Emitter) -> Tree | None:
+                          roots: dict[str, str], policy: Policy, ropts: ReplicateOptions,
+                          emit: Emitter) -> Tree | None:
     """With -r, an encrypted dataset whose target does not exist yet and below which a dataset inherits its
     key is seeded with its subtree as one raw ``zfs send -R``: only such a stream keeps the encryption roots
     on the target (each raw stream of its own makes its dataset an encryption root there: openzfs #15687,
     zrepl #950). Later runs send each dataset incrementally, raw, which keeps them. None: send it alone."""
-    if not (ropts.recursive and ropts.stream_opts.raw and src.rep.features.encryption
-            and dst.rep.features.encryption and "R" in src.rep.features.send_flags):
+    if not roots or not dst.rep.features.encryption or roots.get(src_name, "-") == "-":
         return None
     members = tuple(p for p in pairs if p[0] == src_name or p[0].startswith(src_name + "/"))
-    if len(members) < 2 or await dst.zfs.dataset(dst_name) is not None:
-        return None
-    res = await src.zfs.run("get", "-H", "-r", "-t", "filesystem,volume", "-o", "name,value", "encryptionroot",
-                            src_name, dataset=src_name)
-    roots = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
-    if roots.get(src_name, "-") == "-" or not any(roots.get(m, "-") not in ("-", m) for m, _ in members[1:]):
-        return None  # not encrypted, or no descendant inherits a key: separate streams lose nothing
+    if not any(roots.get(m, "-") not in ("-", m) for m, _ in members[1:]):
+        return None  # no descendant inherits a key: separate streams lose nothing
+    if await dst.zfs.dataset(dst_name) is not None:
+        return None  # seeded before: each dataset goes incrementally, raw, which keeps the roots
     why = ("--include-snaps/--exclude-snaps" if policy.filtered else "--no-sync-snap" if not ropts.sync_snap
            else None)
     excluded = tuple(n for n in roots if n.startswith(src_name + "/") and n not in dict(members))
@@ -326,8 +336,9 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, policy: Policy, ropts: Re
     emit("snapshot", snapshot=f"{root}@{short}")
     emit("note", host=src.label, detail=f"{root}@{short}: taken with zfs snapshot -r, one moment for the tree")
     try:
-        snap = (await src.zfs.require(root)).newest
-        assert snap is not None and snap.short == short
+        snap = next((s for s in (await src.zfs.require(root)).snapshots if s.short == short), None)
+        if snap is None:
+            raise E.NoSnapshot(host=src.label, dataset=f"{root}@{short}")
         spec = StreamSpec(SendPlan(root, target, snap, None), _recv_flags(dst), sets, send_flags=(*flags, "-R"),
                           recv_excluded=excluded_props, send_excluded=tree.excluded)
         result = await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, root), _label(dst, target),
