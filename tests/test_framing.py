@@ -760,8 +760,9 @@ def test_last_chunks_get_smaller_towards_the_expected_size(tmp_path: Path, expec
     assert b"".join(wire.decode_chunk(c.read_bytes(), n) for n, c in enumerate(chunks)) == stream
 
 
-def test_adaptive_level_is_1_while_the_link_keeps_up_and_3_once_chunks_wait(tmp_path: Path) -> None:
-    """No level given: 1 while no chunk has waited SLOW_LINK_AGE in the source spool, then 3."""
+def test_adaptive_level_is_1_while_the_link_keeps_up_and_climbs_once_chunks_wait(tmp_path: Path) -> None:
+    """No level given: 1 while no chunk has waited SLOW_LINK_AGE in the source spool; then one level up per
+    chunk (nothing measured yet says compression would fall behind), and down again once the link keeps up."""
     path = make_session(tmp_path, "send")
     daemon = wire.SenderDaemon(wire.Session(str(path)))
     assert daemon.level() == 1  # empty spool
@@ -770,11 +771,53 @@ def test_adaptive_level_is_1_while_the_link_keeps_up_and_3_once_chunks_wait(tmp_
     assert daemon.level() == 1 and daemon.stores_as_is(1)  # just made: chunks that barely compress skip it
     old = time.time() - wire.SLOW_LINK_AGE - 1
     os.utime(chunk, (old, old))
-    assert daemon.level() == 3 and not daemon.stores_as_is(3)  # waiting for the link: every byte counts
+    assert [daemon.level() for _ in range(3)] == [2, 3, 4]  # waiting for the link: every byte counts
+    assert not daemon.stores_as_is(4)
+    chunk.unlink()
+    assert [daemon.level() for _ in range(4)] == [3, 2, 1, 1]
     cfg = json.loads((path / "session.json").read_text())
     (path / "session.json").write_text(json.dumps(dict(cfg, level=6)))
     fixed = wire.SenderDaemon(wire.Session(str(path)))
     assert fixed.level() == 6 and fixed.stores_as_is(6)  # --compress zstd:6 is kept
+
+
+MB = 1e6
+
+
+def test_the_level_climbs_only_while_compressing_stays_twice_as_fast_as_the_link() -> None:
+    adapter = wire.LevelAdapter(wire.CODEC_ZSTD)
+    adapter.observe(1, 64 << 20, 64 * (1 << 20) / (400 * MB))  # 400 MB/s at level 1
+    # a 10 MB/s link: the guesses (x0.75 per level) stay above 20 MB/s up to the top
+    assert [adapter.next(True, 10 * MB) for _ in range(9)] == [2, 3, 4, 5, 6, 7, 8, 9, 9]
+    # measured at 9: 15 MB/s, under twice the link: one down; 8 is guessed from nothing measured there
+    adapter.observe(9, 32 << 20, 32 * (1 << 20) / (15 * MB))
+    assert adapter.next(True, 10 * MB) == 8
+    adapter.observe(8, 32 << 20, 32 * (1 << 20) / (25 * MB))
+    assert adapter.next(True, 10 * MB) == 8, "25 MB/s holds, and 9 is known to be too slow"
+    assert adapter.next(True, 40 * MB) == 7, "a faster link: 8 falls behind"
+    assert [adapter.next(False, None) for _ in range(7)] == [6, 5, 4, 3, 2, 1, 1], "the link keeps up"
+    assert wire.LevelAdapter(wire.CODEC_ZLIB).high == 6 and wire.LevelAdapter(wire.CODEC_NONE).high == 1
+
+
+def test_the_link_rate_is_raw_bytes_released_from_the_spool_per_second(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_session(tmp_path, "send")
+    daemon = wire.SenderDaemon(wire.Session(str(path)))
+    clock = [100.0]
+    monkeypatch.setattr(wire.time, "monotonic", lambda: clock[0])
+    for seq in range(4):
+        (path / "chunks" / (wire.chunk_name(seq) + ".chunk")).write_bytes(b"x")
+        daemon.produced[seq] = 8 << 20
+    assert daemon.link_rate() is None  # the first look
+    (path / "chunks" / (wire.chunk_name(0) + ".chunk")).unlink()
+    (path / "chunks" / (wire.chunk_name(1) + ".chunk")).unlink()
+    clock[0] += 2.0
+    assert daemon.link_rate() == (16 << 20) / 2.0
+    (path / "chunks" / (wire.chunk_name(2) + ".chunk")).unlink()
+    clock[0] += 0.2
+    assert daemon.link_rate() == (16 << 20) / 2.0, "under half a second: the last rate"
+    clock[0] += 1.8
+    assert daemon.link_rate() == ((16 << 20) / 2.0 + (8 << 20) / 2.0) / 2
 
 
 def test_sender_stores_as_is_only_after_a_chunk_that_did_not_compress(tmp_path: Path) -> None:
