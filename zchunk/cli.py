@@ -285,8 +285,9 @@ def sync(
                                                     "that change where or how the stream lands (-F -d -e -u -s) "
                                                     "are refused: zchunk decides those."),
     set_property: Optional[list[str]] = typer.Option(None, "--set-property", metavar="NAME=VALUE", help="Set "
-                                                     "a property on the replica (receive -o; set right after "
-                                                     "each receive where zfs lacks -o). Repeatable."),
+                                                     "a property on the replica (receive -o; where zfs lacks it, "
+                                                     "the replica is created with it before its full stream and "
+                                                     "it is set again after each receive). Repeatable."),
     exclude_property: Optional[list[str]] = typer.Option(None, "--exclude-property", metavar="NAME",
                                                          help="Never copy this property to the replica "
                                                          "(receive -x where zfs has it; dropped from "
@@ -303,6 +304,11 @@ def sync(
     holds); only zchunk's own sync snapshots are ever pruned. A target that
     changed or diverged is refused unless --rollback; a target with no common
     snapshot is never destroyed without --force-delete.
+
+    Between OpenZFS hosts streams carry -L -e; an encrypted source is sent raw
+    (-w): the replica keeps its keys and the target never loads them (--no-raw
+    sends it decrypted). With -r, an encrypted tree is seeded as one raw -R
+    stream so that its encryption roots stay as they are.
 
     Survives any outage shorter than --patience; if the coordinator dies, run
     the same command again (or `zchunk resume ID`) to continue where it stopped.
