@@ -110,14 +110,14 @@ class ZstdCommand:
             try:
                 self.proc.stdin.write(data)
             except BrokenPipeError:
-                raise AgentError("internal", "the zstd command exited early") from None
+                raise AgentError("unsupported", "the zstd command exited early") from None
 
         def close(self) -> bytes:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             self.reader.join()
             if self.proc.wait() != 0:
-                raise AgentError("internal", "the zstd command failed (exit %d)" % self.proc.returncode)
+                raise AgentError("unsupported", "the zstd command failed (exit %d)" % self.proc.returncode)
             return self.take()
 
     class _Compressor:
