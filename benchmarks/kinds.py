@@ -143,6 +143,7 @@ def main() -> int:
                         bench.zfs("release", "zchunk_bench", f"{job.target}@s1", check=False)
                     b.cleanup(tool, job, tool.needles(job, b.far), keep_target=False)
             report["kinds"][kind] = {"limit": limit, "runs": runs}
+            bench.zfs("release", "zchunk_bench", f"{ds}@s1", check=False)
             bench.zfs("destroy", "-r", ds)
     shutil.rmtree(b.work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
