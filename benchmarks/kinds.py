@@ -144,7 +144,10 @@ def main() -> int:
                     b.cleanup(tool, job, tool.needles(job, b.far), keep_target=False)
             report["kinds"][kind] = {"limit": limit, "runs": runs}
             bench.zfs("release", "zchunk_bench", f"{ds}@s1", check=False)
-            bench.zfs("destroy", "-r", ds)
+            for _ in range(60):  # zfs-fuse says "dataset is busy" a while after a run
+                if bench.zfs("destroy", "-r", ds, check=False).returncode == 0:
+                    break
+                time.sleep(2)
     shutil.rmtree(b.work, ignore_errors=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
