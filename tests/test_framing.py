@@ -709,16 +709,7 @@ def test_a_local_source_spool_refuses_what_the_agent_refuses(tmp_path: Path) -> 
 def test_sender_ramps_chunk_sizes_from_first_chunk(tmp_path: Path, first: int | None, sizes: list[int]) -> None:
     """Chunk n holds min(chunk_size, first_chunk * 2**n) raw bytes; the stream's bytes are all there, in order."""
     stream = bytes(range(256)) * (sum(sizes) // 256)
-    (tmp_path / "stream").write_bytes(stream)
-    fake_zfs = tmp_path / "fake-zfs"
-    fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
-    fake_zfs.chmod(0o755)
-    path = make_session(tmp_path, "send")
-    cfg = json.loads((path / "session.json").read_text())
-    cfg.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []}})
-    if first is not None:
-        cfg["first_chunk"] = first
-    (path / "session.json").write_text(json.dumps(cfg))
+    path = sender_session(tmp_path, stream, **({"first_chunk": first} if first is not None else {}))
     sess = wire.Session(str(path))
     assert [sess.chunk_limit(n) for n in range(len(sizes) - 1)] == sizes[:-1]  # the last one is what is left
     wire.SenderDaemon(sess).run()
@@ -728,18 +719,23 @@ def test_sender_ramps_chunk_sizes_from_first_chunk(tmp_path: Path, first: int | 
     assert sess.chunk_limit(10**6) == 1 << 20
 
 
-def sender_chunks(tmp_path: Path, stream: bytes, **cfg: Any) -> list[Path]:
-    """The sender daemon run over ``stream`` (a fake zfs that prints it: the cutting and encoding are what
-    is tested) with these session settings; its chunk files in order."""
+def sender_session(tmp_path: Path, stream: bytes, **cfg: Any) -> Path:
+    """A sender session directory whose zfs is a fake that prints ``stream`` (the cutting and encoding are
+    what is tested), with these session settings."""
     (tmp_path / "stream").write_bytes(stream)
     fake_zfs = tmp_path / "fake-zfs"
     fake_zfs.write_text(f"#!/bin/sh\nexec cat {tmp_path / 'stream'}\n")
     fake_zfs.chmod(0o755)
     path = make_session(tmp_path, "send")
     session = json.loads((path / "session.json").read_text())
-    session.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []},
-                    "spool_max": 1 << 30, **cfg})
+    session.update({"zfs": str(fake_zfs), "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []}, **cfg})
     (path / "session.json").write_text(json.dumps(session))
+    return path
+
+
+def sender_chunks(tmp_path: Path, stream: bytes, **cfg: Any) -> list[Path]:
+    """The sender daemon run over ``stream`` (``sender_session``); its chunk files in order."""
+    path = sender_session(tmp_path, stream, spool_max=1 << 30, **cfg)
     wire.SenderDaemon(wire.Session(str(path))).run()
     return sorted((path / "chunks").glob("*.chunk"))
 
