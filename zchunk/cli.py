@@ -242,8 +242,13 @@ def _finish(result: streams.SyncResult, json_out: bool) -> None:
 def sync(
     source: str = typer.Argument(..., metavar="SOURCE", help="pool/dataset or \\[user@]host:pool/dataset"),
     target: str = typer.Argument(..., metavar="TARGET", help="pool/dataset or \\[user@]host:pool/dataset"),
-    recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset "
-                                   "(parents first, one session each)."),
+    recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset: "
+                                   "one sync snapshot for the whole tree (zfs snapshot -r, one moment), "
+                                   "--jobs datasets at a time, each after its parent, one stream session each; "
+                                   "a dataset that fails does not stop the others (exit 15)."),
+    jobs: int = typer.Option(4, "-j", "--jobs", metavar="N", help="With -r: replicate up to N datasets at "
+                             "once. They share --spool-max (each stream gets 1/N of it) and --bwlimit (the "
+                             "limit is the run's, not each stream's)."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="With -r: skip datasets whose name "
                                                 "matches this regex (repeatable), and their children (as zfs "
                                                 "send -X). A dataset with the user property zchunk:sync=false "
@@ -317,11 +322,13 @@ def sync(
     try:
         if keep_sync_snaps < 1:
             raise E.UsageError(reason="--keep-sync-snaps must be at least 1 (the newest common snapshot stays)")
+        if not 1 <= jobs <= 64:
+            raise E.UsageError(reason=f"--jobs {jobs}: give 1 to 64 datasets at a time")
         ropts = ReplicateOptions(
             identifier=identifier, sync_snap=not no_sync_snap, stream=not no_stream,
             include_snaps=include_snaps or [], exclude_snaps=exclude_snaps or [], rollback=rollback,
             force_delete=force_delete, keep_sync_snaps=keep_sync_snaps, create_bookmark=create_bookmark,
-            recursive=recursive, exclude=exclude or [], preserve_properties=preserve_properties,
+            recursive=recursive, jobs=jobs, exclude=exclude or [], preserve_properties=preserve_properties,
             dry_run=dry_run, stream_opts=stream_options(not no_raw, send_option or [], recv_option or [],
                                                         set_property or [], exclude_property or []))
     except E.ZchunkError as e:

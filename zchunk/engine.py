@@ -103,11 +103,13 @@ class Transfer:
     def __init__(self, src: AgentSide, dst: AgentSide, *, session_id: str, chunk_size: int,
                  spool_max: int, estimate: int, opts: EngineOptions, emit: Emit,
                  early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None,
-                 link: LinkControl | None = None) -> None:
+                 link: LinkControl | None = None, pacer: Pacer | None = None) -> None:
         self.src, self.dst, self.sid = src, dst, session_id
-        # the user's say over the link: a bandwidth limit (paced by ``pacer``) and pause
+        # the user's say over the link: a bandwidth limit (paced by ``pacer``, which the streams of one
+        # recursive run share: the limit is the run's) and pause
         self.link = link or LinkControl(Bandwidth())
-        self.pacer = Pacer()
+        self.pacer = pacer or Pacer()
+        self.applied_rate: float | None = None  # the rate this transfer last set on the pacer
         self.limit_said: tuple[float | None, str] | None = None
         self.paused = False
         self.unpaused = asyncio.Event()
@@ -319,7 +321,8 @@ class Transfer:
     def _follow_link(self) -> None:
         """The limit and pause in force now (a schedule's boundary, ``zchunk limit``/``pause``/``resume``)."""
         st = self.link.state()
-        if st.rate != self.pacer.rate:
+        if st.rate != self.applied_rate or self.limit_said is None:  # its own change (a shared pacer's others')
+            self.applied_rate = st.rate
             self.pacer.set_rate(st.rate)
         said = (st.rate, st.limit)
         if said != self.limit_said and (self.limit_said is not None or st.rate is not None):

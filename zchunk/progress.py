@@ -70,6 +70,8 @@ class TextRenderer:
         self.last: dict[str, Any] = {}
         self.down: dict[str, str] = {}
         self._bar_shown = False
+        self.tree: dict[str, dict[str, Any]] = {}  # -r: each moving dataset's last progress
+        self.tree_done: tuple[int, int] = (0, 0)  # -r: datasets finished, in the run
 
     def _line(self, text: str) -> None:
         if self._bar_shown:
@@ -84,10 +86,38 @@ class TextRenderer:
             self._bar_shown = True
             self.out.flush()
 
+    #: With -r, what is said per dataset only with -v (their streams run side by side): one line per
+    #: dataset finished and one progress line for the run say it without the interleaving.
+    PER_DATASET = frozenset({"plan", "session", "verified", "pruned", "up_to_date", "stream_end", "snapshot",
+                             "limit"})
+
     def __call__(self, kind: str, f: dict[str, Any]) -> None:
+        if "dataset" in f and not self.verbose:
+            if kind == "progress":
+                self.tree[f["dataset"]] = f
+                return self._tree_bar()
+            plain = kind == "dataset_plan" and not (f.get("dry_run") or f.get("rollback") or f.get("destroy_target"))
+            if kind in self.PER_DATASET or plain:
+                return None
         handler = getattr(self, "on_" + kind, None)
         if handler is not None:
             handler(f)
+
+    def _tree_bar(self) -> None:
+        moving = self.tree.values()
+        done, total = self.tree_done
+        on = sum(p.get("on_target", p["raw_bytes"]) for p in moving)
+        rate = sum(p["rate"] for p in moving)
+        self._bar(f"datasets {done}/{total} done, {len(self.tree)} moving: {human_bytes(on)} on the target  "
+                  f"{human_bytes(rate)}/s")
+
+    def on_dataset_done(self, f: dict[str, Any]) -> None:
+        self.tree.pop(f["source"], None)
+        self.tree_done = (f["done"], f["total"])
+        what = {"sent": f"sent {human_bytes(f['raw_bytes'])}", "up-to-date": "up to date"}.get(f["status"],
+                                                                                                f["status"])
+        self._line(f"[{f['done']}/{f['total']}] {f['source']} -> {f['target']}: {what} "
+                   f"({human_duration(f['seconds'])})")
 
     def on_preflight(self, f: dict[str, Any]) -> None:
         if self.verbose:

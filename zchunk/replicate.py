@@ -26,6 +26,7 @@ from .client import HostAgent
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
 from .flags import KEY_PROPERTIES, StreamOptions, send_flags
+from .link import Pacer
 from .plan import (
     Policy,
     ReplicationPlan,
@@ -62,6 +63,7 @@ class ReplicateOptions:
     create_bookmark: bool = False
     recursive: bool = False
     exclude: list[str] = field(default_factory=list)
+    jobs: int = 4  # with -r: datasets at a time
     preserve_properties: bool = False
     dry_run: bool = False
     stream_opts: StreamOptions = field(default_factory=StreamOptions)
@@ -162,6 +164,30 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
         lock.release()
 
 
+@dataclass
+class Run:
+    """What the datasets of one run share: the tree's sync snapshot (its short name, taken at one moment for
+    them all, or None: each takes its own), each side's listing read once for the whole tree (a dataset's
+    first attempt plans from it), the bandwidth budget and the outcomes so far."""
+
+    short: str | None = None
+    src_tree: dict[str, Dataset] = field(default_factory=dict)
+    dst_tree: dict[str, Dataset] | None = None  # None: not read (each dataset reads its own)
+    pacer: Pacer | None = None
+    opts: SyncOptions | None = None  # the per-stream options (a share of the spool cap)
+    jobs: int = 1  # datasets at a time
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (source, target) of every dataset, parents first
+    enc_roots: dict[str, str] = field(default_factory=dict)  # source dataset -> its encryption root (-R seeds)
+    streamed: set[str] = field(default_factory=set)  # source datasets whose first stream started
+    seeded: dict[str, DatasetOutcome] = field(default_factory=dict)  # members of an encrypted tree's -R seed
+
+    def listed(self, src_name: str, dst_name: str) -> tuple[Dataset, Dataset | None] | None:
+        """A dataset's first look at both sides, from the run's listings (None: read it)."""
+        if self.dst_tree is None or src_name not in self.src_tree:
+            return None
+        return self.src_tree[src_name], self.dst_tree.get(dst_name)
+
+
 async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, excludes: tuple[re.Pattern[str], ...],
                      ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
                      emit: Emitter) -> ReplicationResult:
@@ -177,32 +203,116 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
     try:
         try:
             emit("preflight", source=src.rep.summary(), target=dst.rep.summary(), identifier=identifier)
-            pairs = await _datasets(src, dst, ropts.recursive, excludes, emit)
-            outcomes: list[DatasetOutcome] = []
-            seeded: dict[str, DatasetOutcome] = {}
-            roots = await _encryption_roots(src, pairs, ropts)
-            for src_name, dst_name in pairs:
-                if src_name in seeded:  # a descendant that came with its encrypted tree's -R stream
-                    outcomes.append(seeded[src_name])
-                    continue
-                try:
-                    tree = await _encrypted_tree(src, dst, src_name, dst_name, pairs, roots, policy, ropts, emit)
-                    if tree is not None:
-                        seeded = await _seed_tree(src, dst, tree, policy, ropts, opts, store, emit)
-                        outcomes.append(seeded.pop(src_name))
-                        continue
-                    outcomes.append(await _one(src, dst, src_name, dst_name, policy, ropts, opts, store, emit))
-                except E.ZchunkError as e:
-                    if not ropts.recursive:
-                        raise
-                    emit("dataset_failed", source=src_name, target=dst_name, error=str(e), hint=e.hint)
-                    outcomes.append(DatasetOutcome(src_name, dst_name, "failed", error=str(e),
-                                                   exit_code=e.exit_code))
-            return ReplicationResult(outcomes)
+            if not ropts.recursive:
+                run = Run(opts=opts)
+                return ReplicationResult([await _dataset(src, dst, source.dataset, target.dataset, policy, ropts,
+                                                         run, store, emit)])
+            pairs, left_out = await _datasets(src, dst, excludes, emit)
+            run = await _tree_run(src, dst, pairs, left_out, policy, ropts, opts, emit)
+            return ReplicationResult(await _in_parallel(src, dst, pairs, policy, ropts, run, store, emit))
         finally:
             await dst.host.close()
     finally:
         await src.host.close()
+
+
+async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out: list[str], policy: Policy,
+                    ropts: ReplicateOptions, opts: SyncOptions, emit: Emitter) -> Run:
+    """-r: the tree's sync snapshot, at one moment for every dataset; both sides' listings; the run's shares
+    of the spool cap and of the bandwidth limit."""
+    root, jobs = src.endpoint.dataset, max(1, ropts.jobs)
+    if opts.spool_max // jobs < opts.chunk_size:
+        fits = max(1, opts.spool_max // opts.chunk_size)
+        emit("note", host=src.label, detail=f"--spool-max {opts.spool_max >> 20} MiB holds {fits} chunk(s) "
+             f"of --chunk-size: {fits} dataset(s) at a time instead of --jobs {jobs}")
+        jobs = fits
+    run = Run(opts=dataclasses.replace(opts, spool_max=opts.spool_max // jobs), pacer=Pacer(), jobs=jobs,
+              pairs=pairs, enc_roots=await _encryption_roots(src, pairs, ropts))
+    if ropts.sync_snap and pairs:
+        run.short = sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())
+        members = [s for s, _ in pairs]
+        if ropts.dry_run:
+            emit("would_snapshot", snapshot=f"{root}@{run.short}")
+        else:
+            await src.zfs.snapshot_all(root, run.short, members, left_out, many=src.rep.features.openzfs)
+            emit("snapshot", snapshot=f"{root}@{run.short}", datasets=len(members))
+    run.src_tree, run.dst_tree = await _both(src.zfs.tree(root), dst.zfs.tree(dst.endpoint.dataset))
+    gone = sorted(set(run.dst_tree) - {t for _, t in pairs} - {dst.endpoint.dataset + s[len(root):]
+                                                               for s in left_out})
+    if gone:
+        emit("note", host=dst.label, detail=f"{len(gone)} dataset(s) on the target are no longer on the source "
+             f"and are left as they are: {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}")
+    return run
+
+
+async def _in_parallel(src: Side, dst: Side, pairs: list[tuple[str, str]], policy: Policy,
+                       ropts: ReplicateOptions, run: Run, store: StateStore,
+                       emit: Emitter) -> list[DatasetOutcome]:
+    """Every dataset of the tree, up to --jobs at once, each after its parent (which it needs on the target);
+    one failing does not stop the others. Outcomes in the order of ``pairs``."""
+    gate = asyncio.Semaphore(run.jobs)
+    finished = {s: asyncio.Event() for s, _ in pairs}
+    targets = dict(pairs)
+    outcomes: dict[str, DatasetOutcome] = {}
+
+    async def one(src_name: str, dst_name: str) -> None:
+        try:
+            parent = src_name.rsplit("/", 1)[0]
+            if parent in finished and parent != src_name and (run.dst_tree is None or src_name in run.seeded
+                                                              or targets[parent] not in run.dst_tree):
+                await finished[parent].wait()  # its replica must exist first (a full stream makes it)
+            started = time.monotonic()
+            its = emit.bound(dataset=src_name)
+            if src_name in run.seeded:  # came with its encrypted tree's -R stream
+                outcome = run.seeded.pop(src_name)
+            else:
+                async with gate:
+                    started = time.monotonic()
+                    outcome = await _dataset(src, dst, src_name, dst_name, policy, ropts, run, store, its)
+            outcomes[src_name] = outcome
+            _done(its, outcome, time.monotonic() - started, len(outcomes), len(pairs))
+        finally:
+            finished[src_name].set()
+
+    tasks = [asyncio.ensure_future(one(s, t)) for s, t in pairs]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:  # not a dataset's failure (those are outcomes): ^C, a bug. The others stop too.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return [outcomes[s] for s, _ in pairs]
+
+
+def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
+    emit("dataset_done", source=outcome.source, target=outcome.target, status=outcome.status,
+         raw_bytes=sum(r.transfer.raw_bytes for r in outcome.streams if r.transfer is not None),
+         seconds=round(seconds, 2), done=done, total=total)
+
+
+async def _dataset(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy, ropts: ReplicateOptions,
+                   run: Run, store: StateStore, emit: Emitter) -> DatasetOutcome:
+    """One dataset of the run (with -r, a failure is its outcome, not the run's); with the encrypted-tree
+    seed where that applies. A dataset refused before its first stream started gives back the tree's sync
+    snapshot taken for it: a refused run leaves the source as it was."""
+    opts = run.opts or SyncOptions()
+    try:
+        tree = await _encrypted_tree(src, dst, src_name, dst_name, run, policy, ropts, emit)
+        if tree is not None:
+            run.seeded.update(await _seed_tree(src, dst, tree, run, policy, ropts, opts, store, emit))
+            return run.seeded.pop(src_name)
+        return await _one(src, dst, src_name, dst_name, policy, ropts, opts, run, store, emit)
+    except E.ZchunkError as e:
+        if not ropts.recursive:
+            raise
+        emit("dataset_failed", source=src_name, target=dst_name, error=str(e), hint=e.hint)
+        if run.short and not ropts.dry_run and src_name not in run.streamed:
+            try:
+                await src.zfs.destroy(f"{src_name}@{run.short}", busy_retry=5.0)
+            except E.ZchunkError:
+                pass  # it stays, pruned as ours by a later run
+        return DatasetOutcome(src_name, dst_name, "failed", error=str(e), exit_code=e.exit_code)
 
 
 async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
@@ -218,11 +328,10 @@ async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
     return Side(ep, host, rep, zfs)
 
 
-async def _datasets(src: Side, dst: Side, recursive: bool, excludes: tuple[re.Pattern[str], ...],
-                    emit: Emitter) -> list[tuple[str, str]]:
+async def _datasets(src: Side, dst: Side, excludes: tuple[re.Pattern[str], ...],
+                    emit: Emitter) -> tuple[list[tuple[str, str]], list[str]]:
+    """-r: the (source, target) pairs of the tree, parents first, and the datasets of the tree left out."""
     root, troot = src.endpoint.dataset, dst.endpoint.dataset
-    if not recursive:
-        return [(root, troot)]
     await src.zfs.require(root)
     pairs = []
     skipped: list[str] = []  # a skipped dataset's children go too (as zfs send -X): their parent is missing
@@ -237,18 +346,19 @@ async def _datasets(src: Side, dst: Side, recursive: bool, excludes: tuple[re.Pa
             skipped.append(name)
             continue
         pairs.append((name, check_dataset_name(troot + rel)))
-    return pairs
+    return pairs, skipped
 
 
 MAX_RESTARTS = 3
 
 
 async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy, ropts: ReplicateOptions,
-               opts: SyncOptions, store: StateStore, emit: Emitter) -> DatasetOutcome:
+               opts: SyncOptions, run: Run, store: StateStore, emit: Emitter) -> DatasetOutcome:
     """One dataset; when an agent dies (killed, host rebooted) the stream starts again, said in one line."""
     for attempt in range(1, MAX_RESTARTS + 2):
         try:
-            return await _one_attempt(src, dst, src_name, dst_name, policy, ropts, opts, store, emit)
+            listed = run.listed(src_name, dst_name) if attempt == 1 else None
+            return await _one_attempt(src, dst, src_name, dst_name, policy, ropts, opts, run, listed, store, emit)
         except E.AgentDied as e:
             if attempt > MAX_RESTARTS:
                 raise
@@ -278,19 +388,19 @@ async def _encryption_roots(src: Side, pairs: list[tuple[str, str]], ropts: Repl
     return dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
 
 
-async def _encrypted_tree(src: Side, dst: Side, src_name: str, dst_name: str, pairs: list[tuple[str, str]],
-                          roots: dict[str, str], policy: Policy, ropts: ReplicateOptions,
-                          emit: Emitter) -> Tree | None:
+async def _encrypted_tree(src: Side, dst: Side, src_name: str, dst_name: str, run: Run, policy: Policy,
+                          ropts: ReplicateOptions, emit: Emitter) -> Tree | None:
     """With -r, an encrypted dataset whose target does not exist yet and below which a dataset inherits its
     key is seeded with its subtree as one raw ``zfs send -R``: only such a stream keeps the encryption roots
     on the target (each raw stream of its own makes its dataset an encryption root there: openzfs #15687,
     zrepl #950). Later runs send each dataset incrementally, raw, which keeps them. None: send it alone."""
+    roots, pairs = run.enc_roots, run.pairs
     if not roots or not dst.rep.features.encryption or roots.get(src_name, "-") == "-":
         return None
     members = tuple(p for p in pairs if p[0] == src_name or p[0].startswith(src_name + "/"))
     if not any(roots.get(m, "-") not in ("-", m) for m, _ in members[1:]):
         return None  # no descendant inherits a key: separate streams lose nothing
-    if await dst.zfs.dataset(dst_name) is not None:
+    if dst_name in (run.dst_tree or {}) or await dst.zfs.dataset(dst_name) is not None:
         return None  # seeded before: each dataset goes incrementally, raw, which keeps the roots
     why = ("--include-snaps/--exclude-snaps" if policy.filtered else "--no-sync-snap" if not ropts.sync_snap
            else None)
@@ -304,9 +414,9 @@ async def _encrypted_tree(src: Side, dst: Side, src_name: str, dst_name: str, pa
     return Tree(src_name, dst_name, members, excluded)
 
 
-async def _seed_tree(src: Side, dst: Side, tree: Tree, policy: Policy, ropts: ReplicateOptions,
+async def _seed_tree(src: Side, dst: Side, tree: Tree, run: Run, policy: Policy, ropts: ReplicateOptions,
                      opts: SyncOptions, store: StateStore, emit: Emitter) -> dict[str, DatasetOutcome]:
-    """One sync snapshot of the whole subtree (atomic), one raw ``send -R`` of it (``-X`` the excluded),
+    """The run's sync snapshot of the whole subtree (atomic), one raw ``send -R`` of it (``-X`` the excluded),
     received unmounted without the properties a replica must not have; then the same holds, checks and
     key location as a dataset sent alone. Outcomes by source dataset."""
     root, target = tree.root, tree.target
@@ -314,7 +424,8 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, policy: Policy, ropts: Re
                  _check_delegation(src, dst, root, target, None, ropts))
     if not ropts.dry_run:
         await _other_sessions(dst, target, opts, store, emit)
-    short = sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())
+    assert run.short is not None, "a tree is seeded only with the run's sync snapshot"
+    short = run.short
     flags = send_flags(_label(src, root), _label(dst, target), src.rep.features, dst.rep.features,
                        await src.zfs.encryption(root), ropts.stream_opts)
     local = await src.zfs.run("get", "-H", "-r", "-s", "local", "-o", "property", "all", root, dataset=root)
@@ -330,22 +441,15 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, policy: Policy, ropts: Re
          send_flags=[*flags, "-R"] + (["-X", ",".join(tree.excluded)] if tree.excluded else []),
          encryption="raw: the replica keeps the source's keys and encryption roots, never decrypted on the target")
     if ropts.dry_run:
-        emit("would_snapshot", snapshot=f"{root}@{short}")
         return {s: DatasetOutcome(s, t, "planned") for s, t in tree.members}
-    await src.zfs.run("snapshot", "-r", f"{root}@{short}", dataset=root, action="snapshot")
-    emit("snapshot", snapshot=f"{root}@{short}")
-    emit("note", host=src.label, detail=f"{root}@{short}: taken with zfs snapshot -r, one moment for the tree")
-    try:
-        snap = next((s for s in (await src.zfs.require(root)).snapshots if s.short == short), None)
-        if snap is None:
-            raise E.NoSnapshot(host=src.label, dataset=f"{root}@{short}")
-        spec = StreamSpec(SendPlan(root, target, snap, None), _recv_flags(dst), sets, send_flags=(*flags, "-R"),
-                          recv_excluded=excluded_props, send_excluded=tree.excluded)
-        result = await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, root), _label(dst, target),
-                                  spec, opts, store, emit)
-    finally:
-        for name in tree.excluded:  # a sync snapshot only -R needed there: not theirs to keep
-            await src.zfs.destroy(f"{name}@{short}")
+    snap = next((s for s in (await src.zfs.require(root)).snapshots if s.short == short), None)
+    if snap is None:
+        raise E.NoSnapshot(host=src.label, dataset=f"{root}@{short}")
+    spec = StreamSpec(SendPlan(root, target, snap, None), _recv_flags(dst), sets, send_flags=(*flags, "-R"),
+                      recv_excluded=excluded_props, send_excluded=tree.excluded)
+    run.streamed.add(root)
+    result = await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, root), _label(dst, target),
+                              spec, opts, store, emit, pacer=run.pacer)
     await _check_tree(src, dst, tree, short)
     tag = f"zchunk_{policy.identifier}"
     await _both(_hold_all(src, tag, [f"{s}@{short}" for s, _ in tree.members], emit),
@@ -393,9 +497,10 @@ def _restarting(src_name: str, dst: Side, err: E.ZchunkError, attempt: int, emit
 
 
 async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy,
-                       ropts: ReplicateOptions, opts: SyncOptions, store: StateStore,
+                       ropts: ReplicateOptions, opts: SyncOptions, run: Run,
+                       listed: tuple[Dataset, Dataset | None] | None, store: StateStore,
                        emit: Emitter) -> DatasetOutcome:
-    src_ds, dst_ds = await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
+    src_ds, dst_ds = listed or await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
     seeding = dst_ds is not None and not dst_ds.snapshots and \
         await dst.zfs.prop(dst_name, SEEDING_PROPERTY) == policy.identifier
     if seeding:  # made by an earlier run of ours for a full stream that never arrived: receive into it again
@@ -413,13 +518,15 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
             dst_ds = await dst.zfs.dataset(dst_name)  # what the target holds with the leftovers gone
     results: list[SyncResult] = []
     if dst_ds is not None and dst.rep.features.resume_tokens and not ropts.dry_run:
-        resumed = await _resume_partial(src, dst, src_ds, dst_ds, opts, store, emit)
+        resumed = await _resume_partial(src, dst, src_ds, dst_ds, opts, run, store, emit)
         if resumed is not None:
             results.append(resumed)
             dst_ds = await dst.zfs.dataset(dst_name)
-    snap_name = f"{src_name}@{sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())}"
+    # -r: the tree's sync snapshot, taken for every dataset at once (with --dry-run: to be taken)
+    taken = run.short is not None and not ropts.dry_run
+    snap_name = f"{src_name}@{run.short or sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())}"
     # Plan against the sync snapshot-to-be first: a refusal must leave the source untouched too.
-    planned_ds = _with_planned_snapshot(src_ds, snap_name) if ropts.sync_snap else src_ds
+    planned_ds = _with_planned_snapshot(src_ds, snap_name) if ropts.sync_snap and not taken else src_ds
     changed = await _target_changed(dst, dst_ds, ropts.dry_run)
     plan = await _plan(src, dst, planned_ds, dst_ds, dst_name, policy, changed)
     flags, encryption = await _stream_flags(src, dst, src_name, dst_name, dst_ds, plan, ropts.stream_opts)
@@ -427,9 +534,10 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         emit("note", host=src.label, detail=f"{src.rep.features.implementation} has no encryption: "
              "--no-raw changes nothing")
     if ropts.sync_snap and ropts.dry_run:
-        emit("would_snapshot", snapshot=snap_name)
+        if run.short is None:
+            emit("would_snapshot", snapshot=snap_name)
         src_ds = planned_ds
-    elif ropts.sync_snap:
+    elif ropts.sync_snap and not taken:
         await src.zfs.snapshot(snap_name)
         emit("snapshot", snapshot=snap_name)
         src_ds = await src.zfs.require(src_name)
@@ -462,8 +570,9 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         force = ("-F",) if precreated and step.base is None else ()  # a full stream into the dataset made for it
         spec = StreamSpec(step, _recv_flags(dst) + force, props if dst.rep.features.receive_props else (),
                           send_flags=flags, recv_excluded=excluded)
+        run.streamed.add(src_name)
         results.append(await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_name),
-                                        _label(dst, dst_name), spec, opts, store, emit))
+                                        _label(dst, dst_name), spec, opts, store, emit, pacer=run.pacer))
         if props and not dst.rep.features.receive_props:  # every stream: a changed value too
             await _set_props(dst, dst_name, props)
         if force:
@@ -779,7 +888,7 @@ async def _prune(side: Side, snaps: list[Snapshot], tag: str, emit: Emitter) -> 
         emit("pruned", host=side.label, snapshot=s.name)
 
 
-async def _resume_partial(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset, opts: SyncOptions,
+async def _resume_partial(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset, opts: SyncOptions, run: Run,
                           store: StateStore, emit: Emitter) -> SyncResult | None:
     """A receive that died left a resume token: finish it with ``send -t``, or discard a stale one."""
     token = await dst.zfs.prop(dst_ds.name, "receive_resume_token")
@@ -798,8 +907,9 @@ async def _resume_partial(src: Side, dst: Side, src_ds: Dataset, dst_ds: Dataset
     if snap is not None:
         spec = StreamSpec(SendPlan(src_ds.name, dst_ds.name, snap, None), _recv_flags(dst), (), token)
     emit("resume_token", target=_label(dst, dst_ds.name), snapshot=spec.plan.snapshot.name)
+    run.streamed.add(src_ds.name)
     return await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_ds.name),
-                            _label(dst, dst_ds.name), spec, opts, store, emit)
+                            _label(dst, dst_ds.name), spec, opts, store, emit, pacer=run.pacer)
 
 
 def _token_snapshot(dry_run_output: str, src_ds: Dataset) -> Snapshot | None:

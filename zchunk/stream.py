@@ -29,7 +29,7 @@ from .client import AGENT_SOURCE, AgentClient, HostAgent
 from .endpoint import parse_endpoint
 from .engine import EngineOptions, Transfer, TransferResult
 from .events import Emitter, Sink
-from .link import Bandwidth, LinkControl
+from .link import Bandwidth, LinkControl, Pacer
 from .plan import SendPlan
 from .preflight import HostReport, negotiate
 from .protocol import AgentChannel
@@ -153,8 +153,9 @@ def ssh_from_record(rec: SessionRecord, fallback: SshOptions) -> SshOptions:
 
 async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_rep: HostReport,
                      source: str, target: str, spec: StreamSpec, opts: SyncOptions, store: StateStore,
-                     emit: Emitter) -> SyncResult:
-    """Negotiate, start both agents in fresh session directories, move the stream, verify, clean up."""
+                     emit: Emitter, pacer: Pacer | None = None) -> SyncResult:
+    """Negotiate, start both agents in fresh session directories, move the stream, verify, clean up.
+    ``pacer``: the bandwidth budget this stream shares with others of its run (-r --jobs)."""
     plan = spec.plan
     codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
     estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features, spec.send_flags)
@@ -184,7 +185,7 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         await close_early(early)
         raise
     emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir)
-    return await _run_session(rec, src_host, dst_host, opts, store, emit, early)
+    return await _run_session(rec, src_host, dst_host, opts, store, emit, early, pacer)
 
 
 def _open_early(rec: SessionRecord, src_host: Host, dst_host: Host,
@@ -276,7 +277,8 @@ async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit
 
 async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts: SyncOptions,
                        store: StateStore, emit: Emitter,
-                       early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None) -> SyncResult:
+                       early: dict[str, list[asyncio.Task[AgentChannel]]] | None = None,
+                       pacer: Pacer | None = None) -> SyncResult:
     src = AgentSide(src_host, rec.source_dir, "send", _needs(rec))
     dst = AgentSide(dst_host, rec.target_dir, "receive", _needs(rec))
     eopts = EngineOptions(parallel=opts.parallel, patience=opts.patience, stall_timeout=opts.stall_timeout)
@@ -289,7 +291,8 @@ async def _run_session(rec: SessionRecord, src_host: Host, dst_host: Host, opts:
         emit(kind, **fields)
 
     transfer = Transfer(src, dst, session_id=rec.id, chunk_size=rec.chunk_size, spool_max=rec.spool_max,
-                        estimate=rec.estimate, opts=eopts, emit=on_event, early=early, link=link_control(rec, store))
+                        estimate=rec.estimate, opts=eopts, emit=on_event, early=early, link=link_control(rec, store),
+                        pacer=pacer)
     lock = SessionLock(opts.state_dir, rec.id)
     lock.acquire()  # says to `zchunk resume ID` in another terminal that this process runs the session
     try:

@@ -180,6 +180,18 @@ def dataset_from_props(name: str, props: dict[str, dict[str, str]]) -> Dataset |
                    _int(mine.get("referenced")), tuple(snaps))
 
 
+def datasets_from_props(props: dict[str, dict[str, str]]) -> dict[str, Dataset]:
+    """Every dataset in a recursive ``zfs get`` (``parse_get_output``), with its snapshots."""
+    snaps: dict[str, list[Snapshot]] = {}
+    for n, p in props.items():
+        if "@" in n:
+            snaps.setdefault(n.split("@", 1)[0], []).append(
+                Snapshot(n, _int(p.get("guid")), _int(p.get("createtxg")), _int(p.get("referenced"))))
+    return {n: Dataset(n, p.get("type", "filesystem"), _int(p.get("guid")), _int(p.get("referenced")),
+                       tuple(sorted(snaps.get(n, ()), key=lambda s: s.createtxg)))
+            for n, p in props.items() if "@" not in n and "#" not in n}
+
+
 def parse_allow(text: str, user: str, groups: tuple[str, ...] = ()) -> set[str]:
     """Permissions ``zfs allow DATASET`` grants ``user`` (directly, via a group, or to everyone)."""
     perms: set[str] = set()
@@ -266,6 +278,31 @@ class Zfs:
             raise CommandFailed(host=self.host.name, command=f"zfs get ... {name}", status=res.status,
                                 stderr=res.err_text)
         return dataset_from_props(name, parse_get_output(res.stdout.decode()))
+
+    async def tree(self, root: str) -> dict[str, Dataset]:
+        """``root`` and every dataset below it, with their snapshots, by name: one command for a whole tree.
+        Empty when ``root`` does not exist."""
+        res = await self.run("get", "-H", "-p", "-r", "-o", "name,property,value", "type,guid,createtxg,referenced",
+                             root, check=False, dataset=root)
+        if res.status != 0:
+            if "does not exist" in res.err_text or "no such" in res.err_text.lower():
+                return {}
+            raise CommandFailed(host=self.host.name, command=f"zfs get -r ... {root}", status=res.status,
+                                stderr=res.err_text)
+        return datasets_from_props(parse_get_output(res.stdout.decode()))
+
+    async def snapshot_all(self, root: str, short: str, members: list[str], left_out: list[str],
+                           many: bool) -> None:
+        """``short`` on every dataset in ``members`` (of the tree at ``root``) at one moment: ``zfs snapshot
+        -r`` when none of the tree is ``left_out``, else all names in one ``zfs snapshot`` where this zfs
+        takes several (``many``: OpenZFS), else ``-r`` and the snapshots of the datasets left out destroyed
+        at once (nobody else's: this command made them)."""
+        if left_out and many:
+            await self.run("snapshot", *(f"{m}@{short}" for m in members), dataset=root, action="snapshot")
+            return
+        await self.run("snapshot", "-r", f"{root}@{short}", dataset=root, action="snapshot")
+        for name in left_out:
+            await self.destroy(f"{name}@{short}")
 
     async def require(self, name: str) -> Dataset:
         ds = await self.dataset(name)

@@ -1,0 +1,119 @@
+"""A whole tree in one run (sync -r) on real parts: zfs-fuse pools, a real sshd (on loopback, or behind the
+namespaced WAN). Datasets run --jobs at a time under one bandwidth budget; one whose receive fails fails
+alone; every stream rides out an outage of the link."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.zc import Background, Zchunk
+from tests.zfsutil import assert_replica, mountpoint, snapshots, zfs
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+ZC_SYNC_ARGS = ("--chunk-size", "1M")
+POOL_SIZE = "768M"
+
+
+def make_tree(root: str, count: int, size: int, seed: int = 0) -> list[str]:
+    """``root`` and ``count - 1`` descendants (every fourth child has a grandchild), each with a file of
+    ``size`` bytes (incompressible). Their names, parents first."""
+    names = [root]
+    i = 0
+    while len(names) < count:
+        names.append(f"{root}/c{i:02d}")
+        if i % 4 == 3 and len(names) < count:
+            names.append(f"{root}/c{i:02d}/g")
+        i += 1
+    for name in names:
+        zfs("create", name)
+        lab.write_dataset(mountpoint(name) / "f", size, seed=seed + len(name) + i, compressible_fraction=0.0)
+    return names
+
+
+def newest(dataset: str) -> str:
+    return snapshots(dataset)[-1].split("@", 1)[1]
+
+
+def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, pools: Any,
+                                                                   sshd_local: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    root = f"{src_pool.name}/big"
+    names = make_tree(root, 50, 32 << 10)
+    dst = f"{dst_pool.name}/big"
+    where = f"local:{dst}"
+    ssh = ("--ssh-config", str(sshd_local.ssh_config))
+    run = zc.run("sync", "-r", root, where, *ssh, "--jobs", "4", "--identifier", "big")
+    assert run.returncode == 0, run.explain()
+    done = run.of("dataset_done")
+    assert len(done) == 50 and {e["status"] for e in done} == {"sent"}
+    assert [e["done"] for e in done] == list(range(1, 51)) and {e["total"] for e in done} == {50}
+    starts = {e["dataset"]: e["time"] for e in run.of("session")}
+    ends = {e["source"]: e["time"] for e in done}
+    overlapping = max(sum(starts[n] <= starts[m] < ends[n] for n in starts) for m in starts)
+    assert overlapping >= 2, "datasets ran one after another"
+    assert all(starts[n] >= ends[n.rsplit("/", 1)[0]] for n in names[1:]), "a child before its parent existed"
+    assert len({newest(n) for n in names}) == 1
+
+    # one replica cannot take more: its receive fails (out of space), the 49 others go on
+    victim = names[7]
+    zfs("set", "quota=1M", dst + victim[len(root):])
+    lab.write_dataset(mountpoint(victim) / "big", 2 * MiB, seed=99, compressible_fraction=0.0)
+    for name in names[::5]:
+        lab.write_dataset(mountpoint(name) / "more", 16 << 10, seed=7, compressible_fraction=0.0)
+    run = zc.run("sync", "-r", root, where, *ssh, "--jobs", "4", "--identifier", "big")
+    assert run.returncode == 15, run.explain()
+    assert "1 of 50 datasets failed" in run.stderr and victim in run.stderr
+    failed = run.of("dataset_failed")
+    assert [e["source"] for e in failed] == [victim] and "space" in failed[0]["error"], failed
+    statuses = {e["source"]: e["status"] for e in run.of("dataset_done")}
+    assert statuses.pop(victim) == "failed" and set(statuses.values()) == {"sent"} and len(statuses) == 49
+    short = newest(root)
+    for name in names:
+        if name != victim:
+            assert_replica(name, dst + name[len(root):], short)
+    assert short in [s.split("@")[1] for s in snapshots(victim)], \
+        "the failed dataset's share of the tree snapshot stays (its stream started: a later run may need it)"
+
+
+def _wire(events: list[dict[str, Any]]) -> int:
+    """Bytes the run's streams put on the link so far: each dataset's newest progress."""
+    last: dict[str, int] = {}
+    for e in events:
+        if e["event"] == "progress":
+            last[e["dataset"]] = int(e["wire_bytes"])
+    return sum(last.values())
+
+
+@pytest.mark.netns
+def test_jobs_share_one_bandwidth_limit_and_ride_out_an_outage(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                               sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    root = f"{src_pool.name}/t"
+    names = make_tree(root, 5, 4 * MiB)
+    dst = f"{dst_pool.name}/t"
+    wan.rate("dst", 100)
+    bg: Background = zc.start("sync", "-r", root, f"dst:{dst}", "--jobs", "3", "--bwlimit", "1M",
+                              "--ssh-config", str(sshd_dst.ssh_config), "--identifier", "tj")
+    try:
+        bg.wait_for(lambda: len({e.get("dataset") for e in bg.events_so_far() if e["event"] == "progress"}) >= 3
+                    and _wire(bg.events_so_far()) > MiB, 120, "three datasets moving")
+        t0, w0 = time.monotonic(), _wire(bg.events_so_far())
+        time.sleep(8)
+        rate = (_wire(bg.events_so_far()) - w0) / (time.monotonic() - t0)
+        assert rate <= 1.05 * MiB + 2 * MiB / 8, f"{rate / MiB:.2f} MiB/s for three streams under --bwlimit 1M"
+        wan.outage("dst", 22, 10)  # every connection to the target reset, for 10 s
+        run = bg.finish(600)
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    downs = {e["dataset"] for e in run.of("link_down")}
+    assert len(downs) >= 2, f"the outage was seen by the moving streams: {downs}"
+    assert {e["source"]: e["status"] for e in run.of("dataset_done")} == {n: "sent" for n in names}
+    for name in names:
+        assert_replica(name, dst + name[len(root):], newest(root))
