@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -399,7 +400,8 @@ def test_a_relative_spool_dir_works_end_to_end(pool_factory: Any, sshd_local: An
         for where in (REPO, Path(os.path.expanduser("~root"))):
             d = where / zc.spool_dir
             if d.is_dir():
-                assert list(d.iterdir()) == [], f"session directories left in {d}"
+                assert [p.name for p in d.iterdir()] in ([], [".agent"]), f"session directories left in {d}"
+                shutil.rmtree(d / ".agent", ignore_errors=True)  # the program, kept for the next run
                 d.rmdir()
 
 
@@ -423,3 +425,39 @@ def test_a_retried_install_is_taken_for_the_first_and_never_starts_a_second_daem
     assert not (path / "receiver.json").exists(), "no second daemon was started"
     other = dict(config("receive"), chunk_size=1 << 16)  # not this install: refused
     refused(*bootstrap("install", str(base), f"{SID}-receive", json.dumps(other)), "already exists")
+
+
+# -- the agent program, put on a host once per run -----------------------------------------------
+
+
+def test_program_is_put_once_imported_by_later_commands_and_refused_in_an_open_place(base: Path,
+                                                                                      elsewhere: Path) -> None:
+    rc, out = bootstrap("program", str(base))
+    assert rc == 0 and out["fresh"] is True, out
+    where = Path(out["program"])
+    assert where == base.resolve() / ".agent" and stat.S_IMODE(where.stat().st_mode) == 0o700
+    assert (where / f"{out['module']}.py").read_bytes() == AGENT_SOURCE
+    assert list((where / "__pycache__").glob(f"{out['module']}.*.pyc")), "compiled once, beside it"
+    rc, again = bootstrap("program", str(base))
+    assert rc == 0 and again["fresh"] is False and again["module"] == out["module"]
+    old = where / "zchunk_agent_0000000000000000.py"  # another version's, unused for a week: removed
+    old.write_bytes(b"# old\n")
+    os.utime(old, (0, 0))
+    assert bootstrap("program", str(base))[0] == 0 and not old.exists()
+
+    # a later command imports it: nothing on stdin, and install writes the same source into the session
+    p = subprocess.run([sys.executable, "-c", agent.IMPORT_BOOTSTRAP, str(where), out["module"], "install",
+                        str(base), f"{SID}-receive", json.dumps(config("receive"))], capture_output=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    session = Path(json.loads(p.stdout.decode().splitlines()[-1])["path"])
+    assert (session / "agent.py").read_bytes() == AGENT_SOURCE
+    rc, listing = bootstrap("sessions", str(base))
+    assert [s["id"] for s in listing["sessions"]] == [f"{SID}-receive"], "the program is no session"
+
+    open_base = elsewhere / "open"
+    open_base.mkdir(mode=0o777)
+    os.chmod(open_base, 0o777)
+    before = tree(elsewhere)
+    refused(*bootstrap("program", str(open_base)), "writable by group or others")
+    assert tree(elsewhere) == before

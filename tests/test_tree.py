@@ -59,6 +59,10 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
     assert overlapping >= 2, "datasets ran one after another"
     assert all(starts[n] >= ends[n.rsplit("/", 1)[0]] for n in names[1:]), "a child before its parent existed"
     assert len({newest(n) for n in names}) == 1
+    # the agent program went to the target once for the 50 streams (the source is this machine, whose
+    # agent is the coordinator's own module), and every stream's agents imported it
+    assert [e["host"] for e in run.of("agent_program")] == ["local"], run.of("agent_program")
+    assert len(run.of("session")) == 50
 
     # one replica cannot take more: its receive fails (out of space), the 49 others go on
     victim = names[7]

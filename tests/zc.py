@@ -95,7 +95,11 @@ class Zchunk:
         return Background(self.argv(*args), self.workdir)
 
     def session_dirs(self) -> list[Path]:
-        return sorted(self.spool_dir.glob("*")) if self.spool_dir.exists() else []
+        """What the runs left in the spool directory, but the agent program (``.agent``: kept for the next
+        run, see docs/protocol.md ``program``)."""
+        if not self.spool_dir.exists():
+            return []
+        return sorted(p for p in self.spool_dir.iterdir() if p.name != ".agent")
 
     def agent_state(self, role: str) -> dict[str, Any] | None:
         for d in self.session_dirs():

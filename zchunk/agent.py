@@ -2050,12 +2050,58 @@ def wait_for_install(path: str) -> bool:
     return True
 
 
+PROGRAM_DIR = ".agent"  # under the spool base: the agent program, compiled, for every session of a run
+PROGRAM_KEEP = 7 * 86400.0  # other versions' programs go after this long unused
+
+
+def cmd_program(args: List[str]) -> Dict[str, Any]:
+    """program BASE  (the agent source on stdin, see bootstrap): put this agent on the host once, as the
+    module ``BASE/.agent/zchunk_agent_<sha>.py`` compiled beside it, so that the commands and channels of
+    every session after it start by importing it (``IMPORT_BOOTSTRAP``) instead of receiving and compiling
+    the source each time. Idempotent; other versions unused for a week are removed."""
+    import hashlib
+    import py_compile
+
+    if AGENT_SOURCE is None:
+        raise AgentError("bad-request", "program must be run through the bootstrap")
+    base = args[0]
+    ensure_base(base)
+    where = os.path.join(os.path.abspath(base), PROGRAM_DIR)
+    try:
+        os.mkdir(where, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(where, "agent program directory")
+    module = "zchunk_agent_" + hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
+    path = os.path.join(where, module + ".py")
+    fresh = False
+    try:
+        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:
+            same = f.read(len(AGENT_SOURCE) + 1) == AGENT_SOURCE
+    except OSError:
+        same = False
+    if not same:
+        write_atomic(path, AGENT_SOURCE)
+        py_compile.compile(path, doraise=True)
+        fresh = True
+    now = time.time()
+    for name in os.listdir(where):
+        other = os.path.join(where, name)
+        if name.startswith("zchunk_agent_") and not name.startswith(module):
+            try:
+                if now - os.lstat(other).st_mtime > PROGRAM_KEEP:
+                    os.unlink(other)
+            except OSError:
+                pass
+    return {"program": where, "module": module, "fresh": fresh}
+
+
 def cmd_sessions(args: List[str]) -> Dict[str, Any]:
     """Session directories under BASE with their daemon state (for stale-session cleanup)."""
     base = args[0]
     out = []
     try:
-        names = sorted(os.listdir(base))
+        names = sorted(n for n in os.listdir(base) if n != PROGRAM_DIR)
     except FileNotFoundError:
         names = []
     for name in names:
@@ -2082,7 +2128,7 @@ def cmd_remove(args: List[str]) -> Dict[str, Any]:
 
 COMMANDS: Dict[str, Callable[[List[str]], Any]] = {
     "probe": cmd_probe, "install": cmd_install, "start": cmd_start, "serve": cmd_serve,
-    "sessions": cmd_sessions, "remove": cmd_remove,
+    "sessions": cmd_sessions, "remove": cmd_remove, "program": cmd_program,
 }
 
 
@@ -2122,6 +2168,13 @@ SERVE_BOOTSTRAP = (
     "import sys;f=sys.stdin.buffer;s=f.read(int(f.readline()));g={'__name__':'zchunk_agent'};"
     "exec(compile(s,'zchunk_agent','exec'),g);g['AGENT_SOURCE']=s;"
     "sys.exit(g['main'](sys.argv[1:]))"
+)
+
+# Once ``program`` has put the agent on the host:  python3 -c IMPORT_BOOTSTRAP DIR MODULE CMD ARGS...  imports
+# it (compiled once) and runs CMD; nothing on stdin but what CMD reads (a serve channel's frames).
+IMPORT_BOOTSTRAP = (
+    "import sys;sys.path.insert(0,sys.argv[1]);m=__import__(sys.argv[2]);"
+    "m.AGENT_SOURCE=open(m.__file__,'rb').read();sys.exit(m.main(sys.argv[3:]))"
 )
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import asyncio
 import json
 import posixpath
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ LOCAL_BOOTSTRAP = (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Hosts the agent program was put on in this process (``HostAgent.program``): (directory, module) each.
+_PROGRAMS: weakref.WeakKeyDictionary[Host, tuple[str, str]] = weakref.WeakKeyDictionary()
+_PROGRAM_LOCKS: weakref.WeakKeyDictionary[Host, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def agent_call(*names: str) -> Callable[[F], F]:
@@ -74,6 +79,36 @@ class HostAgent:
         own = isinstance(self.host, LocalHost) and self.host.python == sys.executable
         return [self.host.python, "-c", LOCAL_BOOTSTRAP if own else agent.BOOTSTRAP, *args]
 
+    @property
+    def installed(self) -> tuple[str, str] | None:
+        """(directory, module) of the agent program on this host, when ``program`` put it there."""
+        return _PROGRAMS.get(self.host)
+
+    def command(self, *args: str) -> tuple[list[str], bytes | None]:
+        """A one-shot agent command and its stdin: by importing the installed program when there is one
+        (nothing to send, nothing to compile), else the bootstrap with the source."""
+        prog = self.installed
+        if prog is None:
+            return self.bootstrap(*args), AGENT_SOURCE
+        return [self.host.python, "-c", agent.IMPORT_BOOTSTRAP, *prog, *args], None
+
+    @agent_call("program")
+    async def program(self, spool_dir: str) -> dict[str, Any] | None:
+        """Put the agent program on this host, once per host (connection) of this process: every session's
+        commands and channels import it after. The agent's answer (``program``, ``module``, ``fresh``: not
+        there before) the first time; None after, and on this machine for this interpreter (it imports the
+        coordinator's own copy)."""
+        if self.installed is not None or self.bootstrap()[2] is LOCAL_BOOTSTRAP:
+            return None
+        lock = _PROGRAM_LOCKS.setdefault(self.host, asyncio.Lock())
+        async with lock:
+            if self.installed is not None:
+                return None
+            res = await self.host.run(self.bootstrap("program", spool_dir), stdin=AGENT_SOURCE)
+            reply = self._reply(res.stdout, res.err_text)
+            _PROGRAMS[self.host] = (str(reply["program"]), str(reply["module"]))
+            return reply
+
     @agent_call("probe")
     async def probe(self, spool_dir: str) -> dict[str, Any]:
         """What this host's python3 can do (version, capabilities, user, the sessions under ``spool_dir``);
@@ -91,17 +126,18 @@ class HostAgent:
     async def install(self, spool_dir: str, dirname: str, config: dict[str, Any], start: bool = False) -> str:
         """Create ``<spool_dir>/<dirname>`` holding the agent and its config, and with ``start`` start its
         daemon in the same command. The session directory's path."""
-        argv = self.bootstrap("install", spool_dir, dirname, json.dumps(config))
+        argv, stdin = self.command("install", spool_dir, dirname, json.dumps(config))
         if start:  # an absolute spool directory names the session's: the daemon is forked by install itself
             argv += ["start"] + ([posixpath.normpath(posixpath.join(spool_dir, dirname))]
                                  if spool_dir.startswith("/") else [])
-        res = await self.host.run(argv, stdin=AGENT_SOURCE)
+        res = await self.host.run(argv, stdin=stdin)
         return str(self._reply(res.stdout, res.err_text)["path"])
 
     @agent_call("sessions")
     async def sessions(self, spool_dir: str) -> list[dict[str, Any]]:
         """The session directories under ``spool_dir``, as the agent sees them (role, state, pid, ...)."""
-        res = await self.host.run(self.bootstrap("sessions", spool_dir), stdin=AGENT_SOURCE)
+        argv, stdin = self.command("sessions", spool_dir)
+        res = await self.host.run(argv, stdin=stdin)
         try:
             listing = json.loads(res.stdout.decode().strip().splitlines()[-1]).get("sessions", [])
         except (ValueError, IndexError, AttributeError):
@@ -115,7 +151,10 @@ class HostAgent:
         args = ["remove", session_dir] + (["keep"] if keep else [])
         if isinstance(self.host, LocalHost):
             return await asyncio.to_thread(self._here, args)
-        res = await self.host.run([self.host.python, f"{session_dir}/agent.py", *args])
+        prog = self.installed
+        argv = ([self.host.python, "-c", agent.IMPORT_BOOTSTRAP, *prog, *args] if prog is not None
+                else [self.host.python, f"{session_dir}/agent.py", *args])
+        res = await self.host.run(argv)
         return self._reply(res.stdout, res.err_text)
 
     @agent_call("serve")
@@ -125,7 +164,12 @@ class HostAgent:
         agent's), one started before install has made the session directory: the source travels first on
         the channel (there is no ``agent.py`` yet) and the server answers once install is done, so the
         channel is ready when install is."""
-        if source is None:
+        prog = self.installed
+        if prog is not None:  # the installed program: nothing to send first, nothing to compile
+            argv = [self.host.python, "-c", agent.IMPORT_BOOTSTRAP, *prog, "serve", session_dir]
+            argv += ["wait"] if source is not None else []
+            source = None
+        elif source is None:
             argv = [self.host.python, f"{session_dir}/agent.py", "serve", session_dir]
         else:
             argv = [self.host.python, "-c", agent.SERVE_BOOTSTRAP, "serve", session_dir, "wait"]

@@ -97,6 +97,10 @@ EVENTS = _kinds(
         "source": "source dataset", "target": "target dataset", "status": "sent, up-to-date, planned or failed",
         "raw_bytes": "stream bytes sent for it", "seconds": "how long it took, waiting for its parent excluded",
         "done": "datasets finished so far", "total": "datasets in the run"}),
+    EventKind("agent_program", "The agent program was put on a host: once per host per run; every stream's "
+              "agents after that import it.", {
+        "host": _HOST, "path": "where it is (under the spool directory)",
+        "fresh": "it was not there before (false: a run before left this very version)"}),
     EventKind("restart", "An agent died (killed, host rebooted): the stream starts again, said how.", {
         "source": "source dataset", "reason": "what was found", "how": "resume token or from the common snapshot",
         "attempt": "1, 2, ... (0: an unfinished session of an earlier run)"}),

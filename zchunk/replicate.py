@@ -178,6 +178,7 @@ class Run:
     jobs: int = 1  # datasets at a time
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (source, target) of every dataset, parents first
     enc_roots: dict[str, str] = field(default_factory=dict)  # source dataset -> its encryption root (-R seeds)
+    dst_sessions: list[dict[str, Any]] | None = None  # the target's session directories, as probed at preflight
     streamed: set[str] = field(default_factory=set)  # source datasets whose first stream started
     seeded: dict[str, DatasetOutcome] = field(default_factory=dict)  # members of an encrypted tree's -R seed
 
@@ -204,7 +205,7 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
         try:
             emit("preflight", source=src.rep.summary(), target=dst.rep.summary(), identifier=identifier)
             if not ropts.recursive:
-                run = Run(opts=opts)
+                run = Run(opts=opts, dst_sessions=dst.rep.sessions)
                 return ReplicationResult([await _dataset(src, dst, source.dataset, target.dataset, policy, ropts,
                                                          run, store, emit)])
             pairs, left_out = await _datasets(src, dst, excludes, emit)
@@ -227,7 +228,7 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
              f"of --chunk-size: {fits} dataset(s) at a time instead of --jobs {jobs}")
         jobs = fits
     run = Run(opts=dataclasses.replace(opts, spool_max=opts.spool_max // jobs), pacer=Pacer(), jobs=jobs,
-              pairs=pairs, enc_roots=await _encryption_roots(src, pairs, ropts))
+              pairs=pairs, enc_roots=await _encryption_roots(src, pairs, ropts), dst_sessions=dst.rep.sessions)
     if ropts.sync_snap and pairs:
         run.short = sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())
         members = [s for s, _ in pairs]
@@ -357,8 +358,8 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
     """One dataset; when an agent dies (killed, host rebooted) the stream starts again, said in one line."""
     for attempt in range(1, MAX_RESTARTS + 2):
         try:
-            listed = run.listed(src_name, dst_name) if attempt == 1 else None
-            return await _one_attempt(src, dst, src_name, dst_name, policy, ropts, opts, run, listed, store, emit)
+            first = attempt == 1  # later: what the host has now, not what the run read at its start
+            return await _one_attempt(src, dst, src_name, dst_name, policy, ropts, opts, run, first, store, emit)
         except E.AgentDied as e:
             if attempt > MAX_RESTARTS:
                 raise
@@ -423,7 +424,7 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, run: Run, policy: Policy,
     await all_of(_check_target_parent(dst, target, None, ropts),
                  _check_delegation(src, dst, root, target, None, ropts))
     if not ropts.dry_run:
-        await _other_sessions(dst, target, opts, store, emit)
+        await _other_sessions(dst, target, opts, store, emit, run.dst_sessions)
     assert run.short is not None, "a tree is seeded only with the run's sync snapshot"
     short = run.short
     flags = send_flags(_label(src, root), _label(dst, target), src.rep.features, dst.rep.features,
@@ -498,8 +499,8 @@ def _restarting(src_name: str, dst: Side, err: E.ZchunkError, attempt: int, emit
 
 async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, policy: Policy,
                        ropts: ReplicateOptions, opts: SyncOptions, run: Run,
-                       listed: tuple[Dataset, Dataset | None] | None, store: StateStore,
-                       emit: Emitter) -> DatasetOutcome:
+                       first: bool, store: StateStore, emit: Emitter) -> DatasetOutcome:
+    listed = run.listed(src_name, dst_name) if first else None
     src_ds, dst_ds = listed or await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
     seeding = dst_ds is not None and not dst_ds.snapshots and \
         await dst.zfs.prop(dst_name, SEEDING_PROPERTY) == policy.identifier
@@ -514,7 +515,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     if not ropts.dry_run:
         # before anything is planned or taken: a target another session is receiving looks like one without
         # a common snapshot, and a refused run must leave no sync snapshot behind
-        if await _other_sessions(dst, dst_name, opts, store, emit):
+        if await _other_sessions(dst, dst_name, opts, store, emit, run.dst_sessions if first else None):
             dst_ds = await dst.zfs.dataset(dst_name)  # what the target holds with the leftovers gone
     results: list[SyncResult] = []
     if dst_ds is not None and dst.rep.features.resume_tokens and not ropts.dry_run:
@@ -613,7 +614,8 @@ def _label(side: Side, dataset: str) -> str:
 SETTLE_TIMEOUT = agent.NEVER_STARTED_AFTER + 15.0
 
 
-async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: StateStore, emit: Emitter) -> bool:
+async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: StateStore, emit: Emitter,
+                          known: list[dict[str, Any]] | None = None) -> bool:
     """Another live session receiving into this dataset refuses the run, naming its daemon's pid; a dead
     one's leftovers are cleaned. Runs before anything is planned or changed, so a refusal leaves nothing.
 
@@ -627,9 +629,10 @@ async def _other_sessions(dst: Side, dst_name: str, opts: SyncOptions, store: St
     said_waiting = False
     while True:
         starting = None
-        # The first look is the probe's, taken a moment ago at preflight (one round trip saved); later
-        # ones, and those for the other datasets of a recursive run, ask the host again.
-        listing, dst.rep.sessions = dst.rep.sessions, None
+        # The first look is ``known``: the probe's listing, taken at preflight for every dataset of the run
+        # (a round trip per dataset saved); a later one (waiting, or a dataset's stream started again after
+        # an agent died) asks the host.
+        listing, known = known, None
         for s in listing if listing is not None else await HostAgent(dst.host).sessions(opts.spool_dir):
             if s.get("role") != "receive" or s.get("dataset") != dst_name:
                 continue

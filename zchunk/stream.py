@@ -170,8 +170,10 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         source_python=None if isinstance(src_host, LocalHost) else src_host.python,
         target_python=None if isinstance(dst_host, LocalHost) else dst_host.python)
     store.save(rec)
-    early = _open_early(rec, src_host, dst_host, opts)
+    early: dict[str, list[asyncio.Task[AgentChannel]]] = {}
     try:
+        await _put_programs(src_host, dst_host, opts, emit)
+        early = _open_early(rec, src_host, dst_host, opts)
         await _start_agents(rec, spec, level, src_host, dst_host, opts, store)
     except (E.ZchunkError, LinkDown) as e:
         await close_early(early)
@@ -186,6 +188,16 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         raise
     emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir)
     return await _run_session(rec, src_host, dst_host, opts, store, emit, early, pacer)
+
+
+async def _put_programs(src_host: Host, dst_host: Host, opts: SyncOptions, emit: Emitter) -> None:
+    """The agent program on each host, once per host of a run: the sessions after the first start by
+    importing it instead of receiving and compiling its source again (a recursive run has hundreds)."""
+    for host, reply in zip((src_host, dst_host), await all_of(HostAgent(src_host).program(opts.spool_dir),
+                                                              HostAgent(dst_host).program(opts.spool_dir))):
+        if reply is not None:
+            emit("agent_program", host=host.name, path=f"{reply['program']}/{reply['module']}.py",
+                 fresh=bool(reply.get("fresh")))
 
 
 def _open_early(rec: SessionRecord, src_host: Host, dst_host: Host,
