@@ -148,7 +148,13 @@ def main() -> int:
     ap.add_argument("--tools", default="zchunk,syncoid")
     ap.add_argument("--jobs", type=int, help="zchunk --jobs (default: zchunk's own)")
     ap.add_argument("--out", default=str(HERE / "tree.json"))
+    ap.add_argument("--report-only", action="store_true", help="the table and plot again from --out")
     args = ap.parse_args()
+    if args.report_only:
+        report = json.loads(Path(args.out).read_text())
+        print(table(report))
+        plot(report, Path(args.out).with_suffix(".png"))
+        return 0
     file_size = lab.parse_size(args.file)
     b = bench.Bench(bench.parse_args(["--size", "256M", "--out", str(HERE / "out" / "tree")]))
     b.work.mkdir(parents=True, exist_ok=True)
@@ -171,6 +177,7 @@ def main() -> int:
                         if res["ok"] and (bad := verify(names, root, target)):
                             res.update(ok=False, why=bad)
                         report["runs"].append(res)
+                        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # kept if stopped later
                         failed += not res["ok"]
                         print(f"{tool:8s} {count:4d} datasets {kind:11s} {'ok  ' if res['ok'] else 'FAIL'} "
                               f"{res['seconds']:7.1f} s  {res['per_dataset']:6.3f} s/dataset  {res['why']}",

@@ -168,7 +168,7 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
 class Run:
     """What the datasets of one run share: the tree's sync snapshot (its short name, taken at one moment for
     them all, or None: each takes its own), each side's listing read once for the whole tree (a dataset's
-    first attempt plans from it), the bandwidth budget and the outcomes so far."""
+    first attempt plans from it), the bandwidth budget, the spool share and what happened so far."""
 
     short: str | None = None
     src_tree: dict[str, Dataset] = field(default_factory=dict)
@@ -259,8 +259,7 @@ async def _in_parallel(src: Side, dst: Side, pairs: list[tuple[str, str]], polic
     async def one(src_name: str, dst_name: str) -> None:
         try:
             parent = src_name.rsplit("/", 1)[0]
-            if parent in finished and parent != src_name and (run.dst_tree is None or src_name in run.seeded
-                                                              or targets[parent] not in run.dst_tree):
+            if parent in finished and parent != src_name and targets[parent] not in (run.dst_tree or {}):
                 await finished[parent].wait()  # its replica must exist first (a full stream makes it)
             started = time.monotonic()
             its = emit.bound(dataset=src_name)
@@ -449,8 +448,14 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, run: Run, policy: Policy,
     spec = StreamSpec(SendPlan(root, target, snap, None), _recv_flags(dst), sets, send_flags=(*flags, "-R"),
                       recv_excluded=excluded_props, send_excluded=tree.excluded)
     run.streamed.add(root)
-    result = await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, root), _label(dst, target),
-                              spec, opts, store, emit, pacer=run.pacer)
+    if tree.excluded:  # zfs send -R wants the snapshot on the datasets -X leaves out too: only for the send
+        await src.zfs.run("snapshot", *(f"{n}@{short}" for n in tree.excluded), dataset=root, action="snapshot")
+    try:
+        result = await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, root), _label(dst, target),
+                                  spec, opts, store, emit, pacer=run.pacer)
+    finally:
+        for name in tree.excluded:  # not theirs to keep
+            await src.zfs.destroy(f"{name}@{short}")
     await _check_tree(src, dst, tree, short)
     tag = f"zchunk_{policy.identifier}"
     await _both(_hold_all(src, tag, [f"{s}@{short}" for s, _ in tree.members], emit),
