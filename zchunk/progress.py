@@ -108,8 +108,8 @@ class TextRenderer:
         done, total = self.tree_done
         on = sum(p.get("on_target", p["raw_bytes"]) for p in moving)
         rate = sum(p["rate"] for p in moving)
-        self._bar(f"datasets {done}/{total} done, {len(self.tree)} moving: {human_bytes(on)} on the target  "
-                  f"{human_bytes(rate)}/s")
+        head = f"datasets {done}/{total} done, " if total else "datasets: "
+        self._bar(f"{head}{len(self.tree)} moving: {human_bytes(on)} on the target  {human_bytes(rate)}/s")
 
     def on_dataset_done(self, f: dict[str, Any]) -> None:
         self.tree.pop(f["source"], None)
