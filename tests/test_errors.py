@@ -76,6 +76,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "integrity": (13, {"IntegrityError", "StreamChecksumMismatch"}),
     "remote/command": (14, {"RemoteError", "CommandFailed", "SpoolFull", "ChunkCorrupt", "NoChunk"}),
     "partial": (15, {"PartialFailure"}),
+    "configuration": (16, {"ConfigError"}),
 }
 
 

@@ -35,7 +35,8 @@ from . import stream as streams
 from .flags import stream_options
 from .link import Bandwidth
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
-from .replicate import ReplicateOptions, ReplicationResult, replicate
+from .replicate import IDENTIFIER, ReplicateOptions, ReplicationResult, replicate
+from .service import config as jobs_file
 from .session import default_state_dir
 from .stream import SyncOptions
 from .transport import LinkDown, SshOptions
@@ -502,6 +503,85 @@ def demo(
         sys.stderr.write(f"\ndemo done: {res.target} is a verified replica of {res.source} "
                          f"({human_bytes(t.raw_bytes)} in {human_duration(t.elapsed)}, "
                          f"{t.outages} link outages ridden through, {human_duration(t.outage_seconds)} down)\n")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The jobs file (default /etc/zchunk/zchunk.toml, or "
+                         "$ZCHUNK_CONFIG): what `zchunk run` and `zchunk daemon` will replicate, when and how.")
+app.add_typer(config_app, name="config")
+
+ConfigFile = typer.Option(None, "--config", metavar="FILE", help="The jobs file (default: $ZCHUNK_CONFIG, else "
+                          "/etc/zchunk/zchunk.toml).")
+
+
+@config_app.command("check")
+def config_check(config: Optional[Path] = ConfigFile, json_out: bool = Json) -> None:
+    """Check the jobs file and say every problem, each with its line and key.
+
+    Reads the TOML file, refuses unknown keys (a typo must not silently
+    change a job), checks each job's source, target, schedule (every or
+    cron), retries, pre/post snapshot commands, retention (keep: a count or
+    a grid like "10,1h1d,1d1w") and every zchunk sync option it sets, with
+    the same checks as the command line. A file or directory that others
+    may write is refused: its commands run as the service's user. Changes
+    nothing and contacts no host. Exit 0: no problem; 16: problems.
+    """
+    checked = jobs_file.read(jobs_file.config_path(config))
+    problems = list(checked.problems)
+    for name, options in checked.options.items():
+        problems += _job_option_problems(checked, name, options)
+    problems = sorted(dict.fromkeys(problems), key=lambda p: (p.line, p.key))  # [defaults]' once, not per job
+    jobs = sorted(checked.config.jobs) if checked.config is not None and not problems else []
+    if json_out:
+        JsonRenderer()("config_check", {"config": str(checked.path), "ok": not problems, "jobs": jobs,
+                                        "problems": [dataclasses.asdict(p) for p in problems]})
+    else:
+        for p in problems:
+            print(p)
+        print(f"{checked.path}: " + (f"{len(problems)} problem(s)" if problems else
+                                     f"{len(jobs)} job(s), no problem: {', '.join(jobs)}"))
+    if problems:
+        raise typer.Exit(E.ConfigError.exit_code)
+
+
+def _job_option_problems(checked: jobs_file.Checked, name: str,
+                         job: jobs_file.JobOptions) -> list[jobs_file.Problem]:
+    """The values of the zchunk sync options a job sets, checked as the command line's are, each said where
+    it was written (a problem between several options, at the job)."""
+    out = []
+    shared = {o.name for o in HOST_OPTIONS + STREAM_OPTIONS}
+    values: dict[str, Any] = {k: Path(v) if k in ("state_dir", "ssh_config", "ssh_key") else v
+                              for k, v in job.sync.items()}
+
+    def check(keys: list[str], step: Callable[[], Any]) -> None:
+        try:
+            step()
+        except E.ZchunkError as e:
+            where = job.origin[keys[0]] if len(keys) == 1 else ("jobs", name)
+            out.append(checked.problem(where, str(e)))
+
+    for key in [k for k in values if k in shared]:
+        check([key], functools.partial(sync_options, {key: values[key]}))
+    if not out:
+        check([k for k in values if k in shared], functools.partial(sync_options,
+                                                                    {k: v for k, v in values.items() if k in shared}))
+    if "identifier" in values and not IDENTIFIER.fullmatch(values["identifier"]):
+        out.append(checked.problem(job.origin["identifier"], f"{values['identifier']!r}: use 1-40 letters, "
+                                   "digits, '.', ':' or '-'"))
+    if "jobs" in values and not 1 <= values["jobs"] <= 64:
+        out.append(checked.problem(job.origin["jobs"], f"{values['jobs']}: give 1 to 64 datasets at a time"))
+    for key in ("exclude", "include_snaps", "exclude_snaps"):
+        for pattern in values.get(key, []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                out.append(checked.problem(job.origin[key], f"{pattern!r} is not a regular expression: {e}"))
+    flags = ["send_option", "recv_option", "set_property", "exclude_property"]
+    if any(k in values for k in flags + ["no_raw"]):
+        given = [k for k in flags + ["no_raw"] if k in values]
+        check(given, functools.partial(stream_options, not values.get("no_raw", False), values.get("send_option", []),
+                                       values.get("recv_option", []), values.get("set_property", []),
+                                       values.get("exclude_property", [])))
+    return out
 
 
 @app.command()

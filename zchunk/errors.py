@@ -330,6 +330,13 @@ class PartialFailure(ZchunkError):
     fix = "the others were replicated; fix the errors above and run the same command again"
 
 
+class ConfigError(ZchunkError):
+    """{path}: {count} problem(s) in the configuration, the first: {first}"""
+
+    exit_code = 16
+    fix = "`zchunk config check --config {path}` lists every one with its line; nothing was run"
+
+
 def _error_classes() -> list[type[ZchunkError]]:
     return [c for _, c in inspect.getmembers(sys.modules[__name__], inspect.isclass) if issubclass(c, ZchunkError)]
 

@@ -169,6 +169,9 @@ EVENTS = _kinds(
     EventKind("replication", "zchunk sync's outcome, every dataset.", {
         "outcomes": "per dataset: source, target, status (sent, up-to-date, planned, skipped, failed), "
         "streams (results), error, exit_code"}),
+    EventKind("config_check", "zchunk config check: the jobs file's problems.", {
+        "config": "the file", "ok": "no problem", "jobs": "the jobs it defines (when ok)",
+        "problems": "file, line, key (dotted: jobs.NAME.KEY), message; line 0: the file as a whole"}),
     EventKind("error", "The run failed: the same error as on stderr, and the exit code.", {
         "error": "the error's class (docs/errors.md)", "message": "the sentence", "hint": "the fix",
         "exit_code": "the process's exit code"}),

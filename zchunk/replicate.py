@@ -106,6 +106,10 @@ class Side:
         return self.host.name
 
 
+#: What --identifier may be: it names snapshots (zchunk_<identifier>_...) and holds.
+IDENTIFIER = re.compile(r"[A-Za-z0-9.:-]{1,40}")
+
+
 def default_identifier(target: Endpoint) -> str:
     """Unique per target, so two targets of one source never prune each other's base."""
     return "t" + hashlib.sha256(str(target).encode()).hexdigest()[:8]
@@ -128,7 +132,7 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
     if source == target:
         raise E.UsageError(reason="SOURCE and TARGET are the same dataset")
     identifier = ropts.identifier or default_identifier(target)
-    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,40}", identifier):
+    if not IDENTIFIER.fullmatch(identifier):
         raise E.UsageError(reason=f"--identifier {identifier!r}: use 1-40 letters, digits, '.', ':' or '-'")
     policy = Policy(identifier, ropts.stream, _regexes(ropts.include_snaps, "--include-snaps"),
                     _regexes(ropts.exclude_snaps, "--exclude-snaps"), ropts.rollback, ropts.force_delete)
