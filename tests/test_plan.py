@@ -128,14 +128,14 @@ def test_empty_target_dataset_has_no_common_snapshot() -> None:
 
 
 def test_target_prunes_name_the_target_snapshots_that_arrive() -> None:
-    from zchunk.plan import Policy, plan_replication, sync_snapshot_name
+    from zchunk.plan import Policy, Retention, plan_replication, sync_snapshot_name
     from zchunk.replicate import _prunes
 
     own = [sync_snapshot_name("x", "h", t) for t in (1e9, 1e9 + 60, 1e9 + 120)]
     src = dataset("p/src", *(snap("p/src", n, 10 + i, 100 + i) for i, n in enumerate(own)))
     dst = dataset("t/dst", snap("t/dst", own[0], 10, 7))
     plan = plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst")
-    src_prunes, dst_prunes = _prunes(src, dst, plan, "x", keep=1)
+    src_prunes, dst_prunes = _prunes(src, dst, plan, "x", keep=Retention(1))
     assert [s.name for s in src_prunes] == [f"p/src@{own[0]}", f"p/src@{own[1]}"]
     assert [s.name for s in dst_prunes] == [f"t/dst@{own[0]}", f"t/dst@{own[1]}"], "not the source's names"
 
@@ -168,3 +168,50 @@ def test_a_recreated_snapshot_is_named_as_such() -> None:
     other = dataset("t/dst", snap("t/dst", "s1", 1, 5), snap("t/dst", "mine", 2, 6))
     with pytest.raises(TargetDiverged):  # no clash: --force-delete is no licence to roll back
         plan_replication(src, other, "t/dst", Policy("x", force_delete=True), "p/src", "t/dst", target_changed=False)
+
+
+# -- retention: a count, or a grid ---------------------------------------------------------------
+
+
+def test_retention_is_a_count_or_a_grid_and_says_what_is_wrong() -> None:
+    from zchunk.plan import Retention
+
+    assert Retention.parse(3) == Retention.parse("3") == Retention(3)
+    day, week = 86400.0, 7 * 86400.0
+    assert Retention.parse("10,1h1d,1d1w,1w1m") == Retention(10, ((3600.0, day), (day, week),
+                                                                  (week, 30 * day)))
+    assert Retention.parse("2,15min1h,1y10y").grid == ((900.0, 3600.0), (365 * day, 3650 * day))
+    for bad, words in ((0, "at least 1"), ("0,1h1d", "at least 1"), ("10,1h", "INTERVALSPAN"),
+                       ("10,1d1h", "keeps nothing"), ("1h1d", "starts with how many"), (True, "a count"),
+                       (2.5, "a count")):
+        with pytest.raises(ValueError, match=words):
+            Retention.parse(bad)
+
+
+def test_a_grid_keeps_the_newest_and_one_per_interval_within_each_span_and_only_ours() -> None:
+    from zchunk.plan import Retention, prune_list, sync_snapshot_name
+
+    now = 1_800_000_000.0
+    hour, day = 3600.0, 86400.0
+    # ours every 20 minutes for three days, then one of another identifier and one of the user
+    times = [now - 3 * day + i * 1200 for i in range(int(3 * day / 1200) + 1)]
+    names = [sync_snapshot_name("x", "h", t) for t in times]
+    snaps = tuple(snap("p/ds", n, 10 + i, 1000 + i) for i, n in enumerate(names)) + (
+        snap("p/ds", sync_snapshot_name("other", "h", now - 5 * day), 1, 1),
+        snap("p/ds", "user-weekly", 2, 2))
+    doomed = {s.name for s in prune_list(snaps, "x", Retention.parse("4,1h1d,1d1w"), protect=set(), now=now)}
+    kept = [t for t, n in zip(times, names) if f"p/ds@{n}" not in doomed]
+    assert all(s.name.startswith("p/ds@zchunk_x_") for s in snaps if s.name in doomed), "only ours"
+    assert kept[-4:] == times[-4:], "the newest 4"
+    oldest_per_hour = {}
+    for t in times:
+        if now - t <= day:
+            oldest_per_hour.setdefault(int(t // hour), t)
+    last_day = {t for t in kept if now - t <= day}
+    assert last_day == set(oldest_per_hour.values()) | set(times[-4:]), "one per hour for a day, and the newest"
+    older = [t for t in kept if now - t > day]
+    assert len(older) == len({int(t // day) for t in older}) <= 3, "one per day beyond"
+    protected = next(s for s in snaps if s.name in doomed)
+    assert protected not in prune_list(snaps, "x", Retention(1), protect={protected.guid}, now=now)
+    undated = snap("p/ds", "zchunk_x_h_garbled", 9999, 9999)
+    assert undated not in prune_list((undated,) + snaps, "x", Retention(1), set(), now), "never on a guess"

@@ -371,3 +371,33 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
         members = ["", "/a", "/a/deep", "/b", "/c"]
     if tier == "zfs-fuse":  # no receive -u: the replicas are kept unmounted between runs
         assert zfs("get", "-H", "-o", "value", "mounted", dst).strip() == "no"
+
+
+def test_a_retention_grid_prunes_only_our_own_snapshots_by_their_time(zc: Zchunk, pools: Any) -> None:
+    """--keep-sync-snaps "1,1d1w": the newest, and the oldest of each day for a week, of this identifier's
+    sync snapshots (their time is in their name), on both sides; anyone else's stay."""
+    from zchunk.plan import sync_snapshot_name
+
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=61)
+    day = 86400
+    base = int(time.time()) // day * day
+    when = {"10d": base - 10 * day + 6 * 3600, "3d": base - 3 * day + 6 * 3600, "2d": base - 2 * day + 6 * 3600,
+            "2d-later": base - 2 * day + 7 * 3600, "1d": base - day + 6 * 3600}
+    crafted = {k: sync_snapshot_name("g", "h", t) for k, t in when.items()}
+    for n, name in enumerate(crafted.values()):
+        add_change(src, 64 << 10, seed=70 + n, snap=name)
+    zfs("snapshot", f"{src}@{sync_snapshot_name('other', 'h', when['10d'])}")
+    zfs("snapshot", f"{src}@admin-weekly")
+    dst = f"{dst_pool.name}/r"
+    run = zc.run("sync", src, dst, "--identifier", "g", "--keep-sync-snaps", "1,1d1w")
+    assert run.returncode == 0, run.explain()
+    newest = own(src, "g")[-1]
+    expect = {crafted["3d"], crafted["2d"], crafted["1d"], newest}
+    assert set(own(src, "g")) == expect, own(src, "g")
+    assert set(own(dst, "g")) <= expect and newest in own(dst, "g"), own(dst, "g")
+    assert {f"zchunk_other_h_{crafted['10d'].rsplit('_', 1)[1]}", "admin-weekly", "s1"} <= set(names(src))
+    pruned = {e["snapshot"].split("@")[1] for e in run.of("pruned") if e["host"] == "localhost"}
+    assert {crafted["10d"], crafted["2d-later"]} <= pruned
+    bad = zc.run("sync", src, dst, "--identifier", "g", "--keep-sync-snaps", "1,1d")
+    assert bad.returncode == 2 and "INTERVALSPAN" in bad.stderr, bad.explain()

@@ -34,6 +34,7 @@ from . import errors as E
 from . import stream as streams
 from .flags import stream_options
 from .link import Bandwidth
+from .plan import Retention
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
 from .replicate import IDENTIFIER, ReplicateOptions, ReplicationResult, replicate
 from .service import config as jobs_file
@@ -266,8 +267,11 @@ def sync(
     exclude_snaps: Optional[list[str]] = typer.Option(None, "--exclude-snaps", help="Do not send snapshots "
                                                       "matching this regex (repeatable); zchunk's own sync "
                                                       "snapshot is always sent (it is what the run sends)."),
-    keep_sync_snaps: int = typer.Option(1, "--keep-sync-snaps", help="How many of zchunk's own sync "
-                                        "snapshots (this identifier) to keep on each side."),
+    keep_sync_snaps: str = typer.Option("1", "--keep-sync-snaps", metavar="N|GRID", help="Which of zchunk's "
+                                        "own sync snapshots (this identifier) to keep on each side: the newest "
+                                        "N, or a grid \"10,1h1d,1d1w,1w1m\" (the newest 10, then one per hour "
+                                        "for a day, one per day for a week, one per week for a month; units s, "
+                                        "min, h, d, w, m, y). The newest common one always stays."),
     rollback: bool = typer.Option(False, "--rollback", help="Allow rolling the target back to the common "
                                   "snapshot, destroying target-only snapshots and changes (listed first)."),
     force_delete: bool = typer.Option(False, "--force-delete", help="Allow destroying a target that shares "
@@ -321,14 +325,16 @@ def sync(
     Exit codes: docs/errors.md (15: some datasets of a recursive run failed).
     """
     try:
-        if keep_sync_snaps < 1:
-            raise E.UsageError(reason="--keep-sync-snaps must be at least 1 (the newest common snapshot stays)")
+        try:
+            retention = Retention.parse(keep_sync_snaps)
+        except ValueError as e:
+            raise E.UsageError(reason=f"--keep-sync-snaps {e}") from None
         if not 1 <= jobs <= 64:
             raise E.UsageError(reason=f"--jobs {jobs}: give 1 to 64 datasets at a time")
         ropts = ReplicateOptions(
             identifier=identifier, sync_snap=not no_sync_snap, stream=not no_stream,
             include_snaps=include_snaps or [], exclude_snaps=exclude_snaps or [], rollback=rollback,
-            force_delete=force_delete, keep_sync_snaps=keep_sync_snaps, create_bookmark=create_bookmark,
+            force_delete=force_delete, keep_sync_snaps=retention, create_bookmark=create_bookmark,
             recursive=recursive, jobs=jobs, exclude=exclude or [], preserve_properties=preserve_properties,
             dry_run=dry_run, stream_opts=stream_options(not no_raw, send_option or [], recv_option or [],
                                                         set_property or [], exclude_property or []))

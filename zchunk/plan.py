@@ -228,8 +228,83 @@ def _no_common(source: Dataset, target: Dataset, source_label: str, target_label
     return err
 
 
-def prune_list(snapshots: tuple[Snapshot, ...], identifier: str, keep: int, protect: set[int]) -> list[Snapshot]:
-    """Our own sync snapshots beyond the newest ``keep``; never one whose guid is protected."""
+_GRID_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
+_GRID_RULE = re.compile(r"^(\d+)(s|min|h|d|w|m|y)(\d+)(s|min|h|d|w|m|y)$")
+_STAMP = re.compile(r"_(\d{8}T\d{6}Z)$")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which of our own sync snapshots stay: the newest ``count``, and for each (interval, span) of ``grid``
+    the oldest of every ``interval`` within ``span`` of now, as zfs_autobackup's thinner keeps them. Written
+    ``3`` or ``"10,1h1d,1d1w,1w1m"``: the newest 10, then one per hour for a day, one per day for a week, one
+    per week for a month (units s, min, h, d, w, m = 30 days, y = 365 days)."""
+
+    count: int = 1
+    grid: tuple[tuple[float, float], ...] = ()
+
+    @classmethod
+    def parse(cls, value: object) -> Retention:
+        """From a count or a grid (a number in a string is a count); ValueError says what is wrong."""
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("a count (3) or a grid (\"10,1h1d,1d1w\")")
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"{value}: keep at least 1 (the newest common snapshot always stays)")
+            return cls(value)
+        parts = [p.strip() for p in value.split(",")]
+        if not parts[0].isdigit() or int(parts[0]) < 1:
+            raise ValueError(f"{value!r}: a grid starts with how many newest to keep (at least 1), e.g. "
+                             "\"10,1h1d,1d1w\"")
+        grid = []
+        for rule in parts[1:]:
+            m = _GRID_RULE.match(rule)
+            if m is None:
+                raise ValueError(f"{value!r}: {rule!r} is not INTERVALSPAN like 1h1d (one per hour for a day); "
+                                 "units s, min, h, d, w, m (30 days), y")
+            interval = int(m.group(1)) * _GRID_UNITS[m.group(2)]
+            span = int(m.group(3)) * _GRID_UNITS[m.group(4)]
+            if interval <= 0 or span < interval:
+                raise ValueError(f"{value!r}: {rule!r} keeps nothing (the span is shorter than the interval)")
+            grid.append((float(interval), float(span)))
+        return cls(int(parts[0]), tuple(grid))
+
+    def keep(self, own: list[Snapshot], now: float) -> set[str]:
+        """The names of ``own`` (oldest first) that stay. One whose time cannot be read from its name
+        (``_YYYYmmddTHHMMSSZ``) always stays: nothing is destroyed on a guess."""
+        kept = {s.name for s in own[-self.count:]}
+        dated = [(s, _stamp_time(s.short)) for s in own]
+        kept |= {s.name for s, t in dated if t is None}
+        for interval, span in self.grid:
+            buckets: set[int] = set()
+            for s, t in dated:
+                if t is not None and now - t <= span and int(t // interval) not in buckets:
+                    buckets.add(int(t // interval))
+                    kept.add(s.name)
+        return kept
+
+
+def _stamp_time(short: str) -> float | None:
+    import calendar
+    import time
+
+    m = _STAMP.search(short)
+    if m is None:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ")))
+    except ValueError:
+        return None
+
+
+def prune_list(snapshots: tuple[Snapshot, ...], identifier: str, keep: Retention, protect: set[int],
+               now: float | None = None) -> list[Snapshot]:
+    """Our own sync snapshots that ``keep`` does not keep (at ``now``, default the clock); never one whose
+    guid is protected, never anyone else's."""
+    import time
+
     own = [s for s in snapshots if is_own_sync_snapshot(s.short, identifier)]
-    doomed = own[:-keep] if keep > 0 else own
-    return [s for s in doomed if s.guid not in protect]
+    kept = keep.keep(own, time.time() if now is None else now)
+    return [s for s in own if s.name not in kept and s.guid not in protect]

@@ -30,6 +30,7 @@ from .link import Pacer
 from .plan import (
     Policy,
     ReplicationPlan,
+    Retention,
     SendPlan,
     is_own_sync_snapshot,
     plan_replication,
@@ -59,7 +60,7 @@ class ReplicateOptions:
     exclude_snaps: list[str] = field(default_factory=list)
     rollback: bool = False
     force_delete: bool = False
-    keep_sync_snaps: int = 1
+    keep_sync_snaps: Retention = Retention(1)
     create_bookmark: bool = False
     recursive: bool = False
     exclude: list[str] = field(default_factory=list)
@@ -746,7 +747,7 @@ async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_
 
 
 def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, identifier: str,
-            keep: int) -> tuple[list[Snapshot], list[Snapshot]]:
+            keep: Retention) -> tuple[list[Snapshot], list[Snapshot]]:
     """Own sync snapshots to prune on each side once the plan has run (the target as it will be then)."""
     newest = plan.newest
     protect = {newest.guid} if newest is not None else set()

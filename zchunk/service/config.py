@@ -23,9 +23,10 @@
 A job's keys are its own (``JOB_KEYS``) and every ``zchunk sync`` option under its long name with underscores
 (``SYNC_KEYS``, checked against the command by a test). ``keep`` is the retention of zchunk's sync snapshots
 here (``keep_source``/``keep_target`` per side): a count, or a grid as zfs_autobackup writes it, "10,1h1d,1d1w"
-= the newest 10, then one per hour for a day, one per day for a week (units s, min, h, d, w, m = 30 days,
-y = 365 days). ``load`` raises ``ConfigError`` with every problem, each naming file, line and key; values of
-sync options are checked by the caller (the CLI's ``sync_options``, which needs no second table of them).
+= the newest 10, then one per hour for a day, one per day for a week (``plan.Retention``, which
+``zchunk sync --keep-sync-snaps`` takes too). ``read`` finds every problem at once, each naming file, line
+and key; the values of sync options are checked by the caller (the CLI's ``sync_options``, which needs no
+second table of them; ``Checked.problem`` says where one stands).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import tomllib
 
 from .. import errors as E
 from ..endpoint import parse_endpoint
+from ..plan import Retention
 
 DEFAULT_PATH = Path("/etc/zchunk/zchunk.toml")
 ENV = "ZCHUNK_CONFIG"
@@ -87,8 +89,6 @@ NOT_JOB_KEYS = {
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?$")
 _DURATION_UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_GRID_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
-_GRID_RULE = re.compile(r"^(\d+)(s|min|h|d|w|m|y)(\d+)(s|min|h|d|w|m|y)$")
 
 
 @dataclass(frozen=True)
@@ -103,51 +103,12 @@ class Problem:
             f"{self.file}:{self.line}: {self.message}"
 
 
-def config_error(path: str, problems: list[Problem]) -> E.ConfigError:
-    err = E.ConfigError(path=path, count=len(problems), first=str(problems[0]) if problems else "")
-    err.problems = problems  # type: ignore[attr-defined]
-    return err
-
-
 @dataclass(frozen=True)
 class Hook:
     """A command run around the sync snapshot: argv (never through a shell) and how long it may take."""
 
     argv: tuple[str, ...]
     timeout: float = 300.0
-
-
-@dataclass(frozen=True)
-class Retention:
-    """``count`` newest sync snapshots, then for each (interval, span) of ``grid`` one per interval for span."""
-
-    count: int
-    grid: tuple[tuple[float, float], ...] = ()
-
-    @classmethod
-    def parse(cls, value: Any) -> Retention:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError("a count (keep = 3) or a grid (keep = \"10,1h1d,1d1w\")")
-        if isinstance(value, int):
-            if value < 1:
-                raise ValueError(f"{value}: keep at least 1 (the newest common snapshot always stays)")
-            return cls(value)
-        parts = [p.strip() for p in value.split(",")]
-        if not parts[0].isdigit() or int(parts[0]) < 1:
-            raise ValueError(f"{value!r}: a grid starts with how many newest to keep (at least 1), e.g. "
-                             "\"10,1h1d,1d1w\"")
-        grid = []
-        for rule in parts[1:]:
-            m = _GRID_RULE.match(rule)
-            if m is None:
-                raise ValueError(f"{value!r}: {rule!r} is not INTERVALSPAN like 1h1d (one per hour for a day); "
-                                 "units s, min, h, d, w, m (30 days), y")
-            interval = int(m.group(1)) * _GRID_UNITS[m.group(2)]
-            span = int(m.group(3)) * _GRID_UNITS[m.group(4)]
-            if interval <= 0 or span < interval:
-                raise ValueError(f"{value!r}: {rule!r} keeps nothing (the span is shorter than the interval)")
-            grid.append((float(interval), float(span)))
-        return cls(int(parts[0]), tuple(grid))
 
 
 @dataclass(frozen=True)
