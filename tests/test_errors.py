@@ -77,6 +77,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "remote/command": (14, {"RemoteError", "CommandFailed", "SpoolFull", "ChunkCorrupt", "NoChunk"}),
     "partial": (15, {"PartialFailure"}),
     "configuration": (16, {"ConfigError"}),
+    "run history": (17, {"HistoryError"}),
 }
 
 

@@ -330,6 +330,13 @@ class PartialFailure(ZchunkError):
     fix = "the others were replicated; fix the errors above and run the same command again"
 
 
+class HistoryError(ZchunkError):
+    """run history {path}: could not {what}: {why}"""
+
+    exit_code = 17
+    fix = "make room or fix the state directory (--state-dir); the runs recorded so far are intact"
+
+
 class ConfigError(ZchunkError):
     """{path}: {count} problem(s) in the configuration, the first: {first}"""
 

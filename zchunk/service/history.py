@@ -1,0 +1,162 @@
+"""Every run of a job, in SQLite (WAL) in the state directory: what ``zchunk status``, ``check`` and the
+metrics say, and what a restarted service finds of the runs a crash cut short.
+
+One table, ``runs``: job, start, end, outcome (running, ok, failed, skipped, interrupted), exit code, the
+error in one line, bytes on the wire, snapshots sent, outage seconds, and the pid of the process running it.
+Writes are single transactions: a full disk fails the write (``HistoryError``, said as such) and leaves
+what was recorded intact.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import errors as E
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    outcome TEXT NOT NULL,
+    exit_code INTEGER,
+    error TEXT NOT NULL DEFAULT '',
+    wire_bytes INTEGER NOT NULL DEFAULT 0,
+    snapshots INTEGER NOT NULL DEFAULT 0,
+    outage_seconds REAL NOT NULL DEFAULT 0,
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started);
+"""
+
+OUTCOMES = ("running", "ok", "failed", "skipped", "interrupted")
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    job: str
+    started: float
+    ended: float | None
+    outcome: str
+    exit_code: int | None
+    error: str
+    wire_bytes: int
+    snapshots: int
+    outage_seconds: float
+    pid: int | None
+
+
+class History:
+    """The runs database at ``path`` (``<state dir>/history.sqlite``), created on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise _error(path, "open", e) from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise _error(self.path, what, e) from None
+
+    def begin(self, job: str, now: float | None = None) -> int:
+        with self._write("record the start of a run of " + job) as db:
+            cur = db.execute("INSERT INTO runs (job, started, outcome, pid) VALUES (?, ?, 'running', ?)",
+                             (job, time.time() if now is None else now, os.getpid()))
+            return int(cur.lastrowid or 0)
+
+    def end(self, run_id: int, outcome: str, exit_code: int | None = None, error: str = "", wire_bytes: int = 0,
+            snapshots: int = 0, outage_seconds: float = 0.0, now: float | None = None) -> None:
+        if outcome not in OUTCOMES or outcome == "running":
+            raise ValueError(f"outcome {outcome!r}")
+        line = error.strip().splitlines()[0] if error.strip() else ""
+        with self._write("record the end of a run") as db:
+            db.execute("UPDATE runs SET ended = ?, outcome = ?, exit_code = ?, error = ?, wire_bytes = ?, "
+                       "snapshots = ?, outage_seconds = ? WHERE id = ?",
+                       (time.time() if now is None else now, outcome, exit_code, line[:500], wire_bytes,
+                        snapshots, outage_seconds, run_id))
+
+    def mark_interrupted(self, alive: set[int] | None = None) -> list[Run]:
+        """Runs still 'running' whose process is gone (a crash, kill -9, a reboot): marked 'interrupted'.
+        ``alive``: pids known to be running them (default: asked of the system). The runs marked."""
+        gone = [r for r in self._select("WHERE outcome = 'running'", ())
+                if not (r.pid in alive if alive is not None else _pid_alive(r.pid))]
+        if gone:
+            with self._write("mark interrupted runs") as db:
+                db.executemany("UPDATE runs SET outcome = 'interrupted', ended = started, "
+                               "error = 'the process running it ended without a word (crash, kill -9, reboot)' "
+                               "WHERE id = ?", [(r.id,) for r in gone])
+        return gone
+
+    def prune(self, days: int, now: float | None = None) -> int:
+        """Runs that ended more than ``days`` days ago removed; how many."""
+        cutoff = (time.time() if now is None else now) - days * 86400
+        with self._write("prune the history") as db:
+            return db.execute("DELETE FROM runs WHERE outcome != 'running' AND started < ?", (cutoff,)).rowcount
+
+    def runs(self, job: str, limit: int = 20) -> list[Run]:
+        """The job's runs, newest first."""
+        return self._select("WHERE job = ? ORDER BY started DESC, id DESC LIMIT ?", (job, limit))
+
+    def last_success(self, job: str) -> Run | None:
+        found = self._select("WHERE job = ? AND outcome = 'ok' ORDER BY started DESC, id DESC LIMIT 1", (job,))
+        return found[0] if found else None
+
+    def failures(self, job: str) -> int:
+        """Failed (or interrupted) runs since the job's last success."""
+        count = 0
+        for r in self._select("WHERE job = ? AND outcome != 'running' ORDER BY started DESC, id DESC", (job,)):
+            if r.outcome == "ok":
+                break
+            count += r.outcome in ("failed", "interrupted")
+        return count
+
+    def _select(self, where: str, args: tuple[object, ...]) -> list[Run]:
+        try:
+            rows = self.db.execute("SELECT id, job, started, ended, outcome, exit_code, error, wire_bytes, "
+                                   "snapshots, outage_seconds, pid FROM runs " + where, args).fetchall()
+        except sqlite3.Error as e:
+            raise _error(self.path, "read", e) from None
+        return [Run(*row) for row in rows]
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _error(path: Path, what: str, e: BaseException) -> E.ZchunkError:
+    full = "full" in str(e).lower() or getattr(e, "errno", None) == 28
+    why = "the state directory's filesystem is full" if full else str(e)
+    return E.HistoryError(path=str(path), what=what, why=why)
