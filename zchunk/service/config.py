@@ -168,8 +168,9 @@ class JobOptions:
 
 @dataclass
 class Checked:
-    """A file as read: the configuration (None when it does not parse), its problems, and where each key
-    stands (``line``: for problems found later, e.g. in a sync option's value)."""
+    """A file as read: the configuration (None when it does not parse; with problems, only the jobs without
+    any), its problems, and where each key stands (``problem``: for one found later, e.g. in the value of a
+    sync option, which ``options`` holds for every job)."""
 
     path: Path
     config: Config | None
