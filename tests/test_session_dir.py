@@ -438,8 +438,11 @@ def test_program_is_put_once_imported_by_later_commands_and_refused_in_an_open_p
     assert where == base.resolve() / ".agent" and stat.S_IMODE(where.stat().st_mode) == 0o700
     assert (where / f"{out['module']}.py").read_bytes() == AGENT_SOURCE
     assert list((where / "__pycache__").glob(f"{out['module']}.*.pyc")), "compiled once, beside it"
+    mine = where / f"{out['module']}.py"
+    os.utime(mine, (0, 0))
     rc, again = bootstrap("program", str(base))
     assert rc == 0 and again["fresh"] is False and again["module"] == out["module"]
+    assert mine.exists() and mine.stat().st_mtime > 1e9, "a run's use makes it recent again"
     old = where / "zchunk_agent_0000000000000000.py"  # another version's, unused for a week: removed
     old.write_bytes(b"# old\n")
     os.utime(old, (0, 0))

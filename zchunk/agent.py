@@ -2084,6 +2084,8 @@ def cmd_program(args: List[str]) -> Dict[str, Any]:
         write_atomic(path, AGENT_SOURCE)
         py_compile.compile(path, doraise=True)
         fresh = True
+    else:
+        os.utime(path)  # its mtime says when a run last used it: what "unused for a week" is measured by
     now = time.time()
     for name in os.listdir(where):
         other = os.path.join(where, name)
