@@ -53,7 +53,8 @@ target = "backup:tank/node1/home"
 keep_target = "10,1h1d,1d1w,1w1m"
 retries = 5
 retry_delay = "2m"
-pre_snapshot = { command = ["/usr/local/bin/freeze", "a b; rm -rf /"], timeout = "30s" }
+pre_snapshot = ["/usr/local/bin/freeze", "a b; rm -rf /"]
+hook_timeout = "30s"
 post_snapshot = ["/usr/local/bin/thaw"]
 recursive = true
 exclude = ["/tmp$"]
@@ -76,7 +77,7 @@ enabled = false
     day, week, month = 86400.0, 7 * 86400.0, 30 * 86400.0
     assert home.keep_target == cfg.Retention(10, ((3600.0, day), (day, week), (week, month)))
     assert home.pre_snapshot == cfg.Hook(("/usr/local/bin/freeze", "a b; rm -rf /"), 30.0), "argv, no shell"
-    assert home.post_snapshot == cfg.Hook(("/usr/local/bin/thaw",), 300.0)
+    assert home.post_snapshot == cfg.Hook(("/usr/local/bin/thaw",), 30.0)
     assert (home.retries, home.retry_delay) == (5, 120.0)
     assert home.sync["timezone"] == "Europe/Berlin" and home.sync["recursive"] is True
     assert home.origin["chunk_size"] == ("defaults", "chunk_size") and home.origin["exclude"] == ("jobs", "home",

@@ -135,7 +135,7 @@ def test_target_prunes_name_the_target_snapshots_that_arrive() -> None:
     src = dataset("p/src", *(snap("p/src", n, 10 + i, 100 + i) for i, n in enumerate(own)))
     dst = dataset("t/dst", snap("t/dst", own[0], 10, 7))
     plan = plan_replication(src, dst, "t/dst", Policy("x"), "p/src", "t/dst")
-    src_prunes, dst_prunes = _prunes(src, dst, plan, "x", keep=Retention(1))
+    src_prunes, dst_prunes = _prunes(src, dst, plan, "x", keep=Retention(1), keep_target=Retention(1))
     assert [s.name for s in src_prunes] == [f"p/src@{own[0]}", f"p/src@{own[1]}"]
     assert [s.name for s in dst_prunes] == [f"t/dst@{own[0]}", f"t/dst@{own[1]}"], "not the source's names"
 

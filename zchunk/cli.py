@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -33,6 +34,7 @@ from . import __version__
 from . import errors as E
 from . import stream as streams
 from .flags import stream_options
+from .hooks import Hook, Hooks
 from .link import Bandwidth
 from .plan import Retention
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
@@ -272,6 +274,22 @@ def sync(
                                         "N, or a grid \"10,1h1d,1d1w,1w1m\" (the newest 10, then one per hour "
                                         "for a day, one per day for a week, one per week for a month; units s, "
                                         "min, h, d, w, m, y). The newest common one always stays."),
+    keep_target_snaps: Optional[str] = typer.Option(None, "--keep-target-snaps", metavar="N|GRID", help="On "
+                                                    "the target, keep these of zchunk's sync snapshots instead "
+                                                    "(default: as --keep-sync-snaps), e.g. 3 here and a long "
+                                                    "grid on a backup host."),
+    pre_snapshot: Optional[str] = typer.Option(None, "--pre-snapshot", metavar="CMD", help="Run CMD on this "
+                                               "host before the sync snapshot (split into words as a shell "
+                                               "would, but run without one: no pipes, no $VARS), e.g. to put a "
+                                               "database into backup mode. If it fails or outlives "
+                                               "--hook-timeout, nothing is snapshotted or sent (exit 18). It "
+                                               "gets ZCHUNK_SOURCE, ZCHUNK_TARGET and ZCHUNK_SNAPSHOT."),
+    post_snapshot: Optional[str] = typer.Option(None, "--post-snapshot", metavar="CMD", help="Run CMD after "
+                                                "the sync snapshot (as --pre-snapshot), whenever --pre-snapshot "
+                                                "succeeded, whatever became of the snapshot; failing, it is a "
+                                                "warning."),
+    hook_timeout: str = typer.Option("5m", "--hook-timeout", help="Kill --pre-snapshot or --post-snapshot "
+                                     "(its whole process group) after this long."),
     rollback: bool = typer.Option(False, "--rollback", help="Allow rolling the target back to the common "
                                   "snapshot, destroying target-only snapshots and changes (listed first)."),
     force_delete: bool = typer.Option(False, "--force-delete", help="Allow destroying a target that shares "
@@ -329,20 +347,41 @@ def sync(
             retention = Retention.parse(keep_sync_snaps)
         except ValueError as e:
             raise E.UsageError(reason=f"--keep-sync-snaps {e}") from None
+        try:
+            keep_target = Retention.parse(keep_target_snaps) if keep_target_snaps is not None else None
+        except ValueError as e:
+            raise E.UsageError(reason=f"--keep-target-snaps {e}") from None
         if not 1 <= jobs <= 64:
             raise E.UsageError(reason=f"--jobs {jobs}: give 1 to 64 datasets at a time")
+        hooks = _hooks(pre_snapshot, post_snapshot, parse_duration(hook_timeout, "--hook-timeout"))
         ropts = ReplicateOptions(
             identifier=identifier, sync_snap=not no_sync_snap, stream=not no_stream,
             include_snaps=include_snaps or [], exclude_snaps=exclude_snaps or [], rollback=rollback,
             force_delete=force_delete, keep_sync_snaps=retention, create_bookmark=create_bookmark,
             recursive=recursive, jobs=jobs, exclude=exclude or [], preserve_properties=preserve_properties,
             dry_run=dry_run, stream_opts=stream_options(not no_raw, send_option or [], recv_option or [],
-                                                        set_property or [], exclude_property or []))
+                                                        set_property or [], exclude_property or []),
+            hooks=hooks, keep_target_snaps=keep_target)
     except E.ZchunkError as e:
         _fail(e, json_out)
     _setup_logging(opts.verbose)
     result = _run(replicate(source, target, opts, ropts, _renderer(json_out, opts.verbose)), json_out)
     _finish_replication(result, json_out)
+
+
+def _hooks(pre: str | None, post: str | None, timeout: float) -> Hooks:
+    def hook(option: str, command: str | None) -> Hook | None:
+        if command is None:
+            return None
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            raise E.UsageError(reason=f"{option} {command!r}: {e}") from None
+        if not argv:
+            raise E.UsageError(reason=f"{option}: give the command to run")
+        return Hook(tuple(argv), timeout)
+
+    return Hooks(hook("--pre-snapshot", pre), hook("--post-snapshot", post))
 
 
 def _finish_replication(result: ReplicationResult, json_out: bool) -> None:

@@ -337,6 +337,14 @@ class HistoryError(ZchunkError):
     fix = "make room or fix the state directory (--state-dir); the runs recorded so far are intact"
 
 
+class HookFailed(ZchunkError):
+    """{which} command `{command}` failed: {why}"""
+
+    exit_code = 18
+    fix = "a failing pre-snapshot command skips the run: nothing was snapshotted or sent; fix the command " \
+          "(it runs without a shell, as zchunk's user) and run again"
+
+
 class ConfigError(ZchunkError):
     """{path}: {count} problem(s) in the configuration, the first: {first}"""
 

@@ -75,6 +75,9 @@ EVENTS = _kinds(
         "snapshot": "its full name (with -r: the tree's root, and `datasets` says how many got it)",
         "datasets": "with -r: how many datasets of the tree got the snapshot, all at one moment (zfs "
         "snapshot -r, or all names in one zfs snapshot)"}),
+    EventKind("hook", "A --pre-snapshot or --post-snapshot command ran (no shell, on the coordinator's host).", {
+        "which": "pre-snapshot or post-snapshot", "command": "its argv, joined by spaces", "status": "its exit "
+        "status", "seconds": "how long it ran", "output": "the end of what it printed (stdout and stderr)"}),
     EventKind("rolling_back", "The target is being rolled back (--rollback).", {
         "target": "target dataset", "to": "the snapshot rolled back to", "destroys": "snapshots destroyed"}),
     EventKind("destroying", "The target is being destroyed to re-seed it (--force-delete).", {

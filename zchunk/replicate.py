@@ -26,6 +26,7 @@ from .client import HostAgent
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
 from .flags import KEY_PROPERTIES, StreamOptions, send_flags
+from .hooks import Hooks, around_snapshot
 from .link import Pacer
 from .plan import (
     Policy,
@@ -68,6 +69,12 @@ class ReplicateOptions:
     preserve_properties: bool = False
     dry_run: bool = False
     stream_opts: StreamOptions = field(default_factory=StreamOptions)
+    hooks: Hooks = field(default_factory=Hooks)  # commands around the sync snapshot
+    keep_target_snaps: Retention | None = None  # the target's retention, when not keep_sync_snaps
+
+    @property
+    def keep_target(self) -> Retention:
+        return self.keep_target_snaps or self.keep_sync_snaps
 
 
 @dataclass
@@ -240,8 +247,11 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
         if ropts.dry_run:
             emit("would_snapshot", snapshot=f"{root}@{run.short}")
         else:
-            await src.zfs.snapshot_all(root, run.short, members, left_out, many=src.rep.features.openzfs)
-            emit("snapshot", snapshot=f"{root}@{run.short}", datasets=len(members))
+            async def take() -> None:
+                await src.zfs.snapshot_all(root, run.short or "", members, left_out, many=src.rep.features.openzfs)
+                emit("snapshot", snapshot=f"{root}@{run.short}", datasets=len(members))
+
+            await around_snapshot(ropts.hooks, _hook_env(src, dst, f"{root}@{run.short}"), emit, take)
     run.src_tree, run.dst_tree = await _both(src.zfs.tree(root), dst.zfs.tree(dst.endpoint.dataset))
     gone = sorted(set(run.dst_tree) - {t for _, t in pairs} - {dst.endpoint.dataset + s[len(root):]
                                                                for s in left_out})
@@ -549,13 +559,17 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
             emit("would_snapshot", snapshot=snap_name)
         src_ds = planned_ds
     elif ropts.sync_snap and not taken:
-        await src.zfs.snapshot(snap_name)
-        emit("snapshot", snapshot=snap_name)
+        async def take() -> None:
+            await src.zfs.snapshot(snap_name)
+            emit("snapshot", snapshot=snap_name)
+
+        await around_snapshot(ropts.hooks, _hook_env(src, dst, snap_name), emit, take)
         src_ds = await src.zfs.require(src_name)
         plan = await _plan(src, dst, src_ds, dst_ds, dst_name, policy, changed)
     else:
         src_ds = planned_ds
-    src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps)
+    src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps,
+                                     ropts.keep_target)
     props = ropts.stream_opts.receive.merge(await _props(src, dst, src_name, ropts, emit))
     emit("dataset_plan", source=src_name, target=dst_name, up_to_date=plan.up_to_date, send_flags=list(flags),
          encryption=encryption,
@@ -604,7 +618,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         prunes = dst_prunes
         if plan.steps and ours:  # what the target really holds now decides, not the forecast
             after = await dst.zfs.require(dst_name)
-            prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_sync_snaps,
+            prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_target,
                                 {newest.guid} if newest is not None else set())
         await _prune(dst, prunes, tag, emit)
 
@@ -613,6 +627,10 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         emit("up_to_date", detail=f"{_label(dst, dst_name)} already has "
              f"{newest.short if newest else 'everything'}: nothing to send")
     return DatasetOutcome(src_name, dst_name, "up-to-date" if plan.up_to_date and not results else "sent", results)
+
+
+def _hook_env(src: Side, dst: Side, snapshot: str) -> dict[str, str]:
+    return {"ZCHUNK_SOURCE": str(src.endpoint), "ZCHUNK_TARGET": str(dst.endpoint), "ZCHUNK_SNAPSHOT": snapshot}
 
 
 def _label(side: Side, dataset: str) -> str:
@@ -747,7 +765,7 @@ async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_
 
 
 def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, identifier: str,
-            keep: Retention) -> tuple[list[Snapshot], list[Snapshot]]:
+            keep: Retention, keep_target: Retention) -> tuple[list[Snapshot], list[Snapshot]]:
     """Own sync snapshots to prune on each side once the plan has run (the target as it will be then)."""
     newest = plan.newest
     protect = {newest.guid} if newest is not None else set()
@@ -755,7 +773,7 @@ def _prunes(src_ds: Dataset, dst_ds: Dataset | None, plan: ReplicationPlan, iden
     kept = () if dst_ds is None or plan.destroy_target else tuple(
         s for s in dst_ds.snapshots if s.name not in plan.destroys)
     arriving = tuple(dataclasses.replace(s, name=f"{plan.target}@{s.short}") for s in _arriving(src_ds, plan))
-    return src_list, prune_list(kept + arriving, identifier, keep, protect)
+    return src_list, prune_list(kept + arriving, identifier, keep_target, protect)
 
 
 def _arriving(src_ds: Dataset, plan: ReplicationPlan) -> list[Snapshot]:

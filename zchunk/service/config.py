@@ -15,8 +15,9 @@
     target = "backup:tank/node1/vm-100-disk-0"
     cron = "*/30 8-18 * * 1-5"    # instead of every; in `timezone` (default: local time)
     retries = 3                   # a failed run is tried again after retry_delay, doubling
-    pre_snapshot = { command = ["/usr/local/bin/freeze", "vm-100"], timeout = "2m" }
+    pre_snapshot = ["/usr/local/bin/freeze", "vm-100"]   # argv, no shell
     post_snapshot = ["/usr/local/bin/thaw", "vm-100"]
+    hook_timeout = "2m"           # either command is killed after this long (default 5m)
     keep_target = "10,1h1d,1d1w,1w1m"
     bwlimit = "Mon-Fri 08:00-18:00=2M, *=unlimited"
 
@@ -43,6 +44,7 @@ import tomllib
 
 from .. import errors as E
 from ..endpoint import parse_endpoint
+from ..hooks import Hook
 from ..plan import Retention
 
 DEFAULT_PATH = Path("/etc/zchunk/zchunk.toml")
@@ -61,8 +63,8 @@ JOB_KEYS = {
     "timezone": "of cron and of a --bwlimit schedule, e.g. Europe/Berlin",
     "retries": "how often a failed run is tried again before the next scheduled one",
     "retry_delay": "the first retry's wait, doubled for each next one (a duration)",
-    "pre_snapshot": "argv list, or {command = [...], timeout = \"5m\"}; failing, the run is skipped",
-    "post_snapshot": "argv list, or {command = [...], timeout = \"5m\"}; always run after the snapshot",
+    "pre_snapshot": "argv list, run (no shell) before the sync snapshot; failing, the run is skipped",
+    "post_snapshot": "argv list, run (no shell) after the sync snapshot, whatever became of it",
     "keep": "retention of zchunk's sync snapshots on both sides: a count or a grid",
     "keep_source": "retention on the source (overrides keep)",
     "keep_target": "retention on the target (overrides keep)",
@@ -77,13 +79,14 @@ SYNC_KEYS: dict[str, type] = {
     "recursive": bool, "jobs": int, "exclude": list, "identifier": str, "no_sync_snap": bool, "no_stream": bool,
     "include_snaps": list, "exclude_snaps": list, "rollback": bool, "force_delete": bool,
     "create_bookmark": bool, "preserve_properties": bool, "no_raw": bool, "send_option": list,
-    "recv_option": list, "set_property": list, "exclude_property": list,
+    "recv_option": list, "set_property": list, "exclude_property": list, "hook_timeout": str,
 }
 #: ``zchunk sync`` options that have no job key, and why.
 NOT_JOB_KEYS = {
     "source": "a job key of its own", "target": "a job key of its own", "timezone": "a job key of its own",
     "dry_run": "use `zchunk run --dry-run`", "json_out": "an output format, not a setting",
-    "keep_sync_snaps": "use keep (or keep_source, keep_target)",
+    "keep_sync_snaps": "use keep (or keep_source, keep_target)", "keep_target_snaps": "use keep_target",
+    "pre_snapshot": "a job key of its own (an argv list)", "post_snapshot": "a job key of its own (an argv list)",
 }
 #: ``--keep`` (keep the session directories) is a debugging aid; in a job ``keep`` is the retention.
 
@@ -101,14 +104,6 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.key}: {self.message}" if self.key else \
             f"{self.file}:{self.line}: {self.message}"
-
-
-@dataclass(frozen=True)
-class Hook:
-    """A command run around the sync snapshot: argv (never through a shell) and how long it may take."""
-
-    argv: tuple[str, ...]
-    timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -365,7 +360,9 @@ class _Checker:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
             self.bad(at("retries"), f"{retries!r}: a whole number from 0 to 100")
         retry_delay = self.duration(merged, "retry_delay", at, 60.0)
-        hooks = {k: self.hook(merged[k], at(k)) if k in merged else None for k in ("pre_snapshot", "post_snapshot")}
+        timeout = self.duration(merged, "hook_timeout", at, 300.0)
+        hooks = {k: self.hook(merged[k], at(k), timeout) if k in merged else None
+                 for k in ("pre_snapshot", "post_snapshot")}
         keep = {}
         for side in ("source", "target"):
             key = f"keep_{side}" if f"keep_{side}" in merged else "keep"
@@ -419,15 +416,7 @@ class _Checker:
             return default
         return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
-    def hook(self, value: Any, key: tuple[str, ...]) -> Hook | None:
-        timeout = 300.0
-        if isinstance(value, dict):
-            unknown = set(value) - {"command", "timeout"}
-            if unknown:
-                self.bad(key + (sorted(unknown)[0],), "unknown key (a hook has command and timeout)")
-            if "timeout" in value:
-                timeout = self.duration(value, "timeout", lambda k: key + (k,), timeout)
-            value = value.get("command")
+    def hook(self, value: Any, key: tuple[str, ...], timeout: float) -> Hook | None:
         if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
             self.bad(key, f"{value!r}: the command as a list of its arguments, run without a shell, e.g. "
                      "[\"/usr/local/bin/freeze\", \"vm-100\"]")
