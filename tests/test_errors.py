@@ -78,6 +78,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "partial": (15, {"PartialFailure"}),
     "configuration": (16, {"ConfigError"}),
     "run history": (17, {"HistoryError"}),
+    "snapshot hook": (18, {"HookFailed"}),
 }
 
 
