@@ -33,9 +33,44 @@ def test_runs_are_recorded_and_counted(tmp_path: Path) -> None:
     assert runs[0].error == "zfs receive failed", "one line"
     last = h.last_success("a")
     assert last is not None and (last.wire_bytes, last.snapshots, last.outage_seconds) == (123, 2, 4.5)
-    assert h.failures("a") == 3 and h.failures("b") == 0 and h.last_success("b") is None
+    assert h.failures("a") == 3 and h.last_success("b") is None
+    assert h.failures("b") == 1, "a run skipped by its failing pre-snapshot command counts: replication stopped"
+    assert h.totals("a") == (4, 3, 123, 4.5) and h.totals("b") == (1, 1, 0, 0.0)
     with pytest.raises(ValueError):
         h.end(ok, "fine")
+
+
+def test_lag_is_measured_from_the_newest_snapshot_a_success_left(tmp_path: Path) -> None:
+    h = History(tmp_path / "history.sqlite")
+    t = 1_800_000_000.0
+    assert h.newest_snapshot_time("a") is None
+    h.end(h.begin("a", now=t), "ok", 0, now=t + 5, snapshot_time=t + 1)
+    h.end(h.begin("a", now=t + 60), "failed", 11, now=t + 70, snapshot_time=t + 61)
+    assert h.newest_snapshot_time("a") == t + 1, "a failed run's snapshot is not on the target"
+    assert h.runs("a")[1].seconds == 5.0
+
+
+def test_disable_and_enable_are_kept_with_the_reason(tmp_path: Path) -> None:
+    h = History(tmp_path / "history.sqlite")
+    h.disable("a", "disk swap until Friday", now=5.0)
+    assert History(tmp_path / "history.sqlite").disabled() == {"a": ("disk swap until Friday", 5.0)}
+    assert h.enable("a") and not h.enable("a") and h.disabled() == {}
+
+
+def test_a_database_of_the_first_version_gains_the_new_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "history.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, job TEXT NOT NULL, started REAL NOT NULL, ended REAL, "
+                "outcome TEXT NOT NULL, exit_code INTEGER, error TEXT NOT NULL DEFAULT '', wire_bytes INTEGER NOT "
+                "NULL DEFAULT 0, snapshots INTEGER NOT NULL DEFAULT 0, outage_seconds REAL NOT NULL DEFAULT 0, "
+                "pid INTEGER)")
+    old.execute("INSERT INTO runs (job, started, ended, outcome) VALUES ('a', 1, 2, 'ok')")
+    old.commit()
+    old.close()
+    h = History(path)
+    assert h.last_success("a") is not None and h.newest_snapshot_time("a") is None
 
 
 def test_a_run_cut_short_by_a_crash_is_marked_interrupted(tmp_path: Path) -> None:

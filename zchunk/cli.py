@@ -570,11 +570,7 @@ def config_check(config: Optional[Path] = ConfigFile, json_out: bool = Json) -> 
     may write is refused: its commands run as the service's user. Changes
     nothing and contacts no host. Exit 0: no problem; 16: problems.
     """
-    checked = jobs_file.read(jobs_file.config_path(config))
-    problems = list(checked.problems)
-    for name, options in checked.options.items():
-        problems += _job_option_problems(checked, name, options)
-    problems = sorted(dict.fromkeys(problems), key=lambda p: (p.line, p.key))  # [defaults]' once, not per job
+    checked, problems = _read_config(config)
     jobs = sorted(checked.config.jobs) if checked.config is not None and not problems else []
     if json_out:
         JsonRenderer()("config_check", {"config": str(checked.path), "ok": not problems, "jobs": jobs,
@@ -586,6 +582,24 @@ def config_check(config: Optional[Path] = ConfigFile, json_out: bool = Json) -> 
                                      f"{len(jobs)} job(s), no problem: {', '.join(jobs)}"))
     if problems:
         raise typer.Exit(E.ConfigError.exit_code)
+
+
+def _read_config(config: Path | None) -> tuple[jobs_file.Checked, list[jobs_file.Problem]]:
+    """The jobs file and every problem in it, the values of its sync options included."""
+    checked = jobs_file.read(jobs_file.config_path(config))
+    problems = list(checked.problems)
+    for name, options in checked.options.items():
+        problems += _job_option_problems(checked, name, options)
+    return checked, sorted(dict.fromkeys(problems), key=lambda p: (p.line, p.key))  # [defaults]' once
+
+
+def _load_config(config: Path | None) -> jobs_file.Config:
+    """The jobs file, or ConfigError (exit 16) naming its first problem: nothing runs on a file with any."""
+    checked, problems = _read_config(config)
+    if problems or checked.config is None:
+        raise E.ConfigError(path=str(checked.path), count=len(problems) or 1,
+                            first=str(problems[0]) if problems else "it does not parse")
+    return checked.config
 
 
 def _job_option_problems(checked: jobs_file.Checked, name: str,
@@ -627,6 +641,297 @@ def _job_option_problems(checked: jobs_file.Checked, name: str,
                                        values.get("recv_option", []), values.get("set_property", []),
                                        values.get("exclude_property", [])))
     return out
+
+
+# -- the service: jobs from the jobs file --------------------------------------------------------------
+
+
+def _service_state(cfg: jobs_file.Config) -> Path:
+    return cfg.state_dir or default_state_dir()
+
+
+def _named(cfg: jobs_file.Config, names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in cfg.jobs]
+    if unknown:
+        raise E.UsageError(reason=f"no job {unknown[0]!r} in {cfg.path} (its jobs: {', '.join(sorted(cfg.jobs))})")
+    return names
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    sys.stderr.flush()
+
+
+@app.command("run")
+def run_jobs(
+    jobs: Optional[list[str]] = typer.Argument(None, metavar="[JOB]...", help="Run these jobs now, due or not "
+                                               "(default: every enabled job that is due)."),
+    config: Optional[Path] = ConfigFile,
+    dry_run: bool = typer.Option(False, "-n", "--dry-run", help="Print each job's plan (zchunk sync "
+                                 "--dry-run) and change nothing; nothing is recorded."),
+    json_out: bool = Json,
+) -> None:
+    """Run the jobs that are due, once, and exit: for a systemd timer or cron.
+
+    A job is due when its schedule (every or cron) says so since its last
+    run; after a failed run, again after retry_delay, doubling, up to
+    retries times; after a run cut short (a crash, kill -9, a reboot), at
+    once: the transfer continues where it stands. Jobs run side by side up
+    to max_parallel, one run per job (also against a running `zchunk
+    daemon`: a job it runs is left to it) and one per target. Each run is
+    `zchunk sync` with the job's options, recorded in the history; its
+    events go to <state_dir>/logs/JOB.jsonl. Exit 0 when every run
+    succeeded (or none was due), else the exit code of the first that did
+    not (18: its pre-snapshot command failed and it was skipped).
+    """
+    from .service.daemon import Service
+
+    try:
+        cfg = _load_config(config)
+        names = _named(cfg, jobs or [])
+        outcomes = asyncio.run(Service(cfg, _service_state(cfg), _say).run_once(names, dry_run))
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    if json_out:
+        for o in outcomes:
+            JsonRenderer()("job_run", dataclasses.asdict(o))
+    bad = [o for o in outcomes if o.outcome not in ("ok", "busy")]
+    if bad:
+        raise typer.Exit(bad[0].exit_code or 1)
+
+
+@app.command()
+def daemon(
+    config: Optional[Path] = ConfigFile,
+    metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", metavar="[ADDR:]PORT", help="Serve "
+                                                 "Prometheus metrics on http://ADDR:PORT/metrics (ADDR "
+                                                 "default 127.0.0.1: give 0.0.0.0 to open it to the network)."),
+) -> None:
+    """Run the jobs file's schedule until stopped: the zchunk service.
+
+    Starts each job when it is due (see `zchunk run`), up to max_parallel at
+    once, one run per job and per target. SIGHUP reloads the jobs file: one
+    with problems is not loaded and the old one stays, said on stderr.
+    SIGTERM (systemctl stop) takes no new runs and ends the running ones'
+    coordinators, leaving their transfers to the agents: the next start
+    continues each where it stands, with no chunk moved twice. So does a
+    start after kill -9 or a crash. Logs one line per run start and end on
+    stderr (the journal under systemd). Exit 16 on a jobs file with problems
+    at start.
+    """
+    from .service.daemon import Service
+    from .service.monitor import registry
+    from .service.status import job_status
+
+    try:
+        cfg = _load_config(config)
+        listen = _listen_address(metrics_listen) if metrics_listen else None
+        state = _service_state(cfg)
+
+        def reload() -> jobs_file.Config:
+            new = _load_config(config)
+            if _service_state(new) != state:
+                _say(f"SIGHUP: state_dir changes only with a restart; keeping {state}")
+            return dataclasses.replace(new, state_dir=cfg.state_dir)
+
+        async def serve() -> None:
+            service = Service(cfg, state, _say, reload)
+
+            def ready() -> None:
+                if listen is None:
+                    return
+                from prometheus_client import start_http_server
+
+                from .service.history import History
+
+                def rows() -> list[Any]:
+                    history = History(state / "history.sqlite")  # one connection per scrape: its own thread
+                    try:
+                        return job_status(service.config, history, state, time.time())
+                    finally:
+                        history.close()
+
+                try:
+                    start_http_server(listen[1], listen[0], registry(rows))
+                except OSError as e:
+                    raise E.UsageError(reason=f"--metrics-listen {metrics_listen}: cannot listen: "
+                                       f"{e.strerror or e}") from None
+                _say(f"metrics on http://{listen[0]}:{listen[1]}/metrics")
+
+            await service.serve(ready)
+
+        asyncio.run(serve())
+    except E.ZchunkError as e:
+        _fail(e, False)
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise E.UsageError(reason=f"--metrics-listen {text!r}: give [ADDR:]PORT, e.g. 9187 or 127.0.0.1:9187")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _rows(config: Path | None, names: list[str] | None = None) -> list[Any]:
+    from .service.history import History
+    from .service.status import job_status
+
+    cfg = _load_config(config)
+    keep = set(_named(cfg, names or []))
+    state = _service_state(cfg)
+    history = History(state / "history.sqlite")
+    try:
+        return [r for r in job_status(cfg, history, state, time.time()) if not keep or r.job in keep]
+    finally:
+        history.close()
+
+
+@app.command()
+def status(config: Optional[Path] = ConfigFile, json_out: bool = typer.Option(
+        False, "--json", help="A JSON list: one object per job.")) -> None:
+    """One row per job: is it in sync, and if not, why.
+
+    STATE is ok, failed (failures in a row since the last success), running
+    (with percent, rate and ETA), disabled, or pending (never run). LAST SYNC
+    is when the snapshot the last successful run left on the target was
+    taken; LAG is now minus that. NEXT is when the job is due (now: due and
+    waiting for a free slot or for `zchunk run`). Reads the history in the
+    state directory; contacts no host.
+    """
+    try:
+        rows = _rows(config)
+    except E.ZchunkError as e:
+        _fail(e, False)
+    if json_out:
+        print(json.dumps([r.to_json() for r in rows], indent=1))
+        return
+    now = time.time()
+
+    def when(t: float | None) -> str:
+        if t is None:
+            return "-"
+        if t <= now + 1 and t > now - 60:
+            return "now"
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    table = [("JOB", "STATE", "LAST SYNC", "LAG", "DURATION", "NEXT", "FAIL", "SOURCE -> TARGET / ERROR")]
+    for r in rows:
+        state = r.state
+        if r.live is not None:
+            live = r.live
+            state += (f" {live['percent']:.0f}%" if live.get("percent") is not None else "") + \
+                (f" {human_bytes(live['rate'])}/s" if live.get("rate") else "") + \
+                (f" ETA {human_duration(live['eta'])}" if live.get("eta") is not None else "")
+        last = r.last_error if r.failures or r.state == "disabled" else ""
+        if r.state == "disabled":
+            last = r.disabled_why
+        table.append((r.job, state, when(r.last_success), "-" if r.lag_seconds is None else
+                      human_duration(r.lag_seconds), "-" if r.last_duration is None else
+                      human_duration(r.last_duration), when(r.next_run), str(r.failures),
+                      f"{r.source} -> {r.target}" + (f": {last}" if last else "")))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+
+
+@app.command()
+def check(
+    jobs: Optional[list[str]] = typer.Argument(None, metavar="[JOB]...", help="The jobs to check."),
+    all_jobs: bool = typer.Option(False, "--all", help="Check every job of the jobs file."),
+    warn: str = typer.Option("1h", "--warn", help="WARNING when a job's lag reaches this."),
+    crit: str = typer.Option("4h", "--crit", help="CRITICAL when a job's lag reaches this."),
+    warn_failures: int = typer.Option(1, "--warn-failures", metavar="N", help="WARNING after N failed runs in a "
+                                      "row."),
+    crit_failures: int = typer.Option(3, "--crit-failures", metavar="N", help="CRITICAL after N failed runs in "
+                                      "a row."),
+    config: Optional[Path] = ConfigFile,
+) -> None:
+    """A Nagios / Icinga plugin: is replication keeping up?
+
+    Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (a job never replicated, a
+    jobs file or history that cannot be read, bad options), with one line:
+    the state word, each job's lag and failures, and perfdata
+    (lag=123s;3600;14400;0 failures=0;1;3;0; JOB_lag=... for several jobs).
+    A disabled job is a WARNING; several jobs: the worst state. Reads the
+    history; contacts no host.
+    """
+    from .service.monitor import Thresholds
+    from .service.monitor import check as judge
+
+    try:
+        if not jobs and not all_jobs:
+            raise E.UsageError(reason="name the jobs to check, or give --all")
+        t = Thresholds(parse_duration(warn, "--warn"), parse_duration(crit, "--crit"), warn_failures,
+                       crit_failures)
+        rows = _rows(config, jobs or [])
+    except E.ZchunkError as e:
+        print(f"ZCHUNK UNKNOWN - {e}")
+        raise typer.Exit(3) from None
+    code, line = judge(rows, t)
+    print(line)
+    raise typer.Exit(code)
+
+
+@app.command()
+def metrics(
+    config: Optional[Path] = ConfigFile,
+    textfile: Optional[Path] = typer.Option(None, "--textfile", metavar="DIR", help="Write DIR/zchunk.prom "
+                                            "(atomically: node_exporter's textfile collector) instead of "
+                                            "printing."),
+) -> None:
+    """Print the jobs' metrics in Prometheus text format.
+
+    Per job: last success timestamp, lag, consecutive failures, last run's
+    duration, next run, running, enabled; totals of runs, failures, bytes on
+    the wire and outage seconds (over the history kept); for a running
+    transfer, bytes done, expected and its rate. `zchunk daemon
+    --metrics-listen` serves the same on /metrics.
+    """
+    from .service.monitor import exposition, write_textfile
+
+    try:
+        rows = _rows(config)
+        if textfile is not None:
+            if not textfile.is_dir():
+                raise E.UsageError(reason=f"--textfile {textfile}: not a directory (node_exporter's "
+                                   "--collector.textfile.directory)")
+            write_textfile(str(textfile / "zchunk.prom"), rows)
+        else:
+            sys.stdout.write(exposition(rows).decode())
+    except E.ZchunkError as e:
+        _fail(e, False)
+
+
+@app.command()
+def disable(job: str = typer.Argument(..., metavar="JOB"),
+            why: str = typer.Option("", "--why", metavar="TEXT", help="Said by zchunk status and check."),
+            config: Optional[Path] = ConfigFile) -> None:
+    """Stop scheduling JOB until `zchunk enable JOB` (a running run goes on)."""
+    _toggle(config, job, why, enable=False)
+
+
+@app.command()
+def enable(job: str = typer.Argument(..., metavar="JOB"), config: Optional[Path] = ConfigFile) -> None:
+    """Schedule JOB again after `zchunk disable` (enabled = false in the jobs file stays the file's)."""
+    _toggle(config, job, "", enable=True)
+
+
+def _toggle(config: Path | None, job: str, why: str, enable: bool) -> None:
+    from .service.history import History
+
+    try:
+        cfg = _load_config(config)
+        _named(cfg, [job])
+        history = History(_service_state(cfg) / "history.sqlite")
+        if enable:
+            was = history.enable(job)
+            print(f"{job}: enabled" + ("" if was else " (it was not disabled)") +
+                  (" -- but enabled = false in the jobs file keeps it off" if not cfg.jobs[job].enabled else ""))
+        else:
+            history.disable(job, why)
+            print(f"{job}: disabled" + (f" ({why})" if why else "") + "; `zchunk enable " + job + "` undoes it")
+    except E.ZchunkError as e:
+        _fail(e, False)
 
 
 @app.command()

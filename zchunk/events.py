@@ -172,6 +172,12 @@ EVENTS = _kinds(
     EventKind("replication", "zchunk sync's outcome, every dataset.", {
         "outcomes": "per dataset: source, target, status (sent, up-to-date, planned, skipped, failed), "
         "streams (results), error, exit_code"}),
+    EventKind("job_run", "zchunk run: one job's run ended.", {
+        "job": "the job", "outcome": "ok, failed, skipped (its pre-snapshot command failed), interrupted, or "
+        "busy (another zchunk process runs it)", "exit_code": "zchunk sync's exit code", "error": "the error's "
+        "line", "wire_bytes": "bytes on the link", "snapshots": "snapshots received", "outage_seconds": "link "
+        "down", "snapshot_time": "when the snapshot now on the target was taken (ok)", "seconds": "how long it "
+        "took", "run_id": "its row in the history"}),
     EventKind("config_check", "zchunk config check: the jobs file's problems.", {
         "config": "the file", "ok": "no problem", "jobs": "the jobs it defines (when ok)",
         "problems": "file, line, key (dotted: jobs.NAME.KEY), message; line 0: the file as a whole"}),

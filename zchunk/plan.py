@@ -243,6 +243,10 @@ class Retention:
     count: int = 1
     grid: tuple[tuple[float, float], ...] = ()
 
+    def __str__(self) -> str:
+        """As ``parse`` reads it back (a grid's intervals and spans in seconds)."""
+        return ",".join([str(self.count)] + [f"{interval:.0f}s{span:.0f}s" for interval, span in self.grid])
+
     @classmethod
     def parse(cls, value: object) -> Retention:
         """From a count or a grid (a number in a string is a count); ValueError says what is wrong."""

@@ -4,6 +4,7 @@
 
     max_parallel = 4              # runs at once, to different targets
     history_days = 90             # run history kept this long
+    state_dir = "/var/lib/zchunk" # history, job logs, sessions (default $XDG_STATE_HOME/zchunk)
 
     [defaults]                    # any job key; a job's own value wins
     ssh_config = "/etc/zchunk/ssh_config"
@@ -151,6 +152,7 @@ class Config:
     jobs: dict[str, Job]
     max_parallel: int = 4
     history_days: int = 90
+    state_dir: Path | None = None  # the service's: history, job locks and logs, sessions (None: the default)
 
 
 @dataclass(frozen=True)
@@ -268,14 +270,21 @@ class _Checker:
 
     def config(self, path: Path, data: dict[str, Any]) -> Config:
         service: dict[str, int] = {}
+        state_dir: Path | None = None
         for key, value in data.items():
             if key in SERVICE_KEYS:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     self.bad((key,), f"{value!r}: a whole number, at least 1")
                 else:
                     service[key] = value
+            elif key == "state_dir":
+                if not isinstance(value, str) or not value.startswith("/"):
+                    self.bad((key,), f"{value!r}: an absolute path, e.g. \"/var/lib/zchunk\"")
+                else:
+                    state_dir = Path(value)
             elif key not in ("defaults", "jobs"):
-                self.bad((key,), "unknown key (top level: max_parallel, history_days, [defaults], [jobs.NAME])")
+                self.bad((key,), "unknown key (top level: max_parallel, history_days, state_dir, [defaults], "
+                         "[jobs.NAME])")
         defaults = data.get("defaults", {})
         if not isinstance(defaults, dict):
             self.bad(("defaults",), "must be a table: [defaults]")
@@ -303,7 +312,7 @@ class _Checker:
             if job is not None:
                 jobs[name] = job
         return Config(path, jobs, service.get("max_parallel", SERVICE_KEYS["max_parallel"]),
-                      service.get("history_days", SERVICE_KEYS["history_days"]))
+                      service.get("history_days", SERVICE_KEYS["history_days"]), state_dir)
 
     def keys(self, where: tuple[str, ...], table: dict[str, Any]) -> None:
         """Unknown keys and values of the wrong TOML type, where they are written."""

@@ -1,8 +1,10 @@
 """Every run of a job, in SQLite (WAL) in the state directory: what ``zchunk status``, ``check`` and the
 metrics say, and what a restarted service finds of the runs a crash cut short.
 
-One table, ``runs``: job, start, end, outcome (running, ok, failed, skipped, interrupted), exit code, the
-error in one line, bytes on the wire, snapshots sent, outage seconds, and the pid of the process running it.
+Table ``runs``: job, start, end, outcome (running, ok, failed, skipped, interrupted), exit code, the error
+in one line, bytes on the wire, snapshots sent, outage seconds, the pid of the process running it, and when
+the snapshot the run left on the target was taken (its lag is measured from that). Table ``disabled``: jobs
+``zchunk disable`` stopped, and why.
 Writes are single transactions: a full disk fails the write (``HistoryError``, said as such) and leaves
 what was recorded intact.
 """
@@ -31,9 +33,15 @@ CREATE TABLE IF NOT EXISTS runs (
     wire_bytes INTEGER NOT NULL DEFAULT 0,
     snapshots INTEGER NOT NULL DEFAULT 0,
     outage_seconds REAL NOT NULL DEFAULT 0,
-    pid INTEGER
+    pid INTEGER,
+    snapshot_time REAL
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started);
+CREATE TABLE IF NOT EXISTS disabled (
+    job TEXT PRIMARY KEY,
+    why TEXT NOT NULL DEFAULT '',
+    since REAL NOT NULL
+);
 """
 
 OUTCOMES = ("running", "ok", "failed", "skipped", "interrupted")
@@ -52,6 +60,11 @@ class Run:
     snapshots: int
     outage_seconds: float
     pid: int | None
+    snapshot_time: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.ended is None else max(0.0, self.ended - self.started)
 
 
 class History:
@@ -64,6 +77,9 @@ class History:
             self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+            if "snapshot_time" not in columns:  # a database of the first version
+                self.db.execute("ALTER TABLE runs ADD COLUMN snapshot_time REAL")
         except (OSError, sqlite3.Error) as e:
             raise _error(path, "open", e) from None
 
@@ -90,27 +106,70 @@ class History:
             return int(cur.lastrowid or 0)
 
     def end(self, run_id: int, outcome: str, exit_code: int | None = None, error: str = "", wire_bytes: int = 0,
-            snapshots: int = 0, outage_seconds: float = 0.0, now: float | None = None) -> None:
+            snapshots: int = 0, outage_seconds: float = 0.0, now: float | None = None,
+            snapshot_time: float | None = None) -> None:
         if outcome not in OUTCOMES or outcome == "running":
             raise ValueError(f"outcome {outcome!r}")
         line = error.strip().splitlines()[0] if error.strip() else ""
         with self._write("record the end of a run") as db:
             db.execute("UPDATE runs SET ended = ?, outcome = ?, exit_code = ?, error = ?, wire_bytes = ?, "
-                       "snapshots = ?, outage_seconds = ? WHERE id = ?",
+                       "snapshots = ?, outage_seconds = ?, snapshot_time = ? WHERE id = ?",
                        (time.time() if now is None else now, outcome, exit_code, line[:500], wire_bytes,
-                        snapshots, outage_seconds, run_id))
+                        snapshots, outage_seconds, snapshot_time, run_id))
 
     def mark_interrupted(self, alive: set[int] | None = None) -> list[Run]:
         """Runs still 'running' whose process is gone (a crash, kill -9, a reboot): marked 'interrupted'.
         ``alive``: pids known to be running them (default: asked of the system). The runs marked."""
         gone = [r for r in self._select("WHERE outcome = 'running'", ())
-                if not (r.pid in alive if alive is not None else _pid_alive(r.pid))]
+                if not (r.pid in alive if alive is not None else pid_alive(r.pid))]
         if gone:
             with self._write("mark interrupted runs") as db:
                 db.executemany("UPDATE runs SET outcome = 'interrupted', ended = started, "
                                "error = 'the process running it ended without a word (crash, kill -9, reboot)' "
                                "WHERE id = ?", [(r.id,) for r in gone])
         return gone
+
+    def interrupt(self, run_id: int, why: str, now: float | None = None) -> None:
+        """A run this process stops on purpose (the service is stopping): interrupted, to be continued."""
+        with self._write("record an interrupted run") as db:
+            db.execute("UPDATE runs SET outcome = 'interrupted', ended = ?, error = ? WHERE id = ?",
+                       (time.time() if now is None else now, why, run_id))
+
+    def disable(self, job: str, why: str, now: float | None = None) -> None:
+        with self._write("disable " + job) as db:
+            db.execute("INSERT OR REPLACE INTO disabled (job, why, since) VALUES (?, ?, ?)",
+                       (job, why, time.time() if now is None else now))
+
+    def enable(self, job: str) -> bool:
+        """Whether it was disabled."""
+        with self._write("enable " + job) as db:
+            return db.execute("DELETE FROM disabled WHERE job = ?", (job,)).rowcount > 0
+
+    def disabled(self) -> dict[str, tuple[str, float]]:
+        """Jobs ``zchunk disable`` stopped: why and since when."""
+        try:
+            return {job: (why, since) for job, why, since in self.db.execute("SELECT job, why, since FROM disabled")}
+        except sqlite3.Error as e:
+            raise _error(self.path, "read", e) from None
+
+    def totals(self, job: str) -> tuple[int, int, int, float]:
+        """Of the runs kept: how many ended, how many failed (or were skipped), bytes on the wire, outage seconds."""
+        try:
+            row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(outcome IN ('failed', 'skipped')), 0), "
+                                  "COALESCE(SUM(wire_bytes), 0), COALESCE(SUM(outage_seconds), 0) FROM runs "
+                                  "WHERE job = ? AND outcome != 'running'", (job,)).fetchone()
+        except sqlite3.Error as e:
+            raise _error(self.path, "read", e) from None
+        return int(row[0]), int(row[1]), int(row[2]), float(row[3])
+
+    def newest_snapshot_time(self, job: str) -> float | None:
+        """When the newest snapshot a successful run left on the target was taken."""
+        try:
+            row = self.db.execute("SELECT MAX(snapshot_time) FROM runs WHERE job = ? AND outcome = 'ok'",
+                                  (job,)).fetchone()
+        except sqlite3.Error as e:
+            raise _error(self.path, "read", e) from None
+        return None if row[0] is None else float(row[0])
 
     def prune(self, days: int, now: float | None = None) -> int:
         """Runs that ended more than ``days`` days ago removed; how many."""
@@ -127,24 +186,24 @@ class History:
         return found[0] if found else None
 
     def failures(self, job: str) -> int:
-        """Failed (or interrupted) runs since the job's last success."""
+        """Failed, skipped (a failing pre-snapshot command) or interrupted runs since the job's last success."""
         count = 0
         for r in self._select("WHERE job = ? AND outcome != 'running' ORDER BY started DESC, id DESC", (job,)):
             if r.outcome == "ok":
                 break
-            count += r.outcome in ("failed", "interrupted")
+            count += r.outcome in ("failed", "skipped", "interrupted")
         return count
 
     def _select(self, where: str, args: tuple[object, ...]) -> list[Run]:
         try:
             rows = self.db.execute("SELECT id, job, started, ended, outcome, exit_code, error, wire_bytes, "
-                                   "snapshots, outage_seconds, pid FROM runs " + where, args).fetchall()
+                                   "snapshots, outage_seconds, pid, snapshot_time FROM runs " + where, args).fetchall()
         except sqlite3.Error as e:
             raise _error(self.path, "read", e) from None
         return [Run(*row) for row in rows]
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
