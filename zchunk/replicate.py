@@ -164,14 +164,24 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
                 await abort(ended.id, opts, on_event)
             except E.ZchunkError as e:
                 emit("warning", host=str(target), detail=f"could not remove what ended session {ended.id} left: {e}")
+        finished: list[tuple[str, SyncResult]] = []
         for active in store.active_under(str(source), str(target)):
             emit("reattach", session=active.id)
             try:
-                await resume(active.id, opts, on_locked_event, lock=False)
+                finished.append((parse_endpoint(active.source).dataset,
+                                 await resume(active.id, opts, on_locked_event, lock=False)))
             except E.AgentDied as e:  # its agents are gone: plan afresh (token or common snapshot)
                 emit("restart", source=active.source, reason=str(e), attempt=0,
                      how="the unfinished session's agents are gone: planning the stream again")
-        return await _replicate(source, target, policy, excludes, ropts, opts, store, Emitter(on_locked_event))
+        result = await _replicate(source, target, policy, excludes, ropts, opts, store, Emitter(on_locked_event))
+        for dataset, stream in finished:  # the run's bytes and snapshots include the sessions it finished
+            outcome = next((o for o in result.outcomes if o.source == dataset), None)
+            if outcome is None:
+                result.outcomes.append(DatasetOutcome(dataset, stream.target_snapshot.split("@")[0], "sent", [stream]))
+            else:
+                outcome.streams.insert(0, stream)
+                outcome.status = "sent" if outcome.status == "up-to-date" else outcome.status
+        return result
     finally:
         lock.release()
 
