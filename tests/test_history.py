@@ -124,3 +124,13 @@ def test_a_full_state_filesystem_is_a_clear_error_and_corrupts_nothing(tmp_path:
         assert all(r.outcome in ("failed", "running") for r in again.runs("a", 5000) if r.started >= 2e9)
         with sqlite3.connect(str(fs.path / "history.sqlite")) as db:
             assert db.execute("SELECT count(*) FROM runs").fetchone()[0] >= 5
+
+
+def test_a_state_directory_others_may_write_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o777)
+    state.chmod(0o777)
+    with pytest.raises(E.HistoryError) as e:
+        History(state / "history.sqlite")
+    assert "writable by others" in str(e.value) and "chmod go-w" in str(e.value)
+    assert not (state / "history.sqlite").exists()

@@ -74,6 +74,11 @@ class History:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = path.parent.stat()
+            if st.st_mode & 0o022 or st.st_uid not in (0, os.geteuid()):
+                raise E.HistoryError(path=str(path), what="trust it", why=(
+                    f"the state directory {path.parent} is writable by others or owned by uid {st.st_uid}: "
+                    f"chown {os.geteuid()} and chmod go-w {path.parent}"))
             self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
