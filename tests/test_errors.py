@@ -69,7 +69,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "missing python3/zfs": (6, {"MissingPython", "OldPython", "MissingZfs"}),
     "permission": (7, {"PermissionDenied"}),
     "unsafe session dir": (8, {"SessionDirError"}),
-    "session": (9, {"SessionNotFound", "AlreadyRunning"}),
+    "session": (9, {"SessionNotFound", "AlreadyRunning", "TargetLocked"}),
     "protocol": (10, {"ProtocolError", "CapabilityMismatch"}),
     "patience": (11, {"PatienceExhausted"}),
     "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied", "TargetFull"}),

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.zc import REPO, Zchunk, matching, parse_events
-from tests.zfsutil import assert_replica, make_source, snapshots, wait_until
+from tests.zfsutil import assert_replica, make_source, snapshots, wait_until, zfs
 from zchunk import lab
 from zchunk.service.history import History
 
@@ -190,6 +190,61 @@ timezone = "UTC"
     assert len(History(zc.state_dir / "history.sqlite").runs("a")) == 4
 
 
+def test_a_locked_target_is_refused_and_its_job_shows_locked(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=11, name="t")
+    zfs("create", f"{src}/child")
+    zfs("create", f"{src}/other")
+    dst = f"{dst_pool.name}/t"
+    config = write_jobs(tmp_path, zc, f"""
+[jobs.t]
+source = "{src}"
+target = "{dst}"
+recursive = true
+""")
+    cfg = ("--config", str(config))
+    assert zchunk("run", *cfg).returncode == 0
+    before = {ds: snapshots(ds) for ds in (src, f"{src}/child", f"{src}/other")}
+
+    # one child of the replica locked (a failover of that dataset): it fails alone, the others go on
+    lock = "root@backup 2026-12-03T16:00:00Z: failover test of vm-101"
+    zfs("set", f"zchunk:locked={lock}", f"{dst}/child")
+    run = zc.run("sync", "-r", src, dst)
+    assert run.returncode == 15, run.explain()
+    failed = run.of("dataset_failed")
+    assert [e["source"] for e in failed] == [f"{src}/child"] and lock in failed[0]["error"], failed
+    assert snapshots(f"{src}/child") == before[f"{src}/child"], "its share of the tree snapshot given back"
+    assert snapshots(f"{dst}/child")[-1].split("@")[1] == before[f"{src}/child"][-1].split("@")[1]
+    newest = sync_snaps(src)[-1].split("@")[1]
+    assert_replica(f"{src}/other", f"{dst}/other", newest)
+
+    # the replica's root locked: refused before anything is taken, exit 9, naming the lock
+    zfs("inherit", "zchunk:locked", f"{dst}/child")
+    zfs("set", f"zchunk:locked={lock}", dst)
+    taken = {ds: snapshots(ds) for ds in (src, f"{src}/child", f"{src}/other")}
+    run = zc.run("sync", "-r", src, dst)
+    assert run.returncode == 9 and run.error()["error"] == "TargetLocked", run.explain()
+    assert lock in run.error()["message"] and "zfs inherit zchunk:locked" in run.error()["hint"]
+    assert {ds: snapshots(ds) for ds in taken} == taken, "nothing taken on the source"
+
+    # the job: skipped and shown locked, a WARNING for monitoring, not a failed run
+    time.sleep(10)
+    ran = zchunk("run", *cfg, "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert [e["outcome"] for e in parse_events(ran.stdout) if e["event"] == "job_run"] == ["locked"]
+    row = status(config)["t"]
+    assert row["state"] == "locked" and lock in row["last_error"] and row["failures"] == 0, row
+    check = zchunk("check", "t", *cfg)
+    assert check.returncode == 1 and "locked (" in check.stdout and lock in check.stdout, check.stdout
+
+    # unlocked: the job runs again
+    zfs("inherit", "zchunk:locked", dst)
+    assert zchunk("run", "t", *cfg).returncode == 0 and status(config)["t"]["state"] == "ok"
+    newest = sync_snaps(src)[-1].split("@")[1]
+    for ds in ("", "/child", "/other"):
+        assert_replica(src + ds, dst + ds, newest)
+
+
 class Daemon:
     """``zchunk daemon`` as a process: its log in a file, killed by pid (and its process group) at the end."""
 
@@ -355,3 +410,16 @@ bwlimit = "1M"
         assert row["state"] == "ok" and row["failures"] == 0 and row["next_run"] is not None
     finally:
         daemon.stop()
+
+
+def test_metrics_listen_on_loopback_unless_an_address_is_given() -> None:
+    from zchunk import errors as E
+    from zchunk.cli import _listen_address
+
+    assert _listen_address("9187") == ("127.0.0.1", 9187)
+    assert _listen_address(":9187") == ("127.0.0.1", 9187)
+    assert _listen_address("0.0.0.0:9187") == ("0.0.0.0", 9187)
+    assert _listen_address("[::1]:9187") == ("::1", 9187)
+    for bad in ("", "host", "1.2.3.4:99999", "1.2.3.4:x"):
+        with pytest.raises(E.UsageError):
+            _listen_address(bad)

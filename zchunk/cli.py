@@ -682,7 +682,9 @@ def run_jobs(
     `zchunk sync` with the job's options, recorded in the history; its
     events go to <state_dir>/logs/JOB.jsonl. Exit 0 when every run
     succeeded (or none was due), else the exit code of the first that did
-    not (18: its pre-snapshot command failed and it was skipped).
+    not (18: its pre-snapshot command failed and it was skipped). A job
+    whose target is locked against replication (zchunk:locked, a
+    failover) is skipped and shown locked, without failing the run.
     """
     from .service.daemon import Service
 
@@ -695,7 +697,7 @@ def run_jobs(
     if json_out:
         for o in outcomes:
             JsonRenderer()("job_run", dataclasses.asdict(o))
-    bad = [o for o in outcomes if o.outcome not in ("ok", "busy")]
+    bad = [o for o in outcomes if o.outcome not in ("ok", "busy", "locked")]  # locked: on purpose (failover)
     if bad:
         raise typer.Exit(bad[0].exit_code or 1)
 
@@ -792,7 +794,8 @@ def status(config: Optional[Path] = ConfigFile, json_out: bool = typer.Option(
     """One row per job: is it in sync, and if not, why.
 
     STATE is ok, failed (failures in a row since the last success), running
-    (with percent, rate and ETA), disabled, or pending (never run). LAST SYNC
+    (with percent, rate and ETA), disabled, locked (its target carries
+    zchunk:locked: a failover), or pending (never run). LAST SYNC
     is when the snapshot the last successful run left on the target was
     taken; LAG is now minus that. NEXT is when the job is due (now: due and
     waiting for a free slot or for `zchunk run`). Reads the history in the

@@ -228,6 +228,13 @@ class AlreadyRunning(ZchunkError):
     fix = "wait for it, or stop it with: zchunk abort {session}"
 
 
+class TargetLocked(ZchunkError):
+    """{target} is locked against replication: {lock}"""
+
+    exit_code = 9
+    fix = "it was failed over to (zchunk:locked); end that first, or clear it: zfs inherit zchunk:locked {target}"
+
+
 class ProtocolError(ZchunkError):
     """{host}: protocol error talking to the agent: {reason}"""
 

@@ -249,8 +249,12 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
         emit("note", host=src.label, detail=f"--spool-max {opts.spool_max >> 20} MiB holds {fits} chunk(s) "
              f"of --chunk-size: {fits} dataset(s) at a time instead of --jobs {jobs}")
         jobs = fits
+    enc_roots, dst_tree = await _both(_encryption_roots(src, pairs, ropts), dst.zfs.tree(dst.endpoint.dataset))
+    top = dst_tree.get(dst.endpoint.dataset)
+    if top is not None and top.locked:  # before the tree's snapshot: a refused run leaves the source as it was
+        raise E.TargetLocked(target=_label(dst, top.name), lock=top.locked)
     run = Run(opts=dataclasses.replace(opts, spool_max=opts.spool_max // jobs), pacer=Pacer(), jobs=jobs,
-              pairs=pairs, enc_roots=await _encryption_roots(src, pairs, ropts), dst_sessions=dst.rep.sessions)
+              pairs=pairs, enc_roots=enc_roots, dst_sessions=dst.rep.sessions, dst_tree=dst_tree)
     if ropts.sync_snap and pairs:
         run.short = sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())
         members = [s for s, _ in pairs]
@@ -262,8 +266,8 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
                 emit("snapshot", snapshot=f"{root}@{run.short}", datasets=len(members))
 
             await around_snapshot(ropts.hooks, _hook_env(src, dst, f"{root}@{run.short}"), emit, take)
-    run.src_tree, run.dst_tree = await _both(src.zfs.tree(root), dst.zfs.tree(dst.endpoint.dataset))
-    gone = sorted(set(run.dst_tree) - {t for _, t in pairs} - {dst.endpoint.dataset + s[len(root):]
+    run.src_tree = await src.zfs.tree(root)
+    gone = sorted(set(dst_tree) - {t for _, t in pairs} - {dst.endpoint.dataset + s[len(root):]
                                                                for s in left_out})
     if gone:
         emit("note", host=dst.label, detail=f"{len(gone)} dataset(s) on the target are no longer on the source "
@@ -532,6 +536,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
                        first: bool, store: StateStore, emit: Emitter) -> DatasetOutcome:
     listed = run.listed(src_name, dst_name) if first else None
     src_ds, dst_ds = listed or await _both(src.zfs.require(src_name), dst.zfs.dataset(dst_name))
+    if dst_ds is not None and dst_ds.locked:
+        raise E.TargetLocked(target=_label(dst, dst_name), lock=dst_ds.locked)
     seeding = dst_ds is not None and not dst_ds.snapshots and \
         await dst.zfs.prop(dst_name, SEEDING_PROPERTY) == policy.identifier
     if seeding:  # made by an earlier run of ours for a full stream that never arrived: receive into it again

@@ -27,6 +27,11 @@ class Snapshot:
         return self.name.split("@", 1)[1] if "@" in self.name else self.name.split("#", 1)[-1]
 
 
+#: A replica locked against replication (a failover): "who@host ISO-time: why", on the dataset itself so that
+#: the lock travels with the data; inherited by its children. Every zchunk sync into it refuses (TargetLocked).
+LOCK_PROPERTY = "zchunk:locked"
+
+
 @dataclass(frozen=True)
 class Dataset:
     name: str
@@ -34,6 +39,7 @@ class Dataset:
     guid: int
     referenced: int
     snapshots: tuple[Snapshot, ...] = ()  # oldest first (createtxg)
+    locked: str = ""  # LOCK_PROPERTY (set here or inherited): who locked it against replication, when, why
 
     @property
     def newest(self) -> Snapshot | None:
@@ -177,7 +183,7 @@ def dataset_from_props(name: str, props: dict[str, dict[str, str]]) -> Dataset |
     ]
     snaps.sort(key=lambda s: s.createtxg)
     return Dataset(name, mine.get("type", "filesystem"), _int(mine.get("guid")),
-                   _int(mine.get("referenced")), tuple(snaps))
+                   _int(mine.get("referenced")), tuple(snaps), _lock(mine))
 
 
 def datasets_from_props(props: dict[str, dict[str, str]]) -> dict[str, Dataset]:
@@ -188,8 +194,13 @@ def datasets_from_props(props: dict[str, dict[str, str]]) -> dict[str, Dataset]:
             snaps.setdefault(n.split("@", 1)[0], []).append(
                 Snapshot(n, _int(p.get("guid")), _int(p.get("createtxg")), _int(p.get("referenced"))))
     return {n: Dataset(n, p.get("type", "filesystem"), _int(p.get("guid")), _int(p.get("referenced")),
-                       tuple(sorted(snaps.get(n, ()), key=lambda s: s.createtxg)))
+                       tuple(sorted(snaps.get(n, ()), key=lambda s: s.createtxg)), _lock(p))
             for n, p in props.items() if "@" not in n and "#" not in n}
+
+
+def _lock(props: dict[str, str]) -> str:
+    value = props.get(LOCK_PROPERTY, "-")
+    return "" if value in ("-", "") else value
 
 
 def parse_allow(text: str, user: str, groups: tuple[str, ...] = ()) -> set[str]:
@@ -271,7 +282,7 @@ class Zfs:
     async def dataset(self, name: str) -> Dataset | None:
         """The dataset and its snapshots, or None when it does not exist."""
         res = await self.run("get", "-H", "-p", "-o", "name,property,value", "-d", "1",
-                             "type,guid,createtxg,referenced", name, check=False, dataset=name)
+                             f"type,guid,createtxg,referenced,{LOCK_PROPERTY}", name, check=False, dataset=name)
         if res.status != 0:
             if "does not exist" in res.err_text or "no such" in res.err_text.lower():
                 return None
@@ -282,8 +293,8 @@ class Zfs:
     async def tree(self, root: str) -> dict[str, Dataset]:
         """``root`` and every dataset below it, with their snapshots, by name: one command for a whole tree.
         Empty when ``root`` does not exist."""
-        res = await self.run("get", "-H", "-p", "-r", "-o", "name,property,value", "type,guid,createtxg,referenced",
-                             root, check=False, dataset=root)
+        res = await self.run("get", "-H", "-p", "-r", "-o", "name,property,value",
+                             f"type,guid,createtxg,referenced,{LOCK_PROPERTY}", root, check=False, dataset=root)
         if res.status != 0:
             if "does not exist" in res.err_text or "no such" in res.err_text.lower():
                 return {}

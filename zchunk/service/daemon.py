@@ -86,6 +86,8 @@ class Service:
     async def run_once(self, names: list[str] | None = None, dry_run: bool = False) -> list[Outcome]:
         """The due jobs (or the named ones), each once; returns when every run has ended."""
         self._recover()
+        if not dry_run:
+            self.history.prune(self.config.history_days)
         pending = due_jobs(self.config, self.history, time.time(), names)
         if not pending:
             self.say("no job is due")

@@ -1,7 +1,8 @@
 """Every run of a job, in SQLite (WAL) in the state directory: what ``zchunk status``, ``check`` and the
 metrics say, and what a restarted service finds of the runs a crash cut short.
 
-Table ``runs``: job, start, end, outcome (running, ok, failed, skipped, interrupted), exit code, the error
+Table ``runs``: job, start, end, outcome (running, ok, failed, skipped, interrupted,
+locked), exit code, the error
 in one line, bytes on the wire, snapshots sent, outage seconds, the pid of the process running it, and when
 the snapshot the run left on the target was taken (its lag is measured from that). Table ``disabled``: jobs
 ``zchunk disable`` stopped, and why.
@@ -44,7 +45,7 @@ CREATE TABLE IF NOT EXISTS disabled (
 );
 """
 
-OUTCOMES = ("running", "ok", "failed", "skipped", "interrupted")
+OUTCOMES = ("running", "ok", "failed", "skipped", "interrupted", "locked")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def verdict(row: JobStatus, t: Thresholds) -> tuple[int, str]:
         said += f", {row.failures} failed run(s) in a row: {row.last_error}"
     if row.state == "disabled":
         return 1, f"disabled ({row.disabled_why}), {said}"
+    if row.state == "locked":
+        return 1, f"locked ({row.last_error}), {said}"
     if lag is None:
         if row.failures >= t.crit_failures:
             return 2, said

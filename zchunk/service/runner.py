@@ -4,7 +4,8 @@ A run is the job's ``zchunk sync SOURCE TARGET --json`` with the job's options (
 its own interpreter so that it is exactly the command an admin would type. Its events tell the run's progress
 (written to ``<state>/jobs/<job>.json`` for ``zchunk status``, at most once a second) and its outcome, which
 goes to the history: ok (exit 0), skipped (exit 18: the pre-snapshot command failed, nothing was changed),
-failed (anything else, with the error's line), interrupted (the service stopped it, or died: the next start
+locked (the target is locked against replication: a failover, zchunk:locked), failed (anything else, with
+the error's line), interrupted (the service stopped it, or died: the next start
 continues the transfer, which the agents keep spooling meanwhile).
 
 One run per job at a time, also across processes (``zchunk run`` from a timer beside the daemon): the run
@@ -65,7 +66,7 @@ class Outcome:
     """What a run came to, for the history and the caller."""
 
     job: str
-    outcome: str  # ok | failed | skipped | interrupted | busy (another process runs the job)
+    outcome: str  # ok | failed | skipped | interrupted | locked | busy (another process runs the job)
     exit_code: int | None = None
     error: str = ""
     wire_bytes: int = 0
@@ -84,6 +85,7 @@ class _Watch:
     live: Path
     started: float
     error: str = ""
+    error_class: str = ""
     snapshot_time: float | None = None
     replication: dict[str, Any] | None = None
     progress: dict[str, dict[str, Any]] = field(default_factory=dict)  # by dataset ("" without -r)
@@ -102,7 +104,7 @@ class _Watch:
             if kind == "dataset_done":
                 self.datasets = (int(e.get("done", 0)), int(e.get("total", 0)))
         elif kind == "error":
-            self.error = str(e.get("message", ""))
+            self.error, self.error_class = str(e.get("message", "")), str(e.get("error", ""))
         elif kind == "dataset_failed" and not self.error:
             self.error = f"{e.get('source')}: {e.get('error')}"
         elif kind == "replication":
@@ -240,6 +242,8 @@ class JobRun:
             error = "the service stopped it; the agents keep the transfer, the next start continues it"
         elif code == 0:
             outcome, error = "ok", ""
+        elif watch.error_class == "TargetLocked":
+            outcome, error = "locked", watch.error
         else:
             outcome = "skipped" if code == SKIPPED_EXIT else "failed"
             error = watch.error or _last_line(stderr) or (f"killed by signal {-code}" if code < 0 else

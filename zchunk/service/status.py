@@ -37,7 +37,7 @@ class JobStatus:
     job: str
     source: str
     target: str
-    state: str  # ok | failed | running | disabled | pending (never run)
+    state: str  # ok | failed | running | disabled | locked (its target: zchunk:locked) | pending (never run)
     last_success: float | None  # when the snapshot the newest success left on the target was taken
     lag_seconds: float | None
     last_duration: float | None
@@ -74,14 +74,14 @@ def job_status(config: Config, history: History, state_dir: Path, now: float) ->
         why = "" if job.enabled else "enabled = false in the jobs file"
         if job.name in disabled:
             why = disabled[job.name][0] or "zchunk disable"
-        state = ("disabled" if why else "running" if running else "failed" if failures else
-                 "ok" if snap is not None else "pending")
+        state = ("disabled" if why else "running" if running else "locked" if last and last.outcome == "locked"
+                 else "failed" if failures else "ok" if snap is not None else "pending")
         done = next((r for r in history.runs(job.name, 5) if r.ended is not None), None)
         total, failed, wire, outage = history.totals(job.name)
         rows.append(JobStatus(
             job.name, job.source, job.target, state, snap, None if snap is None else max(0.0, now - snap),
             done.seconds if done else None, None if why or running else next_run(job, last, failures, now),
-            failures, next((r.error for r in history.runs(job.name, 1) if r.outcome != "ok"), ""), why, live,
+            failures, last.error if last is not None and last.outcome != "ok" else "", why, live,
             total, failed, wire, outage))
     return rows
 
