@@ -197,3 +197,25 @@ def test_the_readmes_example_is_a_good_jobs_file(tmp_path: Path) -> None:
     assert job.schedule == cfg.Schedule(cron="*/30 8-18 * * 1-5", tz="Europe/Berlin")
     assert job.keep_source == cfg.Retention(3) and len(job.keep_target.grid) == 3
     assert job.sync["recursive"] is True and job.sync["timezone"] == "Europe/Berlin"
+
+
+def test_hostile_strings_are_refused_or_stay_literal(tmp_path: Path) -> None:
+    """Shell metacharacters: a dataset name with them is not a ZFS name (refused where written); in a command
+    they are one argument of an argv, never seen by a shell (tests/test_hooks.py runs one)."""
+    pwned = tmp_path / "pwned"
+    text = f"""\
+[defaults]
+every = "15m"
+
+[jobs.a]
+source = "tank/a; touch {pwned}"
+target = "backup:tank/$(touch {pwned})"
+pre_snapshot = ["/bin/echo", "$(touch {pwned})", "`touch {pwned}`"]
+"""
+    run = check(write(tmp_path, text))
+    assert run.returncode == 16, run.stdout
+    lines = run.stdout.splitlines()
+    assert any(":5: jobs.a.source: invalid dataset name" in line and "contains ';'" in line for line in lines), lines
+    assert any(":6: jobs.a.target: invalid dataset name" in line and "contains '$('" in line for line in lines)
+    assert not any("pre_snapshot" in line for line in lines), "a command's arguments may hold anything"
+    assert not pwned.exists()

@@ -124,6 +124,10 @@ timezone = "UTC"
     # nothing is due right after: no run, exit 0
     again = zchunk("run", *cfg)
     assert again.returncode == 0 and "no job is due" in again.stderr, again.stderr
+    # a dry run says each job's plan and changes and records nothing
+    plan = zchunk("run", "a", "--dry-run", *cfg)
+    assert plan.returncode == 0 and "would" in plan.stderr and f"{dst_pool.name}/a" in plan.stderr, plan.stderr
+    assert len(History(zc.state_dir / "history.sqlite").runs("a")) == 1 and len(sync_snaps(a)) == 1
     # ... until the schedule (10 s) comes round: a and b run again, c too (its retry_delay, 60 s, is later)
     time.sleep(10)
     again = zchunk("run", *cfg, "--json")
@@ -243,6 +247,34 @@ recursive = true
     newest = sync_snaps(src)[-1].split("@")[1]
     for ds in ("", "/child", "/other"):
         assert_replica(src + ds, dst + ds, newest)
+
+
+def test_an_unreachable_target_fails_its_job_only(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    ok = make_source(src_pool, MiB, seed=12, name="ok")
+    lost = make_source(src_pool, MiB, seed=13, name="lost")
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host gone\n  HostName 127.0.0.1\n  Port {lab.free_port()}\n")  # nobody listens
+    config = write_jobs(tmp_path, zc, f"""
+[jobs.ok]
+source = "{ok}"
+target = "{dst_pool.name}/ok"
+
+[jobs.lost]
+source = "{lost}"
+target = "gone:{dst_pool.name}/lost"
+ssh_config = "{ssh_config}"
+connect_patience = "2s"
+""")
+    run = zchunk("run", "--config", str(config), "--json")
+    assert run.returncode == 5, run.stderr
+    outcomes = {e["job"]: (e["outcome"], e["exit_code"]) for e in parse_events(run.stdout) if e["event"] == "job_run"}
+    assert outcomes == {"ok": ("ok", 0), "lost": ("failed", 5)}, run.stderr
+    assert_replica(ok, f"{dst_pool.name}/ok", sync_snaps(ok)[-1].split("@")[1])
+    rows = status(config)
+    assert rows["ok"]["state"] == "ok" and rows["lost"]["state"] == "failed"
+    assert "cannot reach gone" in rows["lost"]["last_error"], rows["lost"]
+    assert sync_snaps(lost) == [], "nothing taken for the job that could not reach its target"
 
 
 class Daemon:

@@ -41,7 +41,8 @@ LOG_ROTATE = 16 << 20
 def sync_argv(job: Job, state_dir: Path, dry_run: bool = False) -> list[str]:
     """``zchunk sync`` for the job: its options under their long names, sessions in the service's state
     directory unless the job names its own."""
-    argv = [sys.executable, "-m", "zchunk", "sync", job.source, job.target, "--json"]
+    argv = [sys.executable, "-m", "zchunk", "sync", job.source, job.target]
+    argv += ["--dry-run"] if dry_run else ["--json"]  # a plan is for a person: the text output
     options = {"state_dir": str(state_dir / "sessions"), **job.sync}
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -56,8 +57,6 @@ def sync_argv(job: Job, state_dir: Path, dry_run: bool = False) -> list[str]:
     for flag, hook in (("--pre-snapshot", job.pre_snapshot), ("--post-snapshot", job.post_snapshot)):
         if hook is not None:
             argv += [flag, shlex.join(hook.argv)]
-    if dry_run:
-        argv.append("--dry-run")
     return argv
 
 
@@ -202,17 +201,29 @@ class JobRun:
                 return Outcome(self.job.name, "busy", error="another zchunk process is running this job")
             return await self._run()
 
+    async def _plan(self) -> Outcome:
+        """--dry-run: the job's plan, said by zchunk sync itself on this process's stderr; nothing recorded."""
+        started = time.time()
+        self.say(f"{self.job.name}: the plan of: {self.job.source} -> {self.job.target}")
+        proc = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=sys.stderr.fileno(), preexec_fn=_die_with_parent)
+        code = await proc.wait()
+        return Outcome(self.job.name, "ok" if code == 0 else "failed", code,
+                       "" if code == 0 else f"zchunk sync --dry-run exited {code}", seconds=time.time() - started)
+
     async def _run(self) -> Outcome:
+        if self.dry_run:
+            return await self._plan()
         job = self.job
         started = time.time()
-        run_id = 0 if self.dry_run else self.history.begin(job.name, now=started)
+        run_id = self.history.begin(job.name, now=started)
         watch = _Watch(job.name, live_path(self.state_dir, job.name), started)
-        self.say(f"{job.name}: {'planning' if self.dry_run else 'starting'}: {job.source} -> {job.target}")
+        self.say(f"{job.name}: starting: {job.source} -> {job.target}")
         log = _Log(self.state_dir / "logs" / f"{job.name}.jsonl")
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent, limit=1 << 20)
+                stderr=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent, limit=64 << 20)
             stderr_task = asyncio.ensure_future(self._stderr(log))
             assert self.proc.stdout is not None
             async for raw in self.proc.stdout:
@@ -220,8 +231,6 @@ class JobRun:
                 if not line:
                     continue
                 log.write(line)
-                if self.dry_run:
-                    self.say(f"{job.name}: {line}")
                 try:
                     event = json.loads(line)
                 except ValueError:
@@ -250,12 +259,10 @@ class JobRun:
                                                           f"zchunk sync exited {code}")
         result = Outcome(job.name, outcome, code, error, wire, snaps, outage,
                          watch.snapshot_time if outcome == "ok" else None, time.time() - started, run_id)
-        if not self.dry_run:
-            if outcome == "interrupted":
-                self.history.interrupt(run_id, error)
-            else:
-                self.history.end(run_id, outcome, code, error, wire, snaps, outage,
-                                 snapshot_time=result.snapshot_time)
+        if outcome == "interrupted":
+            self.history.interrupt(run_id, error)
+        else:
+            self.history.end(run_id, outcome, code, error, wire, snaps, outage, snapshot_time=result.snapshot_time)
         self.say(f"{job.name}: {outcome}" + (f" (exit {code})" if code else "") + f" in {result.seconds:.0f} s"
                  + (f", {snaps} snapshot(s), {wire} bytes on the wire" if outcome == "ok" else "")
                  + (f": {error}" if error else ""))
