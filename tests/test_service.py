@@ -343,6 +343,10 @@ every = "1h"
                    "big: 4 MiB moved")
         row = status(config)["big"]
         assert row["state"] == "running" and 0 < row["live"]["percent"] < 100 and row["live"]["rate"] > 0
+        # one run per job: a zchunk run (a timer, an admin) leaves it to the daemon
+        busy = zchunk("run", "big", "--config", str(config), "--json")
+        assert busy.returncode == 0, busy.stderr
+        assert [e["outcome"] for e in parse_events(busy.stdout) if e["event"] == "job_run"] == ["busy"]
         scraped = scrape(port)
         assert scraped[("zchunk_job_running", "big")] == 1 and scraped[("zchunk_job_transfer_bytes_done", "big")] > 0
         assert scraped[("zchunk_job_runs_total", "small")] >= 2
