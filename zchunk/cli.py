@@ -33,6 +33,7 @@ import typer
 from . import __version__
 from . import errors as E
 from . import stream as streams
+from .endpoint import parse_endpoint
 from .flags import stream_options
 from .hooks import Hook, Hooks
 from .link import Bandwidth
@@ -935,6 +936,93 @@ def _toggle(config: Path | None, job: str, why: str, enable: bool) -> None:
             print(f"{job}: disabled" + (f" ({why})" if why else "") + "; `zchunk enable " + job + "` undoes it")
     except E.ZchunkError as e:
         _fail(e, False)
+
+
+# -- the runbooks ----------------------------------------------------------------------------------------
+
+
+@app.command()
+@shared_options(HOST_OPTIONS)
+def failover(
+    target: str = typer.Argument(..., metavar="TARGET|JOB", help="The replica, \\[user@]host:pool/dataset or "
+                                 "pool/dataset, or a job of the jobs file (its target; the job is disabled too)."),
+    test: bool = typer.Option(False, "--test", help="A test: `zchunk failover --end` will discard what it "
+                              "writes and resume replication."),
+    end: bool = typer.Option(False, "--end", help="End a test failover: roll the replica back to the snapshot "
+                             "it was failed over from (what the test wrote is listed, then discarded), put its "
+                             "settings back, unlock it, re-enable the job. Only with --yes."),
+    mountpoint: Optional[str] = typer.Option(None, "--mountpoint", metavar="PATH", help="Mount the replica "
+                                             "here (default: its own mountpoint)."),
+    why: str = typer.Option("", "--why", metavar="TEXT", help="Said in the lock, by status and by every "
+                            "refused sync."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="With --end: do it (without: the plan, nothing "
+                             "changed)."),
+    dry_run: bool = typer.Option(False, "-n", "--dry-run", help="Say what failing over would do; change "
+                                 "nothing."),
+    config: Optional[Path] = ConfigFile,
+    json_out: bool = Json, *, opts: SyncOptions,
+) -> None:
+    """Make a replica usable (a test or a disaster) and lock it against replication.
+
+    Run against the replica's host (seed 002, section 6). Keeps the
+    replica's settings and its newest snapshot in the user property
+    zchunk:failover, locks it with zchunk:locked (who, when, why: on the
+    dataset itself, so every zchunk sync or job into it refuses with exit 9
+    even when the source comes back unannounced), sets readonly=off and
+    canmount=on, and mounts it (--mountpoint to move it). With a JOB, the job
+    is disabled too.
+
+    --end (a --test only): shows the snapshots taken and the bytes written
+    on the replica since, which are discarded, and with --yes rolls it back,
+    restores its settings, unlocks it and re-enables the job: the next sync
+    continues incrementally. A real failover is ended by failing back.
+    """
+    from .runbooks.failover import end_test
+    from .runbooks.failover import failover as fail_over
+    from .service.history import History
+
+    try:
+        job = None
+        if "/" not in target:
+            cfg = _load_config(config)
+            job = cfg.jobs[_named(cfg, [target])[0]]
+            host_keys = {o.name for o in HOST_OPTIONS}
+            opts = sync_options({k: Path(v) if k in ("ssh_config", "ssh_key") else v
+                                 for k, v in job.sync.items() if k in host_keys})
+            endpoint = parse_endpoint(job.target)
+        else:
+            endpoint = parse_endpoint(target)
+        if end and (test or mountpoint):
+            raise E.UsageError(reason="--end takes no --test or --mountpoint: it ends what failover did")
+        def say(line: str) -> None:
+            if not json_out:
+                sys.stderr.write(line + "\n")
+
+        if end:
+            plan = asyncio.run(end_test(endpoint, opts.ssh, yes, say, opts.connect_patience))
+        else:
+            plan = asyncio.run(fail_over(endpoint, opts.ssh, test, mountpoint, why, dry_run, say,
+                                         opts.connect_patience))
+        if job is not None and plan.done:
+            history = History(_service_state(cfg) / "history.sqlite")
+            if end:
+                history.enable(job.name)
+            else:
+                history.disable(job.name, f"failed over{' (test)' if test else ''}" + (f": {why}" if why else ""))
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    if json_out:
+        JsonRenderer()("failover", plan.to_json())
+        return
+    if end and not yes:
+        sys.stderr.write(f"discarded: {plan.written} written since {plan.snapshot}"
+                         + (f", snapshots {', '.join(plan.discarded_snapshots)}" if plan.discarded_snapshots else "")
+                         + "\nnothing changed: run again with --yes to end the test\n")
+    elif plan.done:
+        sys.stderr.write(f"{plan.target}: " + ("test failover ended: replication continues from "
+                                               f"{plan.snapshot}" if end else "failed over" + (" (test)" if test
+                                               else "") + f" from {plan.snapshot}; locked against replication")
+                         + "\n")
 
 
 @app.command()

@@ -178,6 +178,11 @@ EVENTS = _kinds(
         "line", "wire_bytes": "bytes on the link", "snapshots": "snapshots received", "outage_seconds": "link "
         "down", "snapshot_time": "when the snapshot now on the target was taken (ok)", "seconds": "how long it "
         "took", "run_id": "its row in the history"}),
+    EventKind("failover", "zchunk failover: the plan, and whether it was done.", {
+        "target": "the replica", "snapshot": "the snapshot it was failed over from", "test": "a test failover",
+        "done": "the steps were taken (false: --dry-run, or --end without --yes)", "steps": "what and the zfs "
+        "command, in order", "discarded_snapshots": "(--end) snapshots taken on the replica since, destroyed",
+        "written": "(--end) bytes written since the snapshot, discarded"}),
     EventKind("config_check", "zchunk config check: the jobs file's problems.", {
         "config": "the file", "ok": "no problem", "jobs": "the jobs it defines (when ok)",
         "problems": "file, line, key (dotted: jobs.NAME.KEY), message; line 0: the file as a whole"}),

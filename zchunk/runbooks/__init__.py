@@ -1,0 +1,1 @@
+"""The runbooks of seeds 000-002 as commands: diagnose, show the plan, do it safely."""
