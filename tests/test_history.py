@@ -134,3 +134,25 @@ def test_a_state_directory_others_may_write_is_refused(tmp_path: Path) -> None:
         History(state / "history.sqlite")
     assert "writable by others" in str(e.value) and "chmod go-w" in str(e.value)
     assert not (state / "history.sqlite").exists()
+
+
+def test_a_run_that_cannot_be_recorded_stops_zchunk_run_with_the_error(tmp_path: Path, monkeypatch:
+                                                                       pytest.MonkeyPatch) -> None:
+    """Unit (the run itself is replaced): a HistoryError inside a run is the command's error, said once, and
+    the daemon looks at that job again only after a back-off, not in a tight loop."""
+    import asyncio
+
+    from zchunk.service import daemon as service
+    from zchunk.service.config import Config, Job, Schedule
+
+    async def cannot_record(self: object) -> None:
+        raise E.HistoryError(path="h", what="record the start of a run of a", why="the disk is full")
+
+    monkeypatch.setattr(service.JobRun, "run", cannot_record)
+    said: list[str] = []
+    job = Job("a", "tank/a", "tank/b", Schedule(every=60.0))
+    svc = service.Service(Config(tmp_path / "zchunk.toml", {"a": job}), tmp_path / "state", said.append)
+    with pytest.raises(E.HistoryError):
+        asyncio.run(svc.run_once())
+    assert any("could not run" in line and "disk is full" in line for line in said), said
+    assert svc.busy_until["a"] > 0

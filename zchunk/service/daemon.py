@@ -59,6 +59,7 @@ class Service:
         self.stopping = False
         self.wake = asyncio.Event()
         self.outcomes: list[Outcome] = []
+        self.errors: list[BaseException] = []  # runs that could not even be recorded
 
     def _start(self, job: Job, dry_run: bool = False) -> bool:
         """Started, unless the job runs already, its target is busy, or the runs are at max_parallel."""
@@ -71,7 +72,12 @@ class Service:
 
         def ended(t: asyncio.Task[Outcome]) -> None:
             self.running.pop(job.name, None)
-            if not t.cancelled() and t.exception() is None:
+            if not t.cancelled() and t.exception() is not None:  # the history could not be written (a full
+                # disk): said, and the job looked at again later, not in a tight loop
+                self.busy_until[job.name] = time.time() + BUSY_BACKOFF
+                self.say(f"{job.name}: could not run: {t.exception()}; looking again in {BUSY_BACKOFF:.0f} s")
+                self.errors.append(t.exception())  # type: ignore[arg-type]
+            elif not t.cancelled():
                 outcome = t.result()
                 self.outcomes.append(outcome)
                 if outcome.outcome == "busy":
@@ -96,6 +102,8 @@ class Service:
             self.wake.clear()
             if self.running:
                 await self.wake.wait()
+        if self.errors:
+            raise self.errors[0]
         return self.outcomes
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
