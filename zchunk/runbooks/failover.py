@@ -35,6 +35,7 @@ from ..zfs import LOCK_PROPERTY, Dataset, Zfs
 
 RECORD_PROPERTY = "zchunk:failover"
 SETTINGS = ("canmount", "readonly", "mountpoint")
+NOT_INHERITABLE = ("canmount",)
 
 
 @dataclass
@@ -126,9 +127,9 @@ async def end_test(target: Endpoint, ssh: SshOptions, yes: bool, say: Callable[[
                            + (f" and {len(plan.discarded_snapshots)} snapshot(s)" if plan.discarded_snapshots
                               else ""), (z, "rollback", "-r", snap))]
         for prop, (value, source) in dict(record.get("settings", {})).items():
-            if prop not in SETTINGS:
+            if prop not in SETTINGS or await _setting(zfs, ds.name, prop) == (value, source):
                 continue
-            if source == "local":
+            if source == "local" or prop in NOT_INHERITABLE:  # canmount's default can only be set again
                 plan.steps.append(Step(f"put {prop} back", (z, "set", f"{prop}={value}", ds.name)))
             else:
                 plan.steps.append(Step(f"put {prop} back ({source or 'default'})", (z, "inherit", prop, ds.name)))
