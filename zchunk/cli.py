@@ -943,6 +943,71 @@ def _toggle(config: Path | None, job: str, why: str, enable: bool) -> None:
 
 @app.command()
 @shared_options(HOST_OPTIONS)
+def doctor(
+    source: str = typer.Argument(..., metavar="SOURCE|JOB", help="pool/dataset or \\[user@]host:pool/dataset, or "
+                                 "a job of the jobs file (then no TARGET)."),
+    target: Optional[str] = typer.Argument(None, metavar="[TARGET]", help="pool/dataset or "
+                                           "\\[user@]host:pool/dataset"),
+    spool_dir: str = typer.Option("/var/tmp/zchunk", "--spool-dir", help="Where zchunk's session directories are "
+                                  "on each host (leftovers are reported)."),
+    connect_patience: str = typer.Option("10s", "--connect-patience", help="How long to try to reach a host."),
+    config: Optional[Path] = ConfigFile,
+    json_out: bool = Json, *, opts: SyncOptions,
+) -> None:
+    """Say why replication from SOURCE to TARGET works or not. Read-only.
+
+    In the order an admin looks (control plane first): SSH to each host,
+    python3 and zfs there (versions, how the interpreter was chosen),
+    leftover session directories, clock skew, the link's round trip and
+    throughput over SSH; then each pool's health, scrub or resilver and
+    fill; the datasets and their types, a lock (failover), whether the
+    target's zfs can receive and read the stream; the newest common
+    snapshot by guid (the nearest one, and the target snapshots that would
+    be lost, when the target's newest is gone from the source), writes on
+    the target since, a partial receive, older sync snapshots still held,
+    and room on the target for the next stream; for a JOB, its last
+    success. Each check is PASS, WARN or FAIL with its evidence and fix.
+    Nothing is written on either host. Exit 0: all pass; 1: warnings; 2: a
+    failure.
+    """
+    from .runbooks.doctor import Doctor, Finding, exit_code
+    from .service.history import History
+
+    try:
+        last, job = None, None
+        if target is None:
+            cfg = _load_config(config)
+            job = cfg.jobs[_named(cfg, [source])[0]]
+            host_keys = {o.name for o in HOST_OPTIONS}
+            opts = sync_options({k: Path(v) if k in ("ssh_config", "ssh_key") else v
+                                 for k, v in job.sync.items() if k in host_keys})
+            history = History(_service_state(cfg) / "history.sqlite")
+            last = history.newest_snapshot_time(job.name)
+            src, dst = parse_endpoint(job.source), parse_endpoint(job.target)
+            spool_dir = str(job.sync.get("spool_dir", spool_dir))
+        else:
+            src, dst = parse_endpoint(source), parse_endpoint(target)
+        opts = dataclasses.replace(opts, spool_dir=spool_dir,
+                                   connect_patience=parse_duration(connect_patience, "--connect-patience"))
+
+        def say(f: Finding) -> None:
+            if json_out:
+                JsonRenderer()("doctor", f.to_json())
+            else:
+                print(f"{f.status}  {f.check:<21} {f.evidence}" + (f"\n      {'':<21} fix: {f.fix}" if f.fix and
+                                                                     f.status != "PASS" else ""))
+
+        findings = asyncio.run(Doctor(src, dst, opts, say, last, job.name if job else None).run())
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    code = exit_code(findings)
+    if not json_out:
+        print({0: "all checks passed", 1: "warnings: see above", 2: "a check failed: see above"}[code])
+    raise typer.Exit(code)
+
+
+@app.command()
+@shared_options(HOST_OPTIONS)
 def failover(
     target: str = typer.Argument(..., metavar="TARGET|JOB", help="The replica, \\[user@]host:pool/dataset or "
                                  "pool/dataset, or a job of the jobs file (its target; the job is disabled too)."),

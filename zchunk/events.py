@@ -178,6 +178,9 @@ EVENTS = _kinds(
         "line", "wire_bytes": "bytes on the link", "snapshots": "snapshots received", "outage_seconds": "link "
         "down", "snapshot_time": "when the snapshot now on the target was taken (ok)", "seconds": "how long it "
         "took", "run_id": "its row in the history"}),
+    EventKind("doctor", "zchunk doctor: one check's finding.", {
+        "check": "what was checked", "status": "PASS, WARN or FAIL", "evidence": "one line of what was found",
+        "fix": "the command or step that fixes it (WARN, FAIL)"}),
     EventKind("failover", "zchunk failover: the plan, and whether it was done.", {
         "target": "the replica", "snapshot": "the snapshot it was failed over from", "test": "a test failover",
         "done": "the steps were taken (false: --dry-run, or --end without --yes)", "steps": "what and the zfs "
