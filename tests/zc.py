@@ -74,9 +74,9 @@ class Zchunk:
 
     def argv(self, *args: str, json_out: bool = True) -> list[str]:
         cmd = [sys.executable, "-m", "zchunk", *args]
-        if args and args[0] in ("sync", "resume", "abort", "sessions", "limit", "pause"):
+        if args and args[0] in ("sync", "resume", "abort", "sessions", "limit", "pause", "resync"):
             cmd += ["--state-dir", str(self.state_dir)]
-        if args and args[0] in ("sync", "resume"):
+        if args and args[0] in ("sync", "resume", "resync"):
             cmd += ["--spool-dir", str(self.spool_dir)]
         if args and args[0] == "sync":
             cmd += self.sync_args

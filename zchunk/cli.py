@@ -33,11 +33,11 @@ import typer
 from . import __version__
 from . import errors as E
 from . import stream as streams
-from .endpoint import parse_endpoint
+from .endpoint import check_dataset_name, parse_endpoint
 from .flags import stream_options
 from .hooks import Hook, Hooks
 from .link import Bandwidth
-from .plan import Retention
+from .plan import Retention, common_snapshot
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
 from .replicate import IDENTIFIER, ReplicateOptions, ReplicationResult, replicate
 from .service import config as jobs_file
@@ -1004,6 +1004,78 @@ def doctor(
     if not json_out:
         print({0: "all checks passed", 1: "warnings: see above", 2: "a check failed: see above"}[code])
     raise typer.Exit(code)
+
+
+@app.command()
+@shared_options(HOST_OPTIONS, STREAM_OPTIONS)
+def resync(
+    source: str = typer.Argument(..., metavar="SOURCE|JOB", help="pool/dataset or \\[user@]host:pool/dataset, or "
+                                 "a job of the jobs file (then no TARGET)."),
+    target: Optional[str] = typer.Argument(None, metavar="[TARGET]", help="pool/dataset or "
+                                           "\\[user@]host:pool/dataset"),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do it (without: the plan, nothing changed)."),
+    reseed: bool = typer.Option(False, "--reseed", help="When no snapshot is common: destroy the target and send "
+                                "it all again (refused when its pool cannot hold the stream)."),
+    rename_target: Optional[str] = typer.Option(None, "--rename-target", metavar="NEW", help="When the source is "
+                                                "gone: rename the orphaned replica to NEW (pool/dataset on the "
+                                                "target host)."),
+    identifier: Optional[str] = typer.Option(None, "--identifier", help="As zchunk sync's (default: derived "
+                                             "from TARGET)."),
+    config: Optional[Path] = ConfigFile,
+    json_out: bool = Json, *, opts: SyncOptions,
+) -> None:
+    """Repair the replication chain: roll the target back to the nearest common snapshot and continue.
+
+    Seed 000 as one command. Finds the newest snapshot both sides share (by
+    guid) and shows the plan: the target snapshots that would be destroyed
+    (a Proxmox @vzdump among them), the rollback, the streams to send. Only
+    with --yes is it done (zchunk sync --rollback). No common snapshot at
+    all: the plan is a full re-seed, done only with --reseed --yes, and
+    refused when the target's pool cannot hold the stream. Source gone:
+    nothing is changed; --rename-target NEW (with --yes) moves the replica
+    out of the way of a future dataset of the same name.
+    """
+    from .runbooks.resync import look, reseed_fits
+    from .runbooks.resync import rename_target as rename
+
+    try:
+        ident = identifier
+        if target is None:
+            cfg = _load_config(config)
+            job = cfg.jobs[_named(cfg, [source])[0]]
+            shared = {o.name for o in HOST_OPTIONS + STREAM_OPTIONS}
+            opts = sync_options({k: Path(v) if k in ("state_dir", "ssh_config", "ssh_key") else v
+                                 for k, v in job.sync.items() if k in shared})
+            source, target, ident = job.source, job.target, ident or job.sync.get("identifier")
+        src, dst = parse_endpoint(source), parse_endpoint(target)
+        new = check_dataset_name(rename_target) if rename_target else None
+        if new is not None and new.split("/")[0] != dst.dataset.split("/")[0]:
+            raise E.UsageError(reason=f"--rename-target {new}: zfs renames within a pool ({dst.dataset.split('/')[0]})")
+        if ident is not None and not IDENTIFIER.fullmatch(ident):
+            raise E.UsageError(reason=f"--identifier {ident!r}: use 1-40 letters, digits, '.', ':' or '-'")
+        _setup_logging(opts.verbose)
+        sides = _run(look(src, dst, opts), json_out)
+        if sides.source is None:
+            if sides.target is not None and new is not None:
+                def say(line: str) -> None:
+                    sys.stderr.write(line + "\n")
+
+                if _run(rename(dst, new, opts, yes, say), json_out):
+                    return
+                sys.stderr.write("nothing changed: run again with --yes to rename it\n")
+                return
+            raise E.SourceGone(source=str(src), target=str(dst))
+        if sides.target is not None and common_snapshot(sides.source, sides.target) is None:
+            if not reseed:
+                raise E.ReseedNeeded(source=str(src), target=str(dst))
+            _run(reseed_fits(src, dst, opts, sides.source), json_out)
+        ropts = ReplicateOptions(identifier=ident, rollback=True, force_delete=reseed, dry_run=not yes)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    result = _run(replicate(source, target, opts, ropts, _renderer(json_out, opts.verbose)), json_out)
+    _finish_replication(result, json_out)
+    if not yes and not json_out:
+        sys.stderr.write("nothing changed: run again with --yes to do it\n")
 
 
 @app.command()

@@ -61,6 +61,14 @@ class UnknownDataset(ZchunkError):
     fix = "check the name with `zfs list -r {dataset_parent}` on {host}"
 
 
+class SourceGone(ZchunkError):
+    """{source} does not exist any more; its replica {target} is left as it is"""
+
+    exit_code = 3
+    fix = ("if it was destroyed on purpose, move the replica out of the way of a future dataset of that name: "
+           "zchunk resync {source} {target} --rename-target NEW --yes")
+
+
 class NoSnapshot(ZchunkError):
     """{host}: {dataset} has no snapshot to send"""
 
@@ -74,6 +82,13 @@ class NoCommonSnapshot(ZchunkError):
     exit_code = 4
     fix = ("nothing was changed. To re-seed, rename or destroy the target yourself "
            "(zfs rename {target_ds} {target_ds}.old) and run the same command again")
+
+
+class ReseedNeeded(ZchunkError):
+    """{target} shares no snapshot with {source}: the repair is a full re-seed"""
+
+    exit_code = 4
+    fix = "nothing was changed; its plan: zchunk resync {source} {target} --reseed; to do it: --reseed --yes"
 
 
 class TargetDiverged(ZchunkError):

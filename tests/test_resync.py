@@ -1,0 +1,103 @@
+"""zchunk resync on real zfs-fuse pools: seed 000's broken chain (a @vzdump on the target, the target's newest
+snapshot pruned on the source, only an older snapshot in common) repaired after its plan; no common snapshot
+(a re-seed, only with --reseed --yes, refused when the pool cannot hold it); the source gone (nothing changed,
+the replica renamed out of the way on request). Every plan and refusal changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.zc import Zchunk
+from tests.zfsutil import add_change, assert_replica, exists, make_source, snapshots, wait_until, zfs
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+
+
+def names(ds: str) -> list[str]:
+    return [s.split("@", 1)[1] for s in snapshots(ds)]
+
+
+def test_seed_000_a_vzdump_and_only_an_older_snapshot_in_common(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=61, name="vm-100-disk-0")
+    zfs("rename", f"{src}@s1", f"{src}@autosnap_daily1")
+    dst = f"{dst_pool.name}/vm-100-disk-0"
+    assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 0
+    add_change(src, MiB, seed=62, snap="autosnap_daily2")
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    # the source's retention prunes daily2 (past zchunk's hold on it: an admin's zfs release), a new daily3
+    # comes; a backup job snapshots the replica
+    zfs("release", f"zchunk_{run.of('preflight')[0]['identifier']}", f"{src}@autosnap_daily2")
+    zfs("destroy", f"{src}@autosnap_daily2")
+    add_change(src, MiB, seed=63, snap="autosnap_daily3")
+    zfs("snapshot", f"{dst}@vzdump")
+    refused = zc.run("sync", src, dst, "--no-sync-snap")
+    assert refused.returncode == 4, refused.explain()
+    state = (names(src), names(dst))
+
+    plan = zc.run("resync", src, dst, json_out=False)
+    assert plan.returncode == 0, plan.explain()
+    assert f"would roll the target back to {dst}@autosnap_daily1, destroying {dst}@autosnap_daily2, {dst}@vzdump" \
+        in plan.stderr, plan.stderr
+    assert "would send" in plan.stderr and "nothing changed: run again with --yes" in plan.stderr
+    assert (names(src), names(dst)) == state
+
+    done = zc.run("resync", src, dst, "--yes")
+    assert done.returncode == 0, done.explain()
+    assert names(dst)[:2] == ["autosnap_daily1", "autosnap_daily3"] and "vzdump" not in names(dst)
+    assert_replica(src, dst, names(src)[-1])
+    assert zc.run("sync", src, dst).returncode == 0, "the chain works again"
+
+
+def test_no_common_snapshot_means_a_reseed_only_when_asked_and_when_it_fits(zc: Zchunk, pools: Any,
+                                                                           pool_factory: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=64, name="db")
+    other = make_source(dst_pool, MiB, seed=65, name="db")  # same name, nothing in common
+    state = (names(src), names(other))
+    run = zc.run("resync", src, other)
+    assert run.returncode == 4 and run.error()["error"] == "ReseedNeeded" and "--reseed" in run.error()["hint"]
+    plan = zc.run("resync", src, other, "--reseed", json_out=False)
+    assert plan.returncode == 0 and "would DESTROY the target" in plan.stderr, plan.explain()
+    assert (names(src), names(other)) == state
+    done = zc.run("resync", src, other, "--reseed", "--yes")
+    assert done.returncode == 0, done.explain()
+    assert_replica(src, other, names(src)[-1])
+
+    # a pool that cannot hold the stream: refused before anything is destroyed
+    big = make_source(src_pool, 96 * MiB, seed=66, name="big", compressible=0.0)
+    small = pool_factory(size="128M")
+    tiny = make_source(small, MiB, seed=67, name="big")
+    zfs("set", "quota=64M", tiny)
+    before = names(tiny)
+    run = zc.run("resync", big, tiny, "--reseed", "--yes")
+    assert run.returncode == 12 and run.error()["error"] == "TargetFull", run.explain()
+    assert "nothing was changed" in run.error()["message"] and names(tiny) == before
+
+
+def test_a_source_gone_changes_nothing_and_the_replica_can_be_renamed(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=68, name="old-vm")
+    dst = f"{dst_pool.name}/old-vm"
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    zfs("release", f"zchunk_{run.of('preflight')[0]['identifier']}", f"{src}@s1")  # the admin destroys it all
+    # zfs-fuse says "busy" for a moment after a send
+    wait_until(lambda: lab.run(["zfs", "destroy", "-r", src], check=False).returncode == 0, 30, "source destroyed")
+    run = zc.run("resync", src, dst)
+    assert run.returncode == 3 and run.error()["error"] == "SourceGone", run.explain()
+    assert "--rename-target NEW" in run.error()["hint"] and exists(dst)
+    plan = zc.run("resync", src, dst, "--rename-target", f"{dst_pool.name}/old-vm.orphan", json_out=False)
+    assert plan.returncode == 0 and "would rename" in plan.stderr and exists(dst), plan.explain()
+    done = zc.run("resync", src, dst, "--rename-target", f"{dst_pool.name}/old-vm.orphan", "--yes")
+    assert done.returncode == 0, done.explain()
+    assert not exists(dst) and exists(f"{dst_pool.name}/old-vm.orphan")
+    for bad in ("no such; name", f"{src_pool.name}/elsewhere"):  # not a name; another pool
+        refused = zc.run("resync", src, f"{dst_pool.name}/old-vm.orphan", "--rename-target", bad, "--yes")
+        assert refused.returncode == 2 and exists(f"{dst_pool.name}/old-vm.orphan"), refused.explain()
