@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.test_service import write_jobs, zchunk
 from tests.zc import Zchunk
 from tests.zfsutil import make_source, zfs
 from zchunk import lab
@@ -64,6 +65,17 @@ def test_doctor_finds_each_problem_and_changes_nothing(zc: Zchunk, pools: Any, s
         assert "was not written since" in unchanged, unchanged
     else:
         assert "cannot tell" in unchanged, "zfs-fuse has no `written`: no probe snapshot taken"
+
+    # a JOB: its hosts reached as the job reaches them, and its last success said
+    config = write_jobs(tmp_path, zc, f'[jobs.app]\nsource = "{src}"\ntarget = "local:{dst}"\n',
+                        defaults=f'ssh_config = "{sshd_local.ssh_config}"\n')
+    never = zc.run("doctor", "app", "--config", str(config))
+    assert never.returncode == 1 and findings(never)["job"][0][0] == "WARN", never.explain()
+    assert zchunk("run", "--config", str(config)).returncode == 0
+    ran = zc.run("doctor", "app", "--config", str(config))
+    assert ran.returncode == 0 and "last success 0.0 h ago" in findings(ran)["job"][0][1], ran.explain()
+    before = state(src_pool, dst_pool)
+    spool = sorted(zc.spool_dir.rglob("*"))
 
     # the target's newest is not the source's (a @vzdump made on the target) and it is locked: warnings
     zfs("snapshot", f"{dst}@vzdump")

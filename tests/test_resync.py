@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.test_service import write_jobs
 from tests.zc import Zchunk
 from tests.zfsutil import add_change, assert_replica, exists, make_source, snapshots, wait_until, zfs
 from zchunk import lab
@@ -48,6 +49,10 @@ def test_seed_000_a_vzdump_and_only_an_older_snapshot_in_common(zc: Zchunk, pool
     assert "would send" in plan.stderr and "nothing changed: run again with --yes" in plan.stderr
     assert (names(src), names(dst)) == state
 
+    config = write_jobs(zc.workdir, zc, f'[jobs.vm]\nsource = "{src}"\ntarget = "{dst}"\n')
+    by_job = zc.run("resync", "vm", "--config", str(config), json_out=False)
+    assert by_job.returncode == 0 and f"would roll the target back to {dst}@autosnap_daily1" in by_job.stderr
+    assert (names(src), names(dst)) == state
     done = zc.run("resync", src, dst, "--yes")
     assert done.returncode == 0, done.explain()
     assert names(dst)[:2] == ["autosnap_daily1", "autosnap_daily3"] and "vzdump" not in names(dst)

@@ -104,6 +104,9 @@ class Shared:
     option: Any
 
 
+#: Options whose values are paths (a job's config gives them as strings).
+PATH_OPTIONS = ("state_dir", "ssh_config", "ssh_key")
+
 HOST_OPTIONS = (
     Shared("state_dir", Optional[Path], typer.Option(
         None, "--state-dir", help="Where the coordinator keeps session records (default $XDG_STATE_HOME/zchunk).")),
@@ -609,8 +612,7 @@ def _job_option_problems(checked: jobs_file.Checked, name: str,
     it was written (a problem between several options, at the job)."""
     out = []
     shared = {o.name for o in HOST_OPTIONS + STREAM_OPTIONS}
-    values: dict[str, Any] = {k: Path(v) if k in ("state_dir", "ssh_config", "ssh_key") else v
-                              for k, v in job.sync.items()}
+    values: dict[str, Any] = {k: Path(v) if k in PATH_OPTIONS else v for k, v in job.sync.items()}
 
     def check(keys: list[str], step: Callable[[], Any]) -> None:
         try:
@@ -656,6 +658,22 @@ def _named(cfg: jobs_file.Config, names: list[str]) -> list[str]:
     if unknown:
         raise E.UsageError(reason=f"no job {unknown[0]!r} in {cfg.path} (its jobs: {', '.join(sorted(cfg.jobs))})")
     return names
+
+
+def _job(config: Path | None, name: str) -> tuple[jobs_file.Config, jobs_file.Job]:
+    """The jobs file and its job ``name`` (UsageError naming the jobs there when it has none of that name)."""
+    cfg = _load_config(config)
+    return cfg, cfg.jobs[_named(cfg, [name])[0]]
+
+
+def _job_options(cfg: jobs_file.Config, job: jobs_file.Job, *groups: tuple[Shared, ...]) -> SyncOptions:
+    """The job's own values of these option groups, as the command line gives them: a runbook run for a JOB
+    reaches its hosts as the job does, and keeps its session records where the job's runs do."""
+    names = {o.name for group in groups for o in group}
+    values = {k: Path(v) if k in PATH_OPTIONS else v for k, v in job.sync.items() if k in names}
+    if "state_dir" in names:
+        values.setdefault("state_dir", _service_state(cfg) / "sessions")  # as service.runner.sync_argv
+    return sync_options(values)
 
 
 def _say(line: str) -> None:
@@ -976,11 +994,8 @@ def doctor(
     try:
         last, job = None, None
         if target is None:
-            cfg = _load_config(config)
-            job = cfg.jobs[_named(cfg, [source])[0]]
-            host_keys = {o.name for o in HOST_OPTIONS}
-            opts = sync_options({k: Path(v) if k in ("ssh_config", "ssh_key") else v
-                                 for k, v in job.sync.items() if k in host_keys})
+            cfg, job = _job(config, source)
+            opts = _job_options(cfg, job, HOST_OPTIONS)
             history = History(_service_state(cfg) / "history.sqlite")
             last = history.newest_snapshot_time(job.name)
             src, dst = parse_endpoint(job.source), parse_endpoint(job.target)
@@ -1041,11 +1056,8 @@ def resync(
     try:
         ident = identifier
         if target is None:
-            cfg = _load_config(config)
-            job = cfg.jobs[_named(cfg, [source])[0]]
-            shared = {o.name for o in HOST_OPTIONS + STREAM_OPTIONS}
-            opts = sync_options({k: Path(v) if k in ("state_dir", "ssh_config", "ssh_key") else v
-                                 for k, v in job.sync.items() if k in shared})
+            cfg, job = _job(config, source)
+            opts = _job_options(cfg, job, HOST_OPTIONS, STREAM_OPTIONS)
             source, target, ident = job.source, job.target, ident or job.sync.get("identifier")
         src, dst = parse_endpoint(source), parse_endpoint(target)
         new = check_dataset_name(rename_target) if rename_target else None
@@ -1121,11 +1133,8 @@ def failover(
     try:
         job = None
         if "/" not in target:
-            cfg = _load_config(config)
-            job = cfg.jobs[_named(cfg, [target])[0]]
-            host_keys = {o.name for o in HOST_OPTIONS}
-            opts = sync_options({k: Path(v) if k in ("ssh_config", "ssh_key") else v
-                                 for k, v in job.sync.items() if k in host_keys})
+            cfg, job = _job(config, target)
+            opts = _job_options(cfg, job, HOST_OPTIONS)
             endpoint = parse_endpoint(job.target)
         else:
             endpoint = parse_endpoint(target)
