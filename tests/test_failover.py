@@ -106,3 +106,61 @@ def test_a_real_failover_is_not_ended_by_a_rollback(zc: Zchunk, pools: Any, tmp_
     assert zfs("get", "-H", "-o", "value", "zchunk:locked", f"{dst_pool.name}/empty").strip() == "-"
     assert zchunk("failover", "nosuchjob", "--config", str(tmp_path / "none.toml")).returncode == 16
     assert exists(dst)
+
+
+def test_a_disaster_failover_then_failback_then_replication_as_before(zc: Zchunk, pools: Any,
+                                                                      tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=23, name="app")
+    dst = f"{dst_pool.name}/app"
+    config = write_jobs(tmp_path, zc, f'[jobs.app]\nsource = "{src}"\ntarget = "{dst}"\n')
+    cfg = ("--config", str(config))
+    assert zchunk("run", *cfg).returncode == 0
+    replica_settings = props(dst, "canmount", "readonly", "mountpoint")
+
+    # the source host is lost: the replica takes over and is written to in production
+    assert zchunk("failover", "app", "--why", "node1 is down", *cfg).returncode == 0
+    (mountpoint(dst) / "orders-1").write_bytes(b"o" * 300_000)
+    # a test's end is not for a real failover, and a failback of a test is refused too
+    assert zchunk("failover", "app", "--end", "--yes", *cfg).returncode == 2
+
+    # node1 is back: the plan first (nothing changed), then a pass while the application still runs there
+    before = (snapshots(src), snapshots(dst))
+    plan = zchunk("failback", "app", *cfg)
+    assert plan.returncode == 0 and "would send" in plan.stderr and "nothing changed" in plan.stderr, plan.stderr
+    assert (snapshots(src), snapshots(dst)) == before
+    first = zchunk("failback", "app", "--yes", *cfg)
+    assert first.returncode == 0, first.stderr
+    home = snapshots(dst)[-1].split("@")[1]
+    assert_replica(dst, src, home)
+
+    # the application stops on the replica; the last pass makes the source primary again
+    (mountpoint(dst) / "orders-2").write_bytes(b"p" * 200_000)
+    final = zchunk("failback", "app", "--final", "--yes", *cfg)
+    assert final.returncode == 0 and "primary again" in final.stderr, final.stderr
+    last = snapshots(dst)[-1].split("@")[1]
+    assert_replica(dst, src, last)
+    assert props(src, "mounted")["mounted"].startswith("yes") and (mountpoint(src) / "orders-2").exists()
+    assert props(dst, "canmount", "readonly", "mountpoint") == replica_settings
+    assert zfs("get", "-H", "-o", "value", "zchunk:locked", dst).strip() == "-"
+    assert status(config)["app"]["state"] != "disabled", "the job is enabled again"
+
+    # and replication runs source -> replica as before, incrementally
+    (mountpoint(src) / "orders-3").write_bytes(b"q" * 100_000)
+    again = zchunk("run", "app", *cfg)
+    assert again.returncode == 0, again.stderr
+    log = (zc.state_dir / "logs" / "app.jsonl").read_text().splitlines()
+    assert '"send_kind": "incremental"' in [line for line in log if '"event": "plan"' in line][-1]
+    assert_replica(src, dst, sync_snaps(src)[-1].split("@")[1])
+
+
+def test_failback_of_a_test_failover_is_refused(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=24, name="t")
+    dst = f"{dst_pool.name}/t"
+    assert zc.run("sync", src, dst).returncode == 0
+    assert zchunk("failover", dst, "--test").returncode == 0
+    before = (snapshots(src), snapshots(dst))
+    refused = zchunk("failback", dst, src, "--yes")
+    assert refused.returncode == 2 and "failover --end" in refused.stderr, refused.stderr
+    assert (snapshots(src), snapshots(dst)) == before

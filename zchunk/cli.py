@@ -1091,6 +1091,73 @@ def resync(
 
 
 @app.command()
+@shared_options(HOST_OPTIONS, STREAM_OPTIONS)
+def failback(
+    replica: str = typer.Argument(..., metavar="REPLICA|JOB", help="The failed-over replica, "
+                                  "\\[user@]host:pool/dataset or pool/dataset, or a job of the jobs file."),
+    source: Optional[str] = typer.Argument(None, metavar="[SOURCE]", help="The old (or rebuilt) source, where "
+                                           "the changes go home (with a JOB: its source)."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do it (without: the plan, nothing changed)."),
+    final: bool = typer.Option(False, "--final", help="The last pass (stop the application on the replica "
+                                "first): then SOURCE is made primary again (mounted), the replica a replica "
+                                "again (unmounted, its settings back, unlocked), and the job re-enabled."),
+    identifier: Optional[str] = typer.Option(None, "--identifier", help="Names the failback's sync snapshots "
+                                             "(default: derived from SOURCE)."),
+    config: Optional[Path] = ConfigFile,
+    json_out: bool = Json, *, opts: SyncOptions,
+) -> None:
+    """Bring the changes made on a failed-over replica home (seed 002, 6.2.2).
+
+    Replicates REPLICA back to SOURCE with the same engine, the other way
+    round: from the newest snapshot both share (by guid), rolling SOURCE
+    back over what it has after that (listed first: its later snapshots and
+    writes are lost). A rebuilt, empty SOURCE gets a full stream. Repeat it
+    while the application runs on the replica; then stop the application
+    and run it with --final: after that last pass SOURCE is primary again,
+    the replica is a replica again, and replication from SOURCE continues
+    incrementally. Nothing is changed without --yes. A test failover is
+    ended with `zchunk failover --end` instead.
+    """
+    from .runbooks.failover import failed_over, finish_failback
+    from .service.history import History
+
+    try:
+        job, cfg = None, None
+        if source is None:
+            cfg, job = _job(config, replica)
+            opts = _job_options(cfg, job, HOST_OPTIONS, STREAM_OPTIONS)
+            replica, source = job.target, job.source
+        rep, src = parse_endpoint(replica), parse_endpoint(source)
+        if identifier is not None and not IDENTIFIER.fullmatch(identifier):
+            raise E.UsageError(reason=f"--identifier {identifier!r}: use 1-40 letters, digits, '.', ':' or '-'")
+        _setup_logging(opts.verbose)
+        _run(failed_over(rep, opts.ssh, opts.connect_patience), json_out)
+        ropts = ReplicateOptions(identifier=identifier, rollback=True, dry_run=not yes)
+    except E.ZchunkError as e:
+        _fail(e, json_out)
+    result = _run(replicate(str(rep), str(src), opts, ropts, _renderer(json_out, opts.verbose)), json_out)
+    _finish_replication(result, json_out)
+    if final:
+        def say(line: str) -> None:
+            if not json_out:
+                sys.stderr.write(line + "\n")
+
+        plan = _run(finish_failback(rep, src, opts.ssh, yes, say, opts.connect_patience), json_out)
+        if json_out:
+            JsonRenderer()("failover", plan.to_json())
+        if yes and job is not None and cfg is not None:
+            try:
+                History(_service_state(cfg) / "history.sqlite").enable(job.name)
+            except E.ZchunkError as e:
+                _fail(e, json_out)
+    if not yes and not json_out:
+        sys.stderr.write("nothing changed: run again with --yes to do it\n")
+    elif final and not json_out:
+        sys.stderr.write(f"{src} is primary again and {rep} a replica again: replication from {src} "
+                         "continues\n")
+
+
+@app.command()
 @shared_options(HOST_OPTIONS)
 def failover(
     target: str = typer.Argument(..., metavar="TARGET|JOB", help="The replica, \\[user@]host:pool/dataset or "

@@ -126,20 +126,73 @@ async def end_test(target: Endpoint, ssh: SshOptions, yes: bool, say: Callable[[
                       Step(f"roll back to {base.short}, discarding what the test wrote"
                            + (f" and {len(plan.discarded_snapshots)} snapshot(s)" if plan.discarded_snapshots
                               else ""), (z, "rollback", "-r", snap))]
-        for prop, (value, source) in dict(record.get("settings", {})).items():
-            if prop not in SETTINGS or await _setting(zfs, ds.name, prop) == (value, source):
-                continue
-            if source == "local" or prop in NOT_INHERITABLE:  # canmount's default can only be set again
-                plan.steps.append(Step(f"put {prop} back", (z, "set", f"{prop}={value}", ds.name)))
-            else:
-                plan.steps.append(Step(f"put {prop} back ({source or 'default'})", (z, "inherit", prop, ds.name)))
-        plan.steps += [Step("remove the failover record", (z, "inherit", RECORD_PROPERTY, ds.name)),
-                       Step("unlock it: replication continues from the snapshot", (
-                           z, "inherit", LOCK_PROPERTY, ds.name))]
+        plan.steps += await _back_to_replica(zfs, ds.name, record)
         await _perform(zfs, plan, not yes, say, mounted_ok=False)
         return plan
     finally:
         await host.close()
+
+
+async def _back_to_replica(zfs: Zfs, name: str, record: dict[str, Any]) -> list[Step]:
+    """The steps that make a failed-over dataset a replica again: its recorded settings back (only those that
+    differ now), the record removed, the lock lifted."""
+    z = zfs.command
+    steps = []
+    for prop, (value, source) in dict(record.get("settings", {})).items():
+        if prop not in SETTINGS or await _setting(zfs, name, prop) == (value, source):
+            continue
+        if source == "local" or prop in NOT_INHERITABLE:  # canmount's default can only be set again
+            steps.append(Step(f"put {prop} back", (z, "set", f"{prop}={value}", name)))
+        else:
+            steps.append(Step(f"put {prop} back ({source or 'default'})", (z, "inherit", prop, name)))
+    return steps + [Step("remove the failover record", (z, "inherit", RECORD_PROPERTY, name)),
+                    Step("unlock it: replication into it continues from its newest snapshot", (
+                        z, "inherit", LOCK_PROPERTY, name))]
+
+
+async def failed_over(replica: Endpoint, ssh: SshOptions, connect_patience: float = 30.0) -> dict[str, Any]:
+    """The failover record of a replica failed over for real (UsageError when it is not, or a test)."""
+    host = make_host(replica, ssh)
+    try:
+        await first_contact(host, 0.0, connect_patience)
+        zfs = Zfs(host)
+        record = await _record(zfs, await zfs.require(replica.dataset))
+    finally:
+        await host.close()
+    if record.get("test"):
+        raise E.UsageError(reason=f"{replica} is failed over for a test: end it with zchunk failover --end "
+                           "(what the test wrote is discarded); failback is for a real failover")
+    return record
+
+
+async def finish_failback(replica: Endpoint, source: Endpoint, ssh: SshOptions, yes: bool,
+                          say: Callable[[str], None], connect_patience: float = 30.0) -> FailoverPlan:
+    """After the last pass: the source primary again (canmount=on, mounted: replication kept it unmounted
+    while it received), the replica a replica again (unmounted, its settings back, unlocked)."""
+    hosts = [make_host(source, ssh), make_host(replica, ssh)]
+    try:
+        for host in hosts:
+            await first_contact(host, 0.0, connect_patience)
+        src_zfs, rep_zfs = Zfs(hosts[0]), Zfs(hosts[1])
+        rep = await rep_zfs.require(replica.dataset)
+        record = await _record(rep_zfs, rep)
+        newest = rep.newest
+        plan = FailoverPlan(str(replica), newest.name if newest else "", False)
+        z = rep_zfs.command
+        src_steps = [Step(f"make {source} primary again: let it mount", (z, "set", "canmount=on", source.dataset)),
+                     Step("mount it", (z, "mount", source.dataset))]
+        rep_steps = [Step(f"make {replica} a replica again: unmount it", (z, "unmount", rep.name))]
+        rep_steps += await _back_to_replica(rep_zfs, rep.name, record)
+        plan.steps = src_steps + rep_steps
+        source_plan = FailoverPlan(str(source), plan.snapshot, False, src_steps)
+        await _perform(src_zfs, source_plan, not yes, say, mounted_ok=True)
+        replica_plan = FailoverPlan(str(replica), plan.snapshot, False, rep_steps)
+        await _perform(rep_zfs, replica_plan, not yes, say, mounted_ok=True)
+        plan.done = yes
+        return plan
+    finally:
+        for host in hosts:
+            await host.close()
 
 
 async def _setting(zfs: Zfs, dataset: str, prop: str) -> tuple[str, str]:
