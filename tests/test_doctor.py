@@ -59,6 +59,7 @@ def test_doctor_finds_each_problem_and_changes_nothing(zc: Zchunk, pools: Any, s
     assert order.index("clock") < order.index("pool") < order.index("common snapshot") < order.index("space")
     assert all(status == "PASS" for checks in seen.values() for status, _ in checks), seen
     assert "round trip" in seen["link"][0][1] and "Mbit/s" in seen["link"][0][1]
+    assert "MTU 65536 on both ends (lo here, lo there)" in seen["mtu"][0][1], seen["mtu"]
     assert "newest on the target and on the source" in seen["common snapshot"][0][1]
     unchanged = seen["target unchanged"][0][1]
     if tier == "openzfs":
@@ -111,3 +112,19 @@ def test_doctor_finds_each_problem_and_changes_nothing(zc: Zchunk, pools: Any, s
     assert state(src_pool, dst_pool) == mid, "doctor changed nothing on either pool"
     assert before != mid, "(the test's own changes show up: the comparison can fail)"
     assert (sorted(zc.spool_dir.rglob("*")) if zc.spool_dir.exists() else []) == spool
+
+
+@pytest.mark.netns
+def test_an_mtu_mismatch_on_the_path_is_a_warning(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                  sshd_dst: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=32, name="m")
+    dst = f"{dst_pool.name}/m"
+    ssh = ("--ssh-config", str(sshd_dst.ssh_config))
+    run = zc.run("doctor", src, f"dst:{dst}", *ssh)
+    assert [f[0] for f in findings(run)["mtu"]] == ["PASS"], run.explain()
+    wan.run_in("dst", ["ip", "link", "set", "dev", "wan0", "mtu", "1400"])
+    run = zc.run("doctor", src, f"dst:{dst}", *ssh)
+    status, evidence = findings(run)["mtu"][0]
+    assert status == "WARN" and "MTU 1500 here" in evidence and "1400 there (wan0)" in evidence, evidence
+    assert run.returncode == 1 and "path MTU discovery" in run.stdout

@@ -4,8 +4,8 @@ the command that fixes it.
 
 Read-only, on both hosts: only listings and ``zfs get``/``zpool status``/``zfs send -n`` (nothing is
 snapshotted, not even a probe; a zfs without ``written`` says "cannot tell"). A check whose host cannot be
-reached is not run (said as such). Checks of the session issue that are not here yet: MTU on the path,
-encryption keys, stale resume tokens, holds by tag (``zfs holds``).
+reached is not run (said as such). Not here yet: encryption keys (a raw send, the default, needs none), holds
+by tag (``zfs holds``; ``userrefs`` counts them).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class Doctor:
             for side in (self.src, self.dst):
                 if side.zfs is not None:
                     await self._clock(side)
+                    await self._mtu(side)
                     await self._link(side)
             if self.src.zfs is None or self.dst.zfs is None:
                 return self.findings
@@ -132,6 +133,37 @@ class Doctor:
                  f"{'ahead of' if skew > 0 else 'behind'} this machine",
                  "" if status == PASS else "run NTP (chrony, systemd-timesyncd) on both: sync snapshot names "
                  "and retention go by time")
+
+    async def _mtu(self, side: _Side) -> None:
+        """The MTU of the interface each end of the SSH connection uses towards the other (a mismatch: big
+        packets dropped on the way, a transfer that stalls while small commands work)."""
+        if side.endpoint.is_local:
+            return
+        # netlink, not /sys: right also where sysfs is not the network namespace's own
+        script = ('set -- $SSH_CONNECTION; '
+                  'dev=$(ip -o route get "$1" 2>/dev/null | awk \'{for (i = 1; i < NF; i++) if ($i == "dev") '
+                  'print $(i + 1)}\'); echo "$3 $dev $(ip -o link show dev "$dev" 2>/dev/null | awk \'{for (i = 1; '
+                  'i < NF; i++) if ($i == "mtu") print $(i + 1)}\')"')
+        res = await side.host.run(["sh", "-c", script])
+        theirs = res.stdout.decode().split()
+        if len(theirs) != 3 or not theirs[2].isdigit():
+            self.add("mtu", PASS, f"{side.label} {side.host.name}: cannot read the interface's MTU there (no `ip`?)")
+            return
+        server, dev, mtu = theirs
+        words = (await _output("ip", "-o", "route", "get", server)).split()
+        here = words[words.index("dev") + 1] if "dev" in words[:-1] else ""
+        link = (await _output("ip", "-o", "link", "show", "dev", here)).split() if here else []
+        value = link[link.index("mtu") + 1] if "mtu" in link[:-1] else ""
+        ours = int(value) if value.isdigit() else 0
+        if not ours:
+            self.add("mtu", PASS, f"{side.label} {side.host.name}: {dev} has MTU {mtu}; this machine's route to it "
+                     "cannot be read")
+        elif ours == int(mtu):
+            self.add("mtu", PASS, f"{side.label} {side.host.name}: MTU {mtu} on both ends ({here} here, {dev} there)")
+        else:
+            self.add("mtu", WARN, f"{side.label} {side.host.name}: MTU {ours} here ({here}), {mtu} there ({dev})",
+                     "make them equal (or make sure path MTU discovery works: ICMP 'fragmentation needed' must "
+                     "pass): a mismatch drops big packets and stalls transfers while small commands work")
 
     async def _link(self, side: _Side) -> None:
         if side.endpoint.is_local:
@@ -247,8 +279,15 @@ class Doctor:
             self.add("target unchanged", PASS, f"{dst.endpoint} was not written since {target_common.short}")
         token = await dst.zfs.prop(dst.endpoint.dataset, "receive_resume_token")
         if token:
-            self.add("resume token", WARN, f"{dst.endpoint} has a partial receive (resume token {token[:24]}...)",
-                     "zchunk sync finishes it with zfs send -t, or aborts it when its snapshot is gone")
+            probe = await src.zfs.run("send", "-nP", "-t", token, check=False)
+            if probe.status == 0:
+                self.add("resume token", WARN, f"{dst.endpoint} has a partial receive (resume token "
+                         f"{token[:24]}...); the source can still continue it",
+                         "zchunk sync finishes it with zfs send -t")
+            else:
+                self.add("resume token", WARN, f"{dst.endpoint} has a partial receive whose snapshot the source "
+                         f"no longer has (stale token: {_first(probe.err_text)})",
+                         f"zchunk sync aborts it (zfs receive -A {dst.endpoint.dataset}) and plans afresh")
         await self._holds(common.guid)
         await self._space(common.name)
 
@@ -302,6 +341,17 @@ class Doctor:
             return
         age = time.time() - self.last_success
         self.add("job", PASS if age < 86400 else WARN, f"job {self.job}: last success {age / 3600:.1f} h ago")
+
+
+async def _output(*argv: str) -> str:
+    """A command's stdout on this machine ("" when it cannot run)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return ""
+    out, _ = await proc.communicate()
+    return out.decode()
 
 
 def _first(text: str) -> str:
