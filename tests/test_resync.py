@@ -5,6 +5,7 @@ the replica renamed out of the way on request). Every plan and refusal changes n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -106,3 +107,29 @@ def test_a_source_gone_changes_nothing_and_the_replica_can_be_renamed(zc: Zchunk
     for bad in ("no such; name", f"{src_pool.name}/elsewhere"):  # not a name; another pool
         refused = zc.run("resync", src, f"{dst_pool.name}/old-vm.orphan", "--rename-target", bad, "--yes")
         assert refused.returncode == 2 and exists(f"{dst_pool.name}/old-vm.orphan"), refused.explain()
+
+
+def test_seed_002_the_target_holds_120_121_the_source_120_124_and_the_target_was_written(
+        zc: Zchunk, pools: Any) -> None:
+    """Seed 002's troubleshooting case: the replica stopped at 121 and was then changed; the source went on
+    to 124. resync rolls the replica back over its writes to 121 and sends 122-124."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=70, name="fs1")
+    zfs("rename", f"{src}@s1", f"{src}@zfsrepl-120")
+    dst = f"{dst_pool.name}/fs1"
+    add_change(src, 256 << 10, seed=71, snap="zfsrepl-121")
+    assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 0
+    for n in (122, 123, 124):
+        add_change(src, 256 << 10, seed=n, snap=f"zfsrepl-{n}")
+    zfs("set", "canmount=on", dst)
+    zfs("mount", dst)
+    (Path(zfs("get", "-H", "-o", "value", "mountpoint", dst).strip()) / "changed-on-the-target").write_bytes(b"x")
+    zfs("snapshot", f"{dst}@local-change")  # what zfs-fuse can show of it: its own snapshot after 121
+    state = (names(src), names(dst))
+    assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 4, "the plain sync refuses, as the seed's did"
+    plan = zc.run("resync", src, dst, json_out=False)
+    assert plan.returncode == 0 and f"would roll the target back to {dst}@zfsrepl-121" in plan.stderr, plan.stderr
+    assert (names(src), names(dst)) == state
+    assert zc.run("resync", src, dst, "--yes").returncode == 0
+    assert names(dst)[:5] == [f"zfsrepl-{n}" for n in range(120, 125)]
+    assert_replica(src, dst, "zfsrepl-124")
