@@ -187,3 +187,29 @@ def test_a_recursive_encrypted_tree_keeps_its_encryption_roots(zc: Zchunk, pools
         newest = [s for s in snapshots(root + child) if "@zchunk_tr_" in s][-1].split("@")[1]
         assert newest != ours
         assert_replica(root + child, dst + child, newest)
+
+
+def test_doctor_says_where_a_key_is_needed(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+    """zchunk doctor's encryption check (zfs-fuse has no encryption: this runs in the VM only)."""
+    src_pool, dst_pool = pools
+    src, _ = encrypted_source(src_pool, tmp_path, MiB, seed=89)
+
+    def encryption(*args: str) -> tuple[int, str, str, str]:
+        run = zc.run("doctor", *args)
+        found = [e for e in run.of("doctor") if e["check"] == "encryption"]
+        assert len(found) == 1, run.explain()
+        return run.returncode, found[0]["status"], found[0]["evidence"], found[0]["fix"]
+
+    code, status, evidence, _ = encryption(src, f"{dst_pool.name}/enc")
+    assert (code, status) == (0, "PASS") and "sent raw, the target never needs its key" in evidence
+    zfs("unmount", src)
+    zfs("unload-key", src)
+    code, status, evidence, fix = encryption(src, f"{dst_pool.name}/enc", "--no-raw")
+    assert (code, status) == (2, "FAIL") and "not loaded" in evidence and fix.startswith(f"zfs load-key {src}")
+    # an unencrypted source under an encrypted target parent whose key is not loaded
+    plain = make_source(src_pool, MiB, seed=90, name="plain")
+    vault, _ = encrypted_source(dst_pool, tmp_path, MiB, seed=91, name="vault")
+    zfs("unmount", vault)
+    zfs("unload-key", vault)
+    code, status, evidence, fix = encryption(plain, f"{vault}/plain")
+    assert (code, status) == (2, "FAIL") and f"under {vault}" in evidence and f"zfs load-key {vault}" in fix

@@ -969,6 +969,8 @@ def doctor(
     spool_dir: str = typer.Option("/var/tmp/zchunk", "--spool-dir", help="Where zchunk's session directories are "
                                   "on each host (leftovers are reported)."),
     connect_patience: str = typer.Option("10s", "--connect-patience", help="How long to try to reach a host."),
+    no_raw: bool = typer.Option(False, "--no-raw", help="The replication sends an encrypted source decrypted "
+                                "(zchunk sync --no-raw): check that its key is loaded."),
     config: Optional[Path] = ConfigFile,
     json_out: bool = Json, *, opts: SyncOptions,
 ) -> None:
@@ -1000,6 +1002,7 @@ def doctor(
             last = history.newest_snapshot_time(job.name)
             src, dst = parse_endpoint(job.source), parse_endpoint(job.target)
             spool_dir = str(job.sync.get("spool_dir", spool_dir))
+            no_raw = bool(job.sync.get("no_raw", no_raw))
         else:
             src, dst = parse_endpoint(source), parse_endpoint(target)
         opts = dataclasses.replace(opts, spool_dir=spool_dir,
@@ -1012,7 +1015,7 @@ def doctor(
                 print(f"{f.status}  {f.check:<21} {f.evidence}" + (f"\n      {'':<21} fix: {f.fix}" if f.fix and
                                                                      f.status != "PASS" else ""))
 
-        findings = asyncio.run(Doctor(src, dst, opts, say, last, job.name if job else None).run())
+        findings = asyncio.run(Doctor(src, dst, opts, say, last, job.name if job else None, no_raw).run())
     except E.ZchunkError as e:
         _fail(e, json_out)
     code = exit_code(findings)

@@ -4,8 +4,7 @@ the command that fixes it.
 
 Read-only, on both hosts: only listings and ``zfs get``/``zpool status``/``zfs send -n`` (nothing is
 snapshotted, not even a probe; a zfs without ``written`` says "cannot tell"). A check whose host cannot be
-reached is not run (said as such). Not here yet: encryption keys (a raw send, the default, needs none), holds
-by tag (``zfs holds``; ``userrefs`` counts them).
+reached is not run (said as such). Not here yet: holds by tag (``zfs holds``; ``userrefs`` counts them).
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ class Doctor:
     """The checks, each appending its findings; ``say`` gets each as it is found."""
 
     def __init__(self, source: Endpoint, target: Endpoint, opts: SyncOptions, say: Callable[[Finding], None],
-                 last_success: float | None = None, job: str | None = None) -> None:
-        self.opts, self.say, self.last_success, self.job = opts, say, last_success, job
+                 last_success: float | None = None, job: str | None = None, no_raw: bool = False) -> None:
+        self.opts, self.say, self.last_success, self.job, self.no_raw = opts, say, last_success, job, no_raw
         self.src = _Side("source", source, make_host(source, opts.ssh, opts.python))
         self.dst = _Side("target", target, make_host(target, opts.ssh, opts.python))
         self.findings: list[Finding] = []
@@ -79,6 +78,7 @@ class Doctor:
                 await self._pool(side)
             await self._datasets()
             if self.src.dataset is not None:
+                await self._encryption()
                 await self._chain()
             if self.job is not None:
                 self._job()
@@ -241,6 +241,31 @@ class Doctor:
                      f"{src.endpoint.dataset}'s stream")
         except E.ZchunkError as e:
             self.add("stream compatibility", FAIL, str(e), e.hint)
+
+    async def _encryption(self) -> None:
+        """Keys where a send needs them: the source's for --no-raw; an unencrypted source's replica created
+        under an encrypted target parent needs that parent's key loaded."""
+        src, dst = self.src, self.dst
+        assert src.zfs is not None and dst.zfs is not None and dst.report is not None
+        enc = await src.zfs.encryption(src.endpoint.dataset)
+        if enc.on and self.no_raw:
+            loaded = enc.keystatus == "available"
+            self.add("encryption", PASS if loaded else FAIL, f"{src.endpoint} is encrypted ({enc.cipher}, root "
+                     f"{enc.root}); --no-raw sends it decrypted: its key is {'' if loaded else 'not '}loaded",
+                     "" if loaded else f"zfs load-key {enc.root} on {src.host.name}")
+        elif enc.on and not dst.report.features.encryption:
+            self.add("encryption", FAIL, f"{src.endpoint} is encrypted ({enc.cipher}) and {dst.host.name}'s zfs has "
+                     "no encryption: a raw stream cannot be received there",
+                     "--no-raw sends it decrypted (with the key loaded on the source)")
+        elif enc.on:
+            self.add("encryption", PASS, f"{src.endpoint} is encrypted ({enc.cipher}, root {enc.root}): sent raw, "
+                     "the target never needs its key")
+        elif dst.dataset is None and "/" in dst.endpoint.dataset:
+            parent = dst.endpoint.dataset.rsplit("/", 1)[0]
+            penc = await dst.zfs.encryption(parent)
+            if penc.on and penc.keystatus != "available":
+                self.add("encryption", FAIL, f"the replica would be created under {parent}, encrypted, whose key "
+                         "is not loaded", f"zfs load-key {penc.root} on {dst.host.name}")
 
     async def _chain(self) -> None:
         src, dst = self.src, self.dst
