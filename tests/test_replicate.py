@@ -401,3 +401,26 @@ def test_a_retention_grid_prunes_only_our_own_snapshots_by_their_time(zc: Zchunk
     assert {crafted["10d"], crafted["2d-later"]} <= pruned
     bad = zc.run("sync", src, dst, "--identifier", "g", "--keep-sync-snaps", "1,1d")
     assert bad.returncode == 2 and "INTERVALSPAN" in bad.stderr, bad.explain()
+
+
+def test_a_run_within_the_second_of_a_sync_snapshot_takes_the_next_second(zc: Zchunk, pools: Any) -> None:
+    """Sync snapshot names go to the second: a name the source already has (a run a moment ago; here made
+    for the next three seconds) is waited past, not failed on, and a dry run plans with the new name too."""
+    import socket
+    import time as clock
+
+    from zchunk.plan import sync_snapshot_name
+
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 256 << 10, seed=97)
+    dst = f"{dst_pool.name}/r"
+    assert zc.run("sync", src, dst, "--identifier", "sec").returncode == 0
+    now = clock.time()
+    taken = {sync_snapshot_name("sec", socket.gethostname(), now + i) for i in range(4)}
+    for short in taken:
+        zfs("snapshot", f"{src}@{short}")
+    dry = zc.run("sync", src, dst, "--identifier", "sec", "--dry-run", "--keep-sync-snaps", "10")
+    assert dry.returncode == 0 and dry.of("would_snapshot")[0]["snapshot"].split("@")[1] not in taken, dry.explain()
+    run = zc.run("sync", src, dst, "--identifier", "sec", "--keep-sync-snaps", "10")
+    assert run.returncode == 0, run.explain()
+    assert run.of("snapshot")[0]["snapshot"].split("@")[1] not in taken

@@ -249,14 +249,15 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
         emit("note", host=src.label, detail=f"--spool-max {opts.spool_max >> 20} MiB holds {fits} chunk(s) "
              f"of --chunk-size: {fits} dataset(s) at a time instead of --jobs {jobs}")
         jobs = fits
-    enc_roots, dst_tree = await _both(_encryption_roots(src, pairs, ropts), dst.zfs.tree(dst.endpoint.dataset))
+    (enc_roots, root_ds), dst_tree = await _both(all_of(_encryption_roots(src, pairs, ropts), src.zfs.require(root)),
+                                                 dst.zfs.tree(dst.endpoint.dataset))
     top = dst_tree.get(dst.endpoint.dataset)
     if top is not None and top.locked:  # before the tree's snapshot: a refused run leaves the source as it was
         raise E.TargetLocked(target=_label(dst, top.name), lock=top.locked)
     run = Run(opts=dataclasses.replace(opts, spool_max=opts.spool_max // jobs), pacer=Pacer(), jobs=jobs,
               pairs=pairs, enc_roots=enc_roots, dst_sessions=dst.rep.sessions, dst_tree=dst_tree)
     if ropts.sync_snap and pairs:
-        run.short = sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())
+        run.short = await _fresh_name(policy.identifier, src.rep.hostname, root_ds.snapshots)
         members = [s for s, _ in pairs]
         if ropts.dry_run:
             emit("would_snapshot", snapshot=f"{root}@{run.short}")
@@ -561,7 +562,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
             dst_ds = await dst.zfs.dataset(dst_name)
     # -r: the tree's sync snapshot, taken for every dataset at once (with --dry-run: to be taken)
     taken = run.short is not None and not ropts.dry_run
-    snap_name = f"{src_name}@{run.short or sync_snapshot_name(policy.identifier, src.rep.hostname, time.time())}"
+    short = run.short or await _fresh_name(policy.identifier, src.rep.hostname, src_ds.snapshots)
+    snap_name = f"{src_name}@{short}"
     # Plan against the sync snapshot-to-be first: a refusal must leave the source untouched too.
     planned_ds = _with_planned_snapshot(src_ds, snap_name) if ropts.sync_snap and not taken else src_ds
     changed = await _target_changed(dst, dst_ds, ropts.dry_run)
@@ -904,6 +906,17 @@ async def _release_others(side: Side, tag: str, keep: str) -> None:
     for snapshot in await side.zfs.held_snapshots(keep.split("@", 1)[0]):
         if snapshot != keep:
             await side.zfs.release(tag, snapshot)  # not ours: zfs release says so, and nothing changes
+
+
+async def _fresh_name(identifier: str, hostname: str, existing: tuple[Snapshot, ...]) -> str:
+    """A sync snapshot name (to the second) the dataset does not have yet: a run within a second of the last
+    one waits for the next second, rather than fail to take its snapshot (or, dry, plan with the old one)."""
+    taken = {s.short for s in existing}
+    while True:
+        short = sync_snapshot_name(identifier, hostname, time.time())
+        if short not in taken:
+            return short
+        await asyncio.sleep(1.02 - time.time() % 1.0)
 
 
 async def _both(source_step: Awaitable[Any], target_step: Awaitable[Any]) -> tuple[Any, Any]:
