@@ -96,6 +96,7 @@ def test_a_hold_of_ours_left_on_an_older_snapshot_is_released(zc: Zchunk, pools:
     zfs("release", "admin", f"{src}@s1")
 
 
+@pytest.mark.same_everywhere
 def test_no_sync_snap_no_stream_and_snapshot_filters(zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools
     src = make_source(src_pool, 1 * MiB, seed=43)
@@ -228,6 +229,7 @@ def test_a_sync_snapshot_gone_from_the_source_is_rolled_back_over_on_the_target(
     assert zc.run("sync", src, dst, "--identifier", "gone").returncode == 0, "and every later run works"
 
 
+@pytest.mark.same_everywhere
 def test_no_common_snapshot_is_refused_and_never_destroyed_without_force(zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools
     src = make_source(src_pool, 1 * MiB, seed=48)
@@ -242,6 +244,7 @@ def test_no_common_snapshot_is_refused_and_never_destroyed_without_force(zc: Zch
     assert_replica(src, other, "s1")
 
 
+@pytest.mark.same_everywhere
 def test_dry_run_changes_nothing_and_shows_the_plan(zc: Zchunk, pools: Any) -> None:
     src_pool, dst_pool = pools
     src = make_source(src_pool, 2 * MiB, seed=50)
@@ -373,6 +376,7 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
         assert zfs("get", "-H", "-o", "value", "mounted", dst).strip() == "no"
 
 
+@pytest.mark.same_everywhere
 def test_a_retention_grid_prunes_only_our_own_snapshots_by_their_time(zc: Zchunk, pools: Any) -> None:
     """--keep-sync-snaps "1,1d1w": the newest, and the oldest of each day for a week, of this identifier's
     sync snapshots (their time is in their name), on both sides; anyone else's stay."""
@@ -403,6 +407,7 @@ def test_a_retention_grid_prunes_only_our_own_snapshots_by_their_time(zc: Zchunk
     assert bad.returncode == 2 and "INTERVALSPAN" in bad.stderr, bad.explain()
 
 
+@pytest.mark.same_everywhere
 def test_a_run_within_the_second_of_a_sync_snapshot_takes_the_next_second(zc: Zchunk, pools: Any) -> None:
     """Sync snapshot names go to the second: a name the source already has (a run a moment ago; here made
     for the next three seconds) is waited past, not failed on, and a dry run plans with the new name too."""
