@@ -164,3 +164,41 @@ def test_failback_of_a_test_failover_is_refused(zc: Zchunk, pools: Any) -> None:
     refused = zchunk("failback", dst, src, "--yes")
     assert refused.returncode == 2 and "failover --end" in refused.stderr, refused.stderr
     assert (snapshots(src), snapshots(dst)) == before
+
+
+def test_a_failback_onto_a_rebuilt_empty_source(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+    """The source's pool was lost and rebuilt empty: the first failback pass is a full stream from the
+    replica, the last one makes the new dataset primary, and the job replicates from it incrementally."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=25, name="db")
+    dst = f"{dst_pool.name}/db"
+    config = write_jobs(tmp_path, zc, f'[jobs.db]\nsource = "{src}"\ntarget = "{dst}"\n')
+    cfg = ("--config", str(config))
+    assert zchunk("run", *cfg).returncode == 0
+    assert zchunk("failover", "db", "--why", "node1's pool lost", *cfg).returncode == 0
+    (mountpoint(dst) / "rows-1").write_bytes(b"r" * 300_000)
+    for snap in sync_snaps(src):  # the pool is lost, its holds with it
+        zfs("release", f"zchunk_{snap.split('@')[1].split('_')[1]}", snap)
+    zfs("destroy", "-r", "-f", src)  # the rebuilt pool: no such dataset
+
+    before = snapshots(dst)
+    plan = zchunk("failback", "db", *cfg)
+    assert plan.returncode == 0 and "would send full" in plan.stderr, plan.stderr
+    assert not exists(src) and snapshots(dst) == before
+    first = zchunk("failback", "db", "--yes", *cfg)
+    assert first.returncode == 0, first.stderr
+    assert_replica(dst, src, snapshots(dst)[-1].split("@")[1])
+    assert zfs("get", "-H", "-o", "value", "zchunk:locked", src).strip() == "-", "the lock stays on the replica"
+
+    (mountpoint(dst) / "rows-2").write_bytes(b"s" * 200_000)
+    final = zchunk("failback", "db", "--final", "--yes", *cfg)
+    assert final.returncode == 0 and "primary again" in final.stderr, final.stderr
+    assert_replica(dst, src, snapshots(dst)[-1].split("@")[1])
+    assert (mountpoint(src) / "rows-2").read_bytes() == b"s" * 200_000
+
+    (mountpoint(src) / "rows-3").write_bytes(b"t" * 100_000)
+    again = zchunk("run", "db", *cfg)
+    assert again.returncode == 0, again.stderr
+    log = (zc.state_dir / "logs" / "db.jsonl").read_text().splitlines()
+    assert '"send_kind": "incremental"' in [line for line in log if '"event": "plan"' in line][-1]
+    assert_replica(src, dst, sync_snaps(src)[-1].split("@")[1])

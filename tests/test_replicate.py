@@ -3,6 +3,7 @@ snapshots only, target policies, dry runs, recursion, properties."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import time
 from typing import Any
@@ -134,13 +135,13 @@ def test_diverged_target_is_refused_then_rolled_back_on_request(zc: Zchunk, pool
     assert_replica(src, dst, "s2")
 
 
-def test_written_target_rolls_back_only_with_rollback(zc: Zchunk, pools: Any) -> None:
+def test_written_target_rolls_back_only_with_rollback(zc: Zchunk, pools: Any, tier: str) -> None:
     src_pool, dst_pool = pools
     src = make_source(src_pool, 1 * MiB, seed=46)
     dst = f"{dst_pool.name}/r"
     assert zc.run("sync", src, dst, "--no-sync-snap").returncode == 0
     with mounted(dst) as files:
-        (files / "stray").write_bytes(b"changed on the replica")
+        (files / "stray").write_bytes(random.Random(46).randbytes(256 << 10))
     add_change(src, MiB, seed=47, snap="s2")
     before = (names(src), names(dst))
     run = zc.run("sync", src, dst)
@@ -148,6 +149,17 @@ def test_written_target_rolls_back_only_with_rollback(zc: Zchunk, pools: Any) ->
     # stream), before the sync snapshot: nothing is left behind, not even the probe
     assert run.returncode == 4 and "written on the target" in run.stderr, run.explain()
     assert (names(src), names(dst)) == before
+    # the plan says what the rollback discards: OpenZFS measures it (written@s1), zfs-fuse cannot
+    plan = zc.run("sync", src, dst, "--no-sync-snap", "--rollback", "--dry-run")
+    assert plan.returncode == 0 and (names(src), names(dst)) == before, plan.explain()
+    discards = plan.of("dataset_plan")[0]["rollback_discards"]
+    if tier == "openzfs":
+        assert 256 << 10 <= discards < 2 * MiB, discards
+    else:
+        assert discards is None
+    text = zc.run("sync", src, dst, "--no-sync-snap", "--rollback", "--dry-run", json_out=False)
+    lost = "KiB on the target since it is discarded" if tier == "openzfs" else "this zfs cannot say how much"
+    assert f"would roll the target back to {dst}@s1; " in text.stderr and lost in text.stderr, text.stderr
     run = zc.run("sync", src, dst, "--no-sync-snap", "--rollback")
     assert run.returncode == 0, run.explain()
     with mounted(dst) as files:

@@ -1046,7 +1046,9 @@ def resync(
 
     Seed 000 as one command. Finds the newest snapshot both sides share (by
     guid) and shows the plan: the target snapshots that would be destroyed
-    (a Proxmox @vzdump among them), the rollback, the streams to send. Only
+    (a Proxmox @vzdump among them), the rollback and how much written on
+    the target since it discards (OpenZFS's written@; zfs-fuse cannot
+    say), the streams to send. Only
     with --yes is it done (zchunk sync --rollback). No common snapshot at
     all: the plan is a full re-seed, done only with --reseed --yes, and
     refused when the target's pool cannot hold the stream. Source gone:

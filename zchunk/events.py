@@ -64,7 +64,9 @@ EVENTS = _kinds(
     EventKind("dataset_plan", "What will be done for one dataset (with --dry-run: what would be).", {
         "source": "source dataset", "target": "target dataset", "up_to_date": "nothing to send",
         "steps": "the streams to send, described", "rollback": "snapshot the target is rolled back to, or null",
-        "destroys": "target snapshots the rollback destroys", "destroy_target": "the target is destroyed "
+        "destroys": "target snapshots the rollback destroys", "rollback_discards": "bytes the target's "
+        "head holds that the rollback snapshot does not (written@ it), or null: no rollback, or this zfs cannot "
+        "say (zfs-fuse)", "destroy_target": "the target is destroyed "
         "(--force-delete)", "hold": "the hold tag", "prune_source": "own sync snapshots pruned on the source",
         "prune_target": "own sync snapshots pruned on the target", "properties": "properties set on the replica",
         "send_flags": "flags of zfs send (-L -e where both run OpenZFS, -w for an encrypted source)",

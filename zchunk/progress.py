@@ -205,6 +205,9 @@ class TextRenderer:
             self._line(f"{head}: {would}DESTROY the target (--force-delete: it shares no snapshot with the source)")
         if f.get("rollback"):
             lost = f", destroying {', '.join(f['destroys'])}" if f.get("destroys") else ""
+            discards = f.get("rollback_discards")
+            lost += ("; what was written since is lost (this zfs cannot say how much)" if discards is None else
+                     f"; {human_bytes(discards)} on the target since it is discarded" if discards else "")
             self._line(f"{head}: {would}roll the target back to {f['rollback']}{lost}")
         for step in f.get("steps", []):
             flags = f" (zfs send {' '.join(f['send_flags'])})" if self.verbose and f.get("send_flags") else ""

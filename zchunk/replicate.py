@@ -589,10 +589,15 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps,
                                      ropts.keep_target)
     props = ropts.stream_opts.receive.merge(await _props(src, dst, src_name, ropts, emit))
+    lost = None
+    if plan.rollback_to is not None:  # what the rollback discards: OpenZFS's written@; zfs-fuse cannot say
+        written = await dst.zfs.prop(dst_name, f"written@{plan.rollback_to.short}")
+        lost = int(written) if written is not None and written.isdigit() else None
     emit("dataset_plan", source=src_name, target=dst_name, up_to_date=plan.up_to_date, send_flags=list(flags),
          encryption=encryption,
          steps=[s.describe() for s in plan.steps],
          rollback=plan.rollback_to.name if plan.rollback_to else None, destroys=list(plan.destroys),
+         rollback_discards=lost,
          destroy_target=plan.destroy_target, hold=f"zchunk_{policy.identifier}",
          prune_source=[s.name for s in src_prunes], prune_target=[s.name for s in dst_prunes],
          properties=props, dry_run=ropts.dry_run)

@@ -14,7 +14,7 @@ Seed 002, section 6, as one command run against the replica's host. Failing over
 Ending a test (``--end``): the plan first (the snapshots taken on the replica since, the bytes written,
 all discarded); with ``--yes``, unmounted, rolled back to the failover's snapshot (``zfs rollback -r``), its
 settings put back, the lock and the record removed: the next sync continues incrementally. A real
-failover ends with ``zchunk failback`` (not built yet): ``--end`` refuses it, since rolling back would
+failover ends with ``zchunk failback``: ``--end`` refuses it, since rolling back would
 destroy what was written on the replica in production.
 """
 
