@@ -5,6 +5,7 @@ the replica renamed out of the way on request). Every plan and refusal changes n
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,41 @@ def test_seed_002_the_target_holds_120_121_the_source_120_124_and_the_target_was
     assert zc.run("resync", src, dst, "--yes").returncode == 0
     assert names(dst)[:5] == [f"zfsrepl-{n}" for n in range(120, 125)]
     assert_replica(src, dst, "zfsrepl-124")
+
+
+def test_seed_001_the_target_lost_its_newest_snapshots_and_the_source_pruned_its_oldest(
+        zc: Zchunk, pools: Any) -> None:
+    """Seed 001's "most recent snapshot does not match incremental source": the target holds 07:30 and 08:00
+    (its newer ones deleted by hand), the source 08:00 to 09:00 (07:30 pruned). The base a job recorded is
+    gone from the target; by guid the common one is 08:00, and the repair is a plain incremental from it."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, MiB, seed=80, name="vm-102-disk-0")
+    zfs("rename", f"{src}@s1", f"{src}@replicate_07-30")
+    dst = f"{dst_pool.name}/vm-102-disk-0"
+    add_change(src, 256 << 10, seed=81, snap="replicate_08-00")
+    add_change(src, 256 << 10, seed=82, snap="replicate_08-30")
+    run = zc.run("sync", src, dst, "--no-sync-snap")
+    assert run.returncode == 0, run.explain()
+    zfs("release", f"zchunk_{run.of('preflight')[0]['identifier']}", f"{dst}@replicate_08-30")
+    zfs("destroy", f"{dst}@replicate_08-30")  # "someone deleted snapshots on the target"
+    zfs("destroy", f"{src}@replicate_07-30")  # the source's retention
+    add_change(src, 256 << 10, seed=83, snap="replicate_08-45")
+    add_change(src, 256 << 10, seed=84, snap="replicate_09-00")
+    # what the seed's tool ran: an incremental from the base it recorded, which the target no longer has
+    sent = subprocess.run(f"zfs send -i {src}@replicate_08-30 {src}@replicate_09-00 | zfs receive {dst}",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert sent.returncode != 0 and names(dst) == ["replicate_07-30", "replicate_08-00"], sent.stderr
+    state = (names(src), names(dst))
+
+    doctor = zc.run("doctor", src, dst)
+    common = [e for e in doctor.of("doctor") if e["check"] == "common snapshot"]
+    assert common and "replicate_08-00" in common[0]["evidence"], doctor.explain()
+    plan = zc.run("resync", src, dst, json_out=False)
+    assert plan.returncode == 0, plan.explain()
+    assert "would send incremental -I replicate_08-00 -> " in plan.stderr, plan.stderr
+    assert "destroying" not in plan.stderr, "no target snapshot is in the way"
+    assert (names(src), names(dst)) == state
+    assert zc.run("resync", src, dst, "--yes").returncode == 0
+    assert names(dst)[:5] == ["replicate_07-30", "replicate_08-00", "replicate_08-30", "replicate_08-45",
+                              "replicate_09-00"]
+    assert_replica(src, dst, names(src)[-1])
