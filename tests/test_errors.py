@@ -79,6 +79,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "configuration": (16, {"ConfigError"}),
     "run history": (17, {"HistoryError"}),
     "snapshot hook": (18, {"HookFailed"}),
+    "seed volumes missing": (19, {"SeedIncomplete"}),
 }
 
 

@@ -367,6 +367,14 @@ class HookFailed(ZchunkError):
           "(it runs without a shell, as zchunk's user) and run again"
 
 
+class SeedIncomplete(ZchunkError):
+    """seed {seed}: volume(s) {need} of {count} not here yet (staged so far: {staged}, in {where})"""
+
+    exit_code = 19
+    fix = "mount the missing volume(s) and run zchunk seed import again with their directories (staged " \
+          "volumes need not be given again), or add --wait to wait for them; nothing reached zfs receive"
+
+
 class ConfigError(ZchunkError):
     """{path}: {count} problem(s) in the configuration, the first: {first}"""
 

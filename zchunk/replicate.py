@@ -29,6 +29,7 @@ from .flags import KEY_PROPERTIES, StreamOptions, send_flags
 from .hooks import Hooks, around_snapshot
 from .link import Pacer
 from .plan import (
+    SYNC_PREFIX,
     Policy,
     ReplicationPlan,
     Retention,
@@ -630,6 +631,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     newest = plan.newest
     if newest is not None:
         await _move_holds(src, dst, tag, plan, newest, dst_name)
+        await _release_seed(src, src_ds, dst_ds)
         if ropts.create_bookmark:
             await _bookmark(src, newest, policy.identifier, emit)
 
@@ -903,6 +905,15 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
         # the old base, and any other snapshot still holding our tag (a run killed between the hold of
         # the new base and the release of the old one): always exactly one held, the newest common
         await _both(_release_others(src, tag, newest.name), _release_others(dst, tag, dst_snap))
+
+
+async def _release_seed(src: Side, src_ds: Dataset, dst_ds: Dataset | None) -> None:
+    """``zchunk seed export`` holds its snapshot until the target has it: the first sync after the import
+    (whose base it is) lets it go."""
+    there = {s.guid for s in dst_ds.snapshots} if dst_ds is not None else set()
+    for snap in src_ds.snapshots:
+        if snap.short.startswith(f"{SYNC_PREFIX}seed_") and snap.guid in there:
+            await src.zfs.release("zchunk_seed", snap.name)
 
 
 async def _release_others(side: Side, tag: str, keep: str) -> None:
