@@ -18,6 +18,7 @@ import pytest
 
 from tests.zc import Zchunk
 from tests.zfsutil import add_change, assert_replica, exists, make_source, mounted, snapshots, wait_until, zfs
+from zchunk import lab
 
 pytestmark = [pytest.mark.zfs]
 
@@ -106,7 +107,8 @@ def test_volumes_in_reverse_order_are_staged_until_the_set_is_complete(zc: Zchun
     assert not any((tmp_path / "staging").iterdir()), "the staged chunks are removed once received"
 
 
-def test_a_damaged_chunk_stops_the_import_before_zfs_sees_it(zc: Zchunk, pools: Any, tmp_path: Path) -> None:
+def test_a_damaged_chunk_stops_the_import_before_zfs_sees_it_and_is_repaired_from_the_source(
+        zc: Zchunk, pools: Any, tmp_path: Path, sshd_local: lab.Sshd) -> None:
     src_pool, dst_pool = pools
     src = make_source(src_pool, 4 * MiB, seed=33, name="bad", compressible=0.3)
     out = tmp_path / "disk"
@@ -126,6 +128,26 @@ def test_a_damaged_chunk_stops_the_import_before_zfs_sees_it(zc: Zchunk, pools: 
     assert gone.returncode == 13 and f"chunk {seq} of volume 2" in gone.error()["message"] \
         and "missing" in gone.error()["message"], gone.explain()
     assert not exists(dst)
+
+    # a chunk of volume 1 damaged too; both regenerated on the source (over SSH) from the seed's snapshot
+    other = sorted((out / "vol001" / "chunks").iterdir())[1]
+    other.write_bytes(other.read_bytes()[:-10])
+    snap = json.loads((out / "vol001" / "manifest.json").read_text())["snapshot"]
+    ssh = ("--ssh-config", str(sshd_local.ssh_config))
+    renamed = f"{src}@moved"
+    zfs("rename", snap, renamed)  # the snapshot the seed was made from is not on the source: refused
+    wrong = zc.run("seed", "import", str(out), dst, "--staging-dir", str(tmp_path / "staging"),
+                   "--repair-from", f"local:{src}", *ssh)
+    assert wrong.returncode == 13 and "is gone" in wrong.error()["message"], wrong.explain()
+    assert not exists(dst)
+    zfs("rename", renamed, snap)
+    repaired = zc.run("seed", "import", str(out), dst, "--staging-dir", str(tmp_path / "staging"),
+                      "--repair-from", f"local:{src}", *ssh)
+    assert repaired.returncode == 0, repaired.explain()
+    notes = [e["detail"] for e in repaired.of("note")]
+    assert sum(n.startswith("repaired chunk") for n in notes) == 2, notes
+    assert any(n.startswith(f"repaired chunk {seq} of volume 2 from local:") for n in notes), notes
+    assert_replica(src, dst, snap.split("@")[1])
 
 
 def test_an_interrupted_export_keeps_its_chunks(zc: Zchunk, pools: Any, tmp_path: Path) -> None:

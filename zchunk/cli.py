@@ -43,7 +43,7 @@ from .replicate import IDENTIFIER, ReplicateOptions, ReplicationResult, replicat
 from .service import config as jobs_file
 from .session import default_state_dir
 from .stream import SyncOptions
-from .transport import LinkDown, SshOptions
+from .transport import LinkDown, SshOptions, first_contact, make_host
 
 app = typer.Typer(
     add_completion=False,
@@ -610,6 +610,7 @@ def seed_export(
 
 
 @seed_app.command("import")
+@shared_options(HOST_OPTIONS)
 def seed_import(
     paths: list[str] = typer.Argument(..., metavar="DIR... TARGET", help="The seed's volume directories (or "
                                       "directories holding vol*), in any order, then the new dataset."),
@@ -617,7 +618,10 @@ def seed_import(
                                  "present before their turn are kept, verified, until the set is complete."),
     wait: bool = typer.Option(False, "--wait", help="Wait for missing volumes to be mounted (checked every "
                               "10 s) instead of exiting."),
-    json_out: bool = Json,
+    repair_from: Optional[str] = typer.Option(None, "--repair-from", metavar="[[USER@]HOST:]SOURCE", help="Check "
+                                              "every chunk first, and regenerate the damaged or missing ones on "
+                                              "the source from the seed's snapshot (only they cross the link)."),
+    json_out: bool = Json, *, opts: SyncOptions,
 ) -> None:
     """Receive a seed written by zchunk seed export into TARGET, a new dataset on this host.
 
@@ -628,7 +632,10 @@ def seed_import(
     are staged (copied, verified) in --staging-dir and the command says
     which volumes it still needs and exits 19 (or waits, with --wait): run
     it again with them. A damaged or missing chunk stops it before zfs sees
-    it (exit 13, naming the chunk and its volume). The replica is left as
+    it (exit 13, naming the chunk and its volume); with --repair-from, every
+    chunk is checked before the receive starts and the damaged ones are made
+    again on the source by one zfs send of the same snapshot, accepted only
+    if their raw bytes match the manifest. The replica is left as
     zchunk sync leaves one: after the import, zchunk sync SOURCE TARGET
     continues incrementally from the seed's snapshot.
     """
@@ -645,10 +652,22 @@ def seed_import(
         for d in dirs:
             if not Path(d).is_dir():
                 raise E.UsageError(reason=f"{d}: not a directory (give the seed's volume directories, then TARGET)")
+        repair = parse_endpoint(repair_from) if repair_from else None
     except E.ZchunkError as e:
         _fail(e, json_out)
-    result = _run(seed.import_seed([Path(d) for d in dirs], target, staging, 10.0 if wait else None,
-                                   _seed_say(json_out)), json_out)
+
+    async def run() -> seed.ImportResult:
+        host = make_host(repair, opts.ssh, opts.python) if repair is not None else None
+        try:
+            if host is not None:
+                await first_contact(host, 0.0, opts.connect_patience)
+            return await seed.import_seed([Path(d) for d in dirs], target, staging, 10.0 if wait else None,
+                                          _seed_say(json_out), host, repair.dataset if repair else "")
+        finally:
+            if host is not None:
+                await host.close()
+
+    result = _run(run(), json_out)
     if json_out:
         JsonRenderer()("seed_imported", dataclasses.asdict(result))
     elif result.chunks:

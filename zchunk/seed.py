@@ -32,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 from . import agent as A
 from . import errors as E
 from .plan import sync_snapshot_name
-from .transport import LocalHost
+from .transport import Host, LocalHost
 from .zfs import Zfs
 
 FORMAT = "zchunk-seed"
@@ -351,13 +352,13 @@ def _verified(vol: Volume, entry: ChunkEntry) -> A.ChunkHeader:
         raise E.IntegrityError(reason=f"{where} is missing") from None
     except A.AgentError as e:
         raise E.IntegrityError(reason=f"{where} is damaged: {e.reason}") from None
-    if hdr.raw_hash.hex() != entry.raw_hash or hdr.stored_hash.hex() != entry.stored_hash:
-        raise E.IntegrityError(reason=f"{where} is not the one the manifest lists (its checksums differ)")
+    if hdr.raw_len != entry.raw_len or hdr.raw_hash.hex() != entry.raw_hash:
+        raise E.IntegrityError(reason=f"{where} is not the one the manifest lists (its raw checksum differs)")
     return hdr
 
 
 async def import_seed(dirs: list[Path], target: str, staging_base: Path, wait: float | None,
-                      say: Say) -> ImportResult:
+                      say: Say, repair_from: Host | None = None, repair_dataset: str = "") -> ImportResult:
     """Receive the seed in ``dirs`` into ``target`` (a new dataset). See the module's docstring."""
     started = time.monotonic()
     vols = find_volumes(dirs)
@@ -402,7 +403,12 @@ async def import_seed(dirs: list[Path], target: str, staging_base: Path, wait: f
         say(f"waiting for volume(s) {need} of {count}: mount them at one of {', '.join(map(str, dirs))}")
         time.sleep(wait)
         vols = [v for v in find_volumes(dirs) if v.manifest["seed"] == meta["seed"]]
-    result = _receive(present, staging, meta, target, features.receive_unmounted, say)
+    plan = _stream_plan(present, staging, meta)
+    if repair_from is not None:
+        damaged = _damaged(plan, say)
+        if damaged:
+            await _repair(repair_from, repair_dataset, meta, damaged, staging, say)
+    result = _receive(plan, staging, meta, target, features.receive_unmounted, say)
     got = await zfs.dataset(target)
     snap = next((s for s in got.snapshots if s.short == short), None) if got else None
     if snap is None or snap.guid != int(meta["guid"]):
@@ -417,9 +423,9 @@ async def import_seed(dirs: list[Path], target: str, staging_base: Path, wait: f
     return result
 
 
-def _receive(present: dict[int, Volume], staging: _Staging, meta: dict[str, Any], target: str, unmounted: bool,
-             say: Say) -> ImportResult:
-    """Feed every chunk, verified, to zfs receive, in order; the whole stream checked at the end."""
+def _stream_plan(present: dict[int, Volume], staging: _Staging,
+                 meta: dict[str, Any]) -> list[tuple[Volume, ChunkEntry]]:
+    """Every chunk of the stream in order, each with the volume (present, or staged) it is read from."""
     plan: list[tuple[Volume, ChunkEntry]] = []
     staged = staging.volumes()
     for n in range(1, int(meta["volumes"]) + 1):
@@ -429,6 +435,89 @@ def _receive(present: dict[int, Volume], staging: _Staging, meta: dict[str, Any]
     if [e.seq for _, e in plan] != list(range(int(total["chunks"]))):
         raise E.IntegrityError(reason=f"the volumes' manifests list {len(plan)} chunks, not the stream's "
                                f"{total['chunks']} in order: a volume of another export?")
+    return plan
+
+
+def _damaged(plan: list[tuple[Volume, ChunkEntry]], say: Say) -> list[ChunkEntry]:
+    """With --repair-from: every chunk checked before the receive starts; the damaged and missing ones."""
+    say(f"checking all {len(plan)} chunks before the receive (--repair-from)")
+    bad = []
+    for vol, entry in plan:
+        try:
+            _verified(vol, entry)
+        except E.IntegrityError as e:
+            say(str(e))
+            bad.append(entry)
+    return bad
+
+
+#: Run on the source with the snapshot's ``zfs send`` on stdin: the raw bytes of the chunks asked for
+#: (``chunk_size`` each, by position), zlib-compressed, each after a line "<seq> <length>". Stdlib only.
+REGENERATE = r"""
+import sys, zlib
+size = int(sys.argv[1]); want = set(int(a) for a in sys.argv[2:]); last = max(want)
+src, out = sys.stdin.buffer, sys.stdout.buffer
+for seq in range(last + 1):
+    parts, left = [], size
+    while left:
+        piece = src.read(left)
+        if not piece:
+            break
+        parts.append(piece); left -= len(piece)
+    raw = b"".join(parts)
+    if not raw:
+        sys.exit("zfs send ended before chunk %d" % seq)
+    if seq in want:
+        z = zlib.compress(raw, 1)
+        out.write(b"%d %d\n" % (seq, len(z))); out.write(z); out.flush()
+"""
+
+
+async def _repair(host: Host, dataset: str, meta: dict[str, Any], damaged: list[ChunkEntry], staging: _Staging,
+                  say: Say) -> None:
+    """The damaged chunks regenerated on the source from the same snapshot (one ``zfs send``, read up to the
+    last of them; only they cross the link), each accepted only if its raw bytes match the manifest."""
+    snap = f"{dataset}@{str(meta['snapshot']).split('@', 1)[1]}"
+    zfs = Zfs(host)
+    guid = await zfs.prop(snap, "guid")
+    if guid != str(meta["guid"]):
+        raise E.IntegrityError(reason=f"{host.name}: {snap} is " + ("gone" if guid is None else "another snapshot "
+                               f"(guid {guid})") + f": the seed's (guid {meta['guid']}) cannot be regenerated "
+                               "from it")
+    seqs = [str(e.seq) for e in damaged]
+    say(f"regenerating chunk(s) {', '.join(seqs)} on {host.name} from {snap}")
+    script = f'"$0" send {" ".join(meta["send_flags"])} "$1" | "$2" -c "$3" {int(meta["chunk_size"])} {" ".join(seqs)}'
+    res = await host.run(["sh", "-c", script, zfs.command, snap, host.python or "python3", REGENERATE],
+                         timeout=None)
+    if res.status != 0:
+        raise E.ZfsSendFailed(host=host.name, status=res.status, stderr=res.err_text.strip()[:2000])
+    out, pos = res.stdout, 0
+    by_seq = {e.seq: e for e in damaged}
+    check, codec = A.HASH_IDS[meta["checksum"]], A.CODEC_IDS[meta["codec"]]
+    repaired = staging.dir / "repaired"
+    while pos < len(out):
+        end = out.index(b"\n", pos)
+        seq, length = (int(x) for x in out[pos:end].split())
+        raw = zlib.decompress(out[end + 1:end + 1 + length])
+        pos = end + 1 + length
+        entry = by_seq.pop(seq)
+        if len(raw) != entry.raw_len or A.digest(check, raw).hex() != entry.raw_hash:
+            raise E.IntegrityError(reason=f"chunk {seq} regenerated on {host.name} does not match the manifest: "
+                                   f"the stream of {snap} differs from the exported one (another zfs version?)")
+        f = chunk_file(repaired, seq)
+        _private_dir(f.parent)
+        A.write_atomic(str(f), A.encode_chunk(seq, raw, codec, 3, check))
+        say(f"repaired chunk {seq} of volume {entry.volume} from {host.name}:{snap}")
+    if by_seq:
+        raise E.IntegrityError(reason=f"{host.name} did not send chunk(s) {', '.join(map(str, by_seq))}")
+
+
+def _receive(plan: list[tuple[Volume, ChunkEntry]], staging: _Staging, meta: dict[str, Any], target: str,
+             unmounted: bool, say: Say) -> ImportResult:
+    """Feed every chunk, verified, to zfs receive, in order (a repaired one instead of its damaged
+    original); the whole stream checked at the end."""
+    total = meta["total"]
+    repaired = staging.dir / "repaired"
     argv = ["zfs", "receive", *(["-u"] if unmounted else []), target]
     say(f"receiving {meta['snapshot']} into {target} ({len(plan)} chunks, "
         f"{int(total['raw_bytes']) >> 20} MiB)")
@@ -438,6 +527,8 @@ def _receive(present: dict[int, Volume], staging: _Staging, meta: dict[str, Any]
     raw_bytes = 0
     try:
         for i, (vol, entry) in enumerate(plan):
+            if chunk_file(repaired, entry.seq).is_file():
+                vol = Volume(repaired, {**vol.manifest, "volume": vol.number})
             hdr = _verified(vol, entry)
             path = chunk_file(vol.path, entry.seq)
             with open(path, "rb") as f:
