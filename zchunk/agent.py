@@ -1176,7 +1176,12 @@ class SenderDaemon(Daemon):
     def run(self) -> None:
         sess = self.sess
         argv = zfs_argv(sess.cfg)
-        self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False)
+        known = self.recorded()  # chunks an earlier daemon of this session cut: (raw_len, raw_hash)
+        released = self.released_upto()
+        self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False, regenerated=0)
+        if known:
+            self.event("regenerating", "zfs send started again: the first %d chunks are checked against "
+                       "the ones cut before and only those missing from the spool are written" % len(known))
         self.proc = self.spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         widen_pipe(self.proc.stdout.fileno())
@@ -1185,7 +1190,16 @@ class SenderDaemon(Daemon):
         stream = new_hasher(sess.hash_alg)
         seq, raw_total, stored_total = 0, 0, 0
         barely = False  # the last chunk shrank by under 2 %: the next one may be stored as it is
+        record = os.fdopen(open_nofollow(sess.file("raw.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a")
         while True:
+            if seq < len(known):
+                size = self.regenerate(seq, known[seq], pieces, stream, released)
+                if size is None:
+                    record.close()
+                    return
+                seq, raw_total, stored_total = seq + 1, raw_total + known[seq][0], stored_total + size
+                self.save(chunks=seq, raw_bytes=raw_total, stored_bytes=stored_total, regenerated=seq)
+                continue
             level = self.level()
             enc = ChunkEncoder(sess.codec, level, sess.hash_alg,
                                skip_incompressible=barely and self.stores_as_is(level))
@@ -1209,6 +1223,11 @@ class SenderDaemon(Daemon):
             size = sum(len(p) for p in parts)
             barely = size - CHUNK_HEADER_SIZE > STORE_ABOVE * enc.raw_len
             self.wait_for_room(size)
+            # recorded before the chunk is written: a daemon started again after a crash checks the chunk
+            # against it, and writes it if the crash came before the chunk file
+            record.write("%d %d %s\n" % (seq, enc.raw_len, enc.raw_hash.digest().hex()))
+            record.flush()
+            os.fsync(record.fileno())
             self.write_chunk(seq, parts)
             seq += 1
             raw_total += enc.raw_len
@@ -1217,13 +1236,74 @@ class SenderDaemon(Daemon):
                 self.event("spool-space", "spool filesystem has room again; zfs send continues")
                 self.make_reserve()
             self.save(chunks=seq, raw_bytes=raw_total, stored_bytes=stored_total, paused=None)
+        record.close()
         rc = self.proc.wait()
         if rc != 0:
             self.save_final(state="failed", zfs_exit=rc, zfs_stderr=self.zfs_stderr(),
                             reason="zfs send exited with status %d" % rc)
             return
+        if seq < len(known):
+            self.save_final(state="aborted", reason="zfs send started again ended after %d chunks; the first "
+                            "run cut %d: the stream must start again" % (seq, len(known)))
+            return
         self.save_final(state="done", eof=True, total_chunks=seq, raw_bytes=raw_total,
                   stream_hash=stream.hexdigest(), zfs_exit=0, zfs_stderr=self.zfs_stderr())
+
+    def recorded(self) -> List[Tuple[int, str]]:
+        """(raw_len, raw_hash hex) of each chunk an earlier daemon of this session cut (``raw.log``), up to
+        the first line a crash may have cut short."""
+        try:
+            text = read_file_nofollow(self.sess.file("raw.log"), 256 << 20).decode()
+        except FileNotFoundError:
+            return []
+        out: List[Tuple[int, str]] = []
+        for line in text.split("\n"):
+            parts = line.split()
+            if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) != len(out) or not parts[1].isdigit():
+                break
+            out.append((int(parts[1]), parts[2]))
+        return out
+
+    def released_upto(self) -> int:
+        """Chunks below this were fed to zfs receive and released from the spool (``released.json``)."""
+        st = read_json(self.sess.file("released.json")) or {}
+        return int(st.get("upto", 0))
+
+    def regenerate(self, seq: int, known: Tuple[int, str], pieces: "PieceReader", stream: Any,
+                   released: int) -> Optional[int]:
+        """Chunk ``seq`` of a ``zfs send`` started again: its raw bytes must be the ones cut before (their
+        checksum); it is written only if it is neither in the spool nor released. Its stored size, or None
+        when the stream differs (the daemon is then aborted: the coordinator starts the stream anew)."""
+        raw_len, want = known
+        path = self.sess.chunk_path(seq)
+        write = seq >= released and not os.path.isfile(path)
+        enc = ChunkEncoder(self.sess.codec, self.sess.level, self.sess.hash_alg) if write else None
+        check, got = new_hasher(self.sess.hash_alg), 0
+        while got < raw_len:
+            piece = pieces.next(raw_len - got)
+            if not piece:
+                break
+            stream.update(piece)
+            check.update(piece)
+            if enc is not None:
+                enc.update(piece)
+            got += len(piece)
+        if got != raw_len or check.digest().hex() != want:
+            self.stop_zfs(grace=5.0)
+            self.save_final(state="aborted", reason="zfs send started again gave other bytes at chunk %d than "
+                            "the first run: the stream must start again" % seq)
+            return None
+        if enc is None:
+            try:
+                return os.stat(path).st_size
+            except OSError:
+                return 0
+        parts = enc.finish(seq)
+        size = sum(len(p) for p in parts)
+        self.wait_for_room(size)
+        self.write_chunk(seq, parts)
+        self.event("regenerated", "chunk %d was missing from the spool: written again" % seq)
+        return size
 
     def level(self) -> Optional[int]:
         """The compression level of the next chunk: the session's, if it set one; else ``LevelAdapter``'s,
@@ -1666,6 +1746,8 @@ class Server:
     def release(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
         """Delete chunks below ``upto``: the receiver has fed them to zfs receive."""
         upto = int(msg["upto"])
+        if upto > int((read_json(self.sess.file("released.json")) or {}).get("upto", 0)):
+            write_json(self.sess.file("released.json"), {"upto": upto})  # a restarted sender skips these
         done, _parts, _used = self.sess.spool_listing()
         freed = 0
         for seq in done:

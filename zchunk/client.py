@@ -122,7 +122,7 @@ class HostAgent:
             version = res.err_text.splitlines()[-1] if res.err_text else f"status {res.status}"
             raise E.OldPython(host=self.name, version=version) from None
 
-    @agent_call("install", "start")
+    @agent_call("install")
     async def install(self, spool_dir: str, dirname: str, config: dict[str, Any], start: bool = False) -> str:
         """Create ``<spool_dir>/<dirname>`` holding the agent and its config, and with ``start`` start its
         daemon in the same command. The session directory's path."""
@@ -132,6 +132,13 @@ class HostAgent:
                                  if spool_dir.startswith("/") else [])
         res = await self.host.run(argv, stdin=stdin)
         return str(self._reply(res.stdout, res.err_text)["path"])
+
+    @agent_call("start")
+    async def restart(self, session_dir: str) -> int:
+        """Start a session's daemon again (it died: a crash, a reboot of its host); the session's own copy
+        of the agent runs it. The new daemon's pid."""
+        res = await self.host.run([self.host.python, f"{session_dir}/agent.py", "start", session_dir])
+        return int(self._reply(res.stdout, res.err_text).get("pid") or 0)
 
     @agent_call("sessions")
     async def sessions(self, spool_dir: str) -> list[dict[str, Any]]:

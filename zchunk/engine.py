@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from .aio import quietly
 from .channels import AgentSide, ChannelSet, close_early
-from .client import AgentClient, AgentStatus, ReceiverClient, SenderClient
+from .client import AgentClient, AgentStatus, HostAgent, ReceiverClient, SenderClient
 from .errors import (
     AgentDied,
     ChunkCorrupt,
@@ -50,6 +50,9 @@ log = logging.getLogger("zchunk.engine")
 Emit = Callable[..., None]
 # How often the user's limit and pause are looked at (one stat of the session's control file).
 LINK_CHECK = 0.25
+# A sender daemon that died (killed, its host rebooted) while zfs receive still runs is started again this
+# often per transfer: it runs zfs send anew, checks the chunks it cut before and writes only the missing ones.
+SENDER_RESTARTS = 3
 
 
 @dataclass
@@ -137,6 +140,9 @@ class Transfer:
         self.outage = _Outage()
         self.src_room, self.dst_room = _SpoolRoom(), _SpoolRoom()
         self.starting_since: dict[str, float] = {}
+        self.sender_restarts = 0
+        self.restarted: tuple[int, float] | None = None  # the restarted sender's pid, when
+        self.restart_wanted = False
         self.started = time.monotonic()
         self.link_rate = LinkRate()
         self._last_progress_event = 0.0
@@ -297,6 +303,8 @@ class Transfer:
                     if _out_of_space(str(e.fields.get("stderr", ""))):
                         raise await self._target_full(e) from e
                     raise
+                if self.restart_wanted:
+                    await self._restart_sender()
                 self._emit_progress()
                 if self.done.is_set():
                     break
@@ -370,6 +378,8 @@ class Transfer:
             if st.get("state") == "failed":
                 raise from_daemon(side.name, side.role, st)
         for side, st in ((self.src, src), (self.dst, dst)):
+            if side is self.src and st.get("state") == "dead" and self._sender_restartable(st):
+                continue
             if st.get("state") in ("dead", "aborted"):
                 raise AgentDied(host=side.name, role=side.role, session=self.sid,
                                 state=st.get("reason") or st.get("state"))
@@ -387,6 +397,30 @@ class Transfer:
                                      f"receiver {dst.get('stream_hash')}")
             self.done.set()
             self.changed.set()
+
+    def _sender_restartable(self, st: dict[str, Any]) -> bool:
+        """A dead sender is started again (``restart_wanted``) while zfs receive still waits for the stream
+        and restarts are left; one restarted a moment ago is given ``start_timeout`` to report itself."""
+        if self.reports.receiver.get("state") not in ("running", "starting"):
+            return False
+        if self.restarted is not None:
+            pid, when = self.restarted
+            if st.get("pid") != pid and time.monotonic() - when < self.opts.start_timeout:
+                return True  # the new daemon has not written its state yet
+        if self.sender_restarts >= SENDER_RESTARTS:
+            return False
+        self.restart_wanted = True
+        return True
+
+    async def _restart_sender(self) -> None:
+        self.restart_wanted = False
+        self.sender_restarts += 1
+        self.emit("sender_restart", host=self.src.name, attempt=self.sender_restarts,
+                  detail=f"the sender died (state {self.reports.sender.get('reason') or 'dead'}) while zfs "
+                  "receive still runs: starting zfs send again; the chunks cut before are checked, not sent again")
+        pid = await self._with_retries(self.src.name, lambda: HostAgent(self.src.host).restart(self.src.session_dir))
+        self.restarted = (pid, time.monotonic())
+        self.progressed()
 
     # -- full spool filesystems and a full target pool ------------------------------
 

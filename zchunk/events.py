@@ -151,6 +151,19 @@ EVENTS = _kinds(
         "seq": "chunk number", "offset": "bytes of it already on the target"}),
     EventKind("chunk_discarded", "A chunk failed verification on the target and is moved again.", {
         "host": _HOST, "detail": "which chunk and why"}),
+    EventKind("sender_restart", "The source's daemon died (killed, its host rebooted) while zfs receive still "
+              "runs: it is started again, runs zfs send anew, checks each chunk it cut before by its raw "
+              "checksum and writes only the missing ones (a stream that differs is started anew from its base).", {
+                  "host": "the source host", "attempt": "restarts in this transfer (at most 3)",
+                  "detail": "why"}),
+    EventKind("seed_exported", "zchunk seed export finished (or found its export complete).", {
+        "snapshot": "the snapshot exported", "guid": "its guid", "chunks": "chunks of the stream",
+        "raw_bytes": "the stream's bytes", "stored_bytes": "chunk file bytes written", "volumes": "volumes",
+        "reused": "chunks kept from an interrupted export", "seconds": "how long it took"}),
+    EventKind("seed_imported", "zchunk seed import finished (chunks 0: the target had the snapshot already).", {
+        "snapshot": "the snapshot received", "guid": "its guid, checked", "chunks": "chunks fed to zfs receive",
+        "raw_bytes": "the stream's bytes", "seconds": "how long it took",
+        "done": "the import is complete"}),
     EventKind("stream_end", "zfs send has finished: the stream's size is known.", {
         "chunks": "chunks in the stream", "raw_bytes": "stream bytes"}),
     EventKind("verified", "The target snapshot's guid equals the source's, after the whole-stream checksum.", {

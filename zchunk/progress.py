@@ -174,6 +174,9 @@ class TextRenderer:
     def on_unpaused(self, f: dict[str, Any]) -> None:
         self._line("resumed: chunks move again")
 
+    def on_sender_restart(self, f: dict[str, Any]) -> None:
+        self._line(f"{f['host']}: {f['detail']}")
+
     def on_warning(self, f: dict[str, Any]) -> None:
         self._line(f"warning: {f.get('host', '')}: {f['detail']}")
 

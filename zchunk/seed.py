@@ -34,7 +34,7 @@ import subprocess
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +292,6 @@ class ImportResult:
     chunks: int
     raw_bytes: int
     seconds: float
-    staged_volumes: list[int] = field(default_factory=list)
     done: bool = False
 
 
