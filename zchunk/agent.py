@@ -1182,6 +1182,12 @@ class SenderDaemon(Daemon):
         if known:
             self.event("regenerating", "zfs send started again: the first %d chunks are checked against "
                        "the ones cut before and only those missing from the spool are written" % len(known))
+            for name in os.listdir(sess.chunks):  # the dead daemon's half-written chunks (one daemon at a time)
+                if name.endswith(".tmp"):
+                    try:
+                        os.unlink(os.path.join(sess.chunks, name))
+                    except OSError:
+                        pass
         self.proc = self.spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         widen_pipe(self.proc.stdout.fileno())
