@@ -30,6 +30,10 @@ def prop(name: str, p: str) -> str:
     return zfs("get", "-H", "-p", "-o", "value", p, name).strip()
 
 
+def done_seed(out: Path) -> str:
+    return str(json.loads((out / "export.json").read_text())["seed"])
+
+
 def export(zc: Zchunk, src: str, out: Path, *extra: str) -> Any:
     return zc.run("seed", "export", src, str(out), "--chunk-size", "1M", *extra)
 
@@ -45,6 +49,7 @@ def test_export_import_then_sync_continues_incrementally(zc: Zchunk, pools: Any,
     seed_snap = done["snapshot"]
     assert seed_snap.startswith(f"{src}@zchunk_seed_") and done["volumes"] >= 2, done
     assert prop(seed_snap, "userrefs") == "1", "held until the target has it"
+    assert prop(seed_snap, "zchunk:seed") == done_seed(out), "marked for the sync that will let it go"
     vols = sorted(p.name for p in out.iterdir() if p.name.startswith("vol"))
     assert vols == [f"vol{n:03d}" for n in range(1, done["volumes"] + 1)]
     for v in vols:
@@ -71,6 +76,7 @@ def test_export_import_then_sync_continues_incrementally(zc: Zchunk, pools: Any,
     assert sync.returncode == 0, sync.explain()
     assert [e["send_kind"] for e in sync.of("plan")] == ["incremental"], sync.explain()
     assert prop(seed_snap, "userrefs") == "0", "the seed's hold let go once the target has its snapshot"
+    assert prop(seed_snap, "zchunk:seed") == "-"
     zfs("destroy", seed_snap)  # no longer held by the seed: the admin may prune it
     assert_replica(src, dst, snapshots(src)[-1].split("@")[1])
 

@@ -29,7 +29,6 @@ from .flags import KEY_PROPERTIES, StreamOptions, send_flags
 from .hooks import Hooks, around_snapshot
 from .link import Pacer
 from .plan import (
-    SYNC_PREFIX,
     Policy,
     ReplicationPlan,
     Retention,
@@ -43,7 +42,7 @@ from .preflight import HostReport, probe_host
 from .session import StateStore, TargetLock
 from .stream import StreamSpec, SyncOptions, SyncResult, abort, resume, run_stream
 from .transport import Host, first_contact, make_host
-from .zfs import UNENCRYPTED, Dataset, Snapshot, Zfs, receive_perms, send_perms
+from .zfs import SEED_PROPERTY, UNENCRYPTED, Dataset, Snapshot, Zfs, receive_perms, send_perms
 
 # Properties never copied by --preserve-properties: they would clash with the
 # source's mounts and shares or cannot be set on receive.
@@ -908,12 +907,13 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
 
 
 async def _release_seed(src: Side, src_ds: Dataset, dst_ds: Dataset | None) -> None:
-    """``zchunk seed export`` holds its snapshot until the target has it: the first sync after the import
-    (whose base it is) lets it go."""
+    """``zchunk seed export`` holds its snapshot (marked ``zchunk:seed``) until the target has it: the first
+    sync after the import (whose base it is) lets it go."""
     there = {s.guid for s in dst_ds.snapshots} if dst_ds is not None else set()
     for snap in src_ds.snapshots:
-        if snap.short.startswith(f"{SYNC_PREFIX}seed_") and snap.guid in there:
+        if snap.seed and snap.guid in there:
             await src.zfs.release("zchunk_seed", snap.name)
+            await src.zfs.run("inherit", SEED_PROPERTY, snap.name, check=False)
 
 
 async def _release_others(side: Side, tag: str, keep: str) -> None:

@@ -42,7 +42,7 @@ from . import agent as A
 from . import errors as E
 from .plan import sync_snapshot_name
 from .transport import Host, LocalHost
-from .zfs import Zfs
+from .zfs import SEED_PROPERTY, Zfs
 
 FORMAT = "zchunk-seed"
 VERSION = 1
@@ -151,6 +151,7 @@ async def export(source: str, out: Path, snapshot: str | None, volume_size: int 
         A.write_json(str(state_path), state)
     if await zfs.holds_supported(snap.name):
         await zfs.hold(HOLD_TAG, snap.name)
+    await zfs.set(snap.name, SEED_PROPERTY, str(state["seed"]))  # the first sync that finds it there lets it go
     entries = _journal(out)
     reused = len(entries)
     if not state.get("complete"):

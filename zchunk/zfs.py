@@ -20,6 +20,7 @@ class Snapshot:
     guid: int
     createtxg: int
     referenced: int = 0
+    seed: bool = False  # SEED_PROPERTY set: a seed export's snapshot, held until the target has it
 
     @property
     def short(self) -> str:
@@ -27,10 +28,16 @@ class Snapshot:
         return self.name.split("@", 1)[1] if "@" in self.name else self.name.split("#", 1)[-1]
 
 
+#: On a snapshot ``zchunk seed export`` streamed and holds (tag ``zchunk_seed``) until the target has it: the
+#: first ``zchunk sync`` that finds it there releases the hold and clears this.
+SEED_PROPERTY = "zchunk:seed"
 #: A replica locked against replication (a failover): "who@host ISO-time: why", on the dataset itself so that
 #: the lock travels with the data; inherited by its children. Every zchunk sync into it refuses (TargetLocked).
 LOCK_PROPERTY = "zchunk:locked"
 
+
+#: What a dataset's (or tree's) one listing reads of it and its snapshots.
+LISTED = f"type,guid,createtxg,referenced,{LOCK_PROPERTY},{SEED_PROPERTY}"
 
 @dataclass(frozen=True)
 class Dataset:
@@ -177,7 +184,7 @@ def dataset_from_props(name: str, props: dict[str, dict[str, str]]) -> Dataset |
     if mine is None:
         return None
     snaps = [
-        Snapshot(n, _int(p.get("guid")), _int(p.get("createtxg")), _int(p.get("referenced")))
+        _snapshot(n, p)
         for n, p in props.items()
         if n.startswith(name + "@")
     ]
@@ -191,11 +198,15 @@ def datasets_from_props(props: dict[str, dict[str, str]]) -> dict[str, Dataset]:
     snaps: dict[str, list[Snapshot]] = {}
     for n, p in props.items():
         if "@" in n:
-            snaps.setdefault(n.split("@", 1)[0], []).append(
-                Snapshot(n, _int(p.get("guid")), _int(p.get("createtxg")), _int(p.get("referenced"))))
+            snaps.setdefault(n.split("@", 1)[0], []).append(_snapshot(n, p))
     return {n: Dataset(n, p.get("type", "filesystem"), _int(p.get("guid")), _int(p.get("referenced")),
                        tuple(sorted(snaps.get(n, ()), key=lambda s: s.createtxg)), _lock(p))
             for n, p in props.items() if "@" not in n and "#" not in n}
+
+
+def _snapshot(name: str, p: dict[str, str]) -> Snapshot:
+    return Snapshot(name, _int(p.get("guid")), _int(p.get("createtxg")), _int(p.get("referenced")),
+                    p.get(SEED_PROPERTY, "-") not in ("-", ""))
 
 
 def _lock(props: dict[str, str]) -> str:
@@ -282,7 +293,7 @@ class Zfs:
     async def dataset(self, name: str) -> Dataset | None:
         """The dataset and its snapshots, or None when it does not exist."""
         res = await self.run("get", "-H", "-p", "-o", "name,property,value", "-d", "1",
-                             f"type,guid,createtxg,referenced,{LOCK_PROPERTY}", name, check=False, dataset=name)
+                             LISTED, name, check=False, dataset=name)
         if res.status != 0:
             if "does not exist" in res.err_text or "no such" in res.err_text.lower():
                 return None
@@ -294,7 +305,7 @@ class Zfs:
         """``root`` and every dataset below it, with their snapshots, by name: one command for a whole tree.
         Empty when ``root`` does not exist."""
         res = await self.run("get", "-H", "-p", "-r", "-o", "name,property,value",
-                             f"type,guid,createtxg,referenced,{LOCK_PROPERTY}", root, check=False, dataset=root)
+                             LISTED, root, check=False, dataset=root)
         if res.status != 0:
             if "does not exist" in res.err_text or "no such" in res.err_text.lower():
                 return {}

@@ -188,3 +188,27 @@ def test_openzfs_made_filesystem_is_refused_though_its_stream_has_no_flags(zc: Z
         assert snapshots(src) == before, "the source is untouched"
         assert not fuse(cross, "exists", dst)
         assert not zc.session_dirs(), "no session directory was made"
+
+
+def test_a_seed_exported_on_zfs_fuse_is_imported_here_then_synced(zc: Zchunk, cross: dict[str, str],
+                                                                   pool_factory: Any, tmp_path: Path) -> None:
+    """Issue 17: a seed written on the zfs-fuse host (the compatible direction), carried here (a tar over
+    ssh stands for the disk), imported into OpenZFS, then replicated onto incrementally."""
+    fpool = cross["ZCHUNK_CROSS_FUSE_POOL"]
+    oz = pool_factory(size="256M")
+    src, seeded = f"{fpool}/src", f"{oz.name}/seeded"
+    out = f"{cross['ZCHUNK_CROSS_SPOOL']}/seed-export"
+    on_host(cross, "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-m', 'zchunk', 'seed', "
+            "'export', sys.argv[1], sys.argv[2], '--snapshot', 's1', '--chunk-size', '1M']).returncode)", src, out)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    carried = subprocess.run(f"ssh -F {cross['ZCHUNK_CROSS_SSH_CONFIG']} {FUSE_HOST} tar -C {out} -cf - . "
+                             f"| tar -C {disk} -xf -", shell=True, capture_output=True, text=True, timeout=300)
+    assert carried.returncode == 0, carried.stderr
+    run = zc.run("seed", "import", str(disk), seeded, "--staging-dir", str(tmp_path / "staging"))
+    assert run.returncode == 0, run.explain()
+    assert_same(src, True, seeded, False, "s1", cross)
+    assert zfs("get", "-H", "-o", "value", "mounted", seeded).strip() == "no", "received with -u"
+    run = zc.run("sync", f"root@{FUSE_HOST}:{src}", seeded, "--identifier", "seeded")
+    assert run.returncode == 0, run.explain()
+    assert all(p["base"] for p in run.of("plan")), "incremental from the seed (or a later common snapshot)"
