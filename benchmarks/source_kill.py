@@ -60,7 +60,7 @@ def one_run(b: bench.Bench, src: str, target: str, work: Path, kill_at: float | 
             sender, receiver = state(spool, "send"), state(spool, "receive")
             total = max(1, b.meta["stream_bytes"]["s1"] // CHUNK + 1)
             if receiver.get("next_seq", 0) >= kill_at * total and sender.get("pid"):
-                os.killpg(int(sender["pid"]), signal.SIGKILL)
+                os.killpg(os.getpgid(int(sender["pid"])), signal.SIGKILL)  # the daemon and its zfs send
                 for d in spool.glob("*-send"):
                     subprocess.run(["pkill", "-9", "-f", str(d)], check=False)
                 killed_at = receiver.get("next_seq")

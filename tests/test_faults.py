@@ -341,7 +341,8 @@ def test_the_source_side_killed_mid_stream_regenerates_and_resends_at_most_a_chu
     try:
         bg.wait_for(lambda: chunks_received(zc) >= 7, timeout=90, what="7 chunks fed to zfs receive")
         send_dir = next(d for d in zc.session_dirs() if d.name.endswith("-send"))
-        os.killpg(int((zc.agent_state("send") or {})["pid"]), signal.SIGKILL)  # the daemon and its zfs send
+        # the daemon and its zfs send: its process group (setsid'ed when it was started)
+        os.killpg(os.getpgid(int((zc.agent_state("send") or {})["pid"])), signal.SIGKILL)
         kill_matching(str(send_dir))  # and the source's serve processes
         run = bg.finish()
     finally:
