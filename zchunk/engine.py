@@ -418,7 +418,12 @@ class Transfer:
         self.emit("sender_restart", host=self.src.name, attempt=self.sender_restarts,
                   detail=f"the sender died (state {self.reports.sender.get('reason') or 'dead'}) while zfs "
                   "receive still runs: starting zfs send again; the chunks cut before are checked, not sent again")
-        pid = await self._with_retries(self.src.name, lambda: HostAgent(self.src.host).restart(self.src.session_dir))
+        try:
+            pid = await self._with_retries(self.src.name,
+                                           lambda: HostAgent(self.src.host).restart(self.src.session_dir))
+        except ZchunkError as e:  # its session directory gone with the host's reboot (a spool on tmpfs), ...
+            raise AgentDied(host=self.src.name, role=self.src.role, session=self.sid,
+                            state=f"dead, and could not be started again: {e}") from e
         self.restarted = (pid, time.monotonic())
         self.progressed()
 
