@@ -26,6 +26,7 @@ and releases the seed's hold on the source once the target has the snapshot.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -198,7 +199,7 @@ def _write_stream(out: Path, state: dict[str, Any], entries: list[ChunkEntry], s
             "checked against the recorded one")
     journal = open(out / "export.log", "a" if kept else "w")
     try:
-        vol, vol_bytes = (entries[-1].volume, _volume_bytes(entries, entries[-1].volume)) if entries else (1, 0)
+        vol, vol_bytes = _last_volume(entries)
         while True:
             raw = A.read_up_to(proc.stdout, chunk_size)
             if not raw:
@@ -214,8 +215,7 @@ def _write_stream(out: Path, state: dict[str, Any], entries: list[ChunkEntry], s
                 journal.close()
                 (out / "export.log").write_text("".join(e.line() for e in entries))
                 journal = open(out / "export.log", "a")
-                vol, vol_bytes = (entries[-1].volume, _volume_bytes(entries, entries[-1].volume)) if entries \
-                    else (1, 0)
+                vol, vol_bytes = _last_volume(entries)
             blob = A.encode_chunk(seq, raw, codec, 3, check)
             if volume_size and vol_bytes and vol_bytes + len(blob) > volume_size:
                 vol, vol_bytes = vol + 1, 0
@@ -245,8 +245,12 @@ def _write_stream(out: Path, state: dict[str, Any], entries: list[ChunkEntry], s
     return {"chunks": seq, "raw_bytes": raw_total, "stream_hash": stream.hexdigest()}
 
 
-def _volume_bytes(entries: list[ChunkEntry], vol: int) -> int:
-    return sum(e.file_size for e in entries if e.volume == vol)
+def _last_volume(entries: list[ChunkEntry]) -> tuple[int, int]:
+    """The volume the next chunk goes to (until it is full) and the bytes it holds so far."""
+    if not entries:
+        return 1, 0
+    vol = entries[-1].volume
+    return vol, sum(e.file_size for e in entries if e.volume == vol)
 
 
 def _write_manifests(out: Path, state: dict[str, Any], entries: list[ChunkEntry]) -> None:
@@ -401,7 +405,7 @@ async def import_seed(dirs: list[Path], target: str, staging_base: Path, wait: f
                                    staged=", ".join(map(str, sorted(set(staging.volumes()))) or "none"),
                                    where=str(staging.dir))
         say(f"waiting for volume(s) {need} of {count}: mount them at one of {', '.join(map(str, dirs))}")
-        time.sleep(wait)
+        await asyncio.sleep(wait)
         vols = [v for v in find_volumes(dirs) if v.manifest["seed"] == meta["seed"]]
     plan = _stream_plan(present, staging, meta)
     if repair_from is not None:
