@@ -90,3 +90,24 @@ def test_a_restarted_sender_writes_only_what_is_missing_and_gives_up_on_another_
     subprocess.run([sys.executable, str(session / "agent.py"), "remove", str(session)], capture_output=True,
                    timeout=60)
     assert not os.path.exists(session)
+
+
+def test_release_frees_the_chunks_even_when_its_record_cannot_be_written(tmp_path: Path, monkeypatch: Any) -> None:
+    """A release is what makes room on a full spool filesystem: the chunks go first, and ``released.json``
+    (only an economy for a restarted sender) failing for lack of space is not an error of the release."""
+    stream = tmp_path / "stream"
+    stream.write_bytes(random.Random(8).randbytes(4 * MiB))
+    session = install(tmp_path, stream)
+    assert run_daemon(session)["state"] == "done"
+    server = agent.Server(agent.Session(str(session)), None, None)  # type: ignore[arg-type]
+
+    def full(path: str, data: Any) -> None:
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(agent, "write_json", full)
+    assert server.answer(1, {"op": "release", "upto": 2}) == (agent.FRAME_REPLY, {"released": 2})
+    assert sorted(int(p.name.split(".")[0]) for p in (session / "chunks").iterdir()) == [2, 3]
+    assert not (session / "released.json").exists()
+    monkeypatch.undo()
+    assert server.answer(2, {"op": "release", "upto": 3}) == (agent.FRAME_REPLY, {"released": 1})
+    assert json.loads((session / "released.json").read_text()) == {"upto": 3}

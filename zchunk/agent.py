@@ -826,6 +826,11 @@ class Session:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def released_upto(self) -> int:
+        """(Sender) chunks below this were fed to zfs receive and released from the spool (``released.json``)."""
+        st = read_json(self.file("released.json")) or {}
+        return int(st.get("upto", 0))
+
     def chunk_limit(self, seq: int, done: int = 0) -> int:
         """Raw bytes of chunk ``seq``, ``done`` raw bytes into the stream (the last chunk may be shorter).
 
@@ -1177,7 +1182,7 @@ class SenderDaemon(Daemon):
         sess = self.sess
         argv = zfs_argv(sess.cfg)
         known = self.recorded()  # chunks an earlier daemon of this session cut: (raw_len, raw_hash)
-        released = self.released_upto()
+        released = self.sess.released_upto()
         self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False, regenerated=0)
         if known:
             self.event("regenerating", "zfs send started again: the first %d chunks are checked against "
@@ -1269,11 +1274,6 @@ class SenderDaemon(Daemon):
                 break
             out.append((int(parts[1]), parts[2]))
         return out
-
-    def released_upto(self) -> int:
-        """Chunks below this were fed to zfs receive and released from the spool (``released.json``)."""
-        st = read_json(self.sess.file("released.json")) or {}
-        return int(st.get("upto", 0))
 
     def regenerate(self, seq: int, known: Tuple[int, str], pieces: "PieceReader", stream: Any,
                    released: int) -> Optional[int]:
@@ -1752,8 +1752,6 @@ class Server:
     def release(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
         """Delete chunks below ``upto``: the receiver has fed them to zfs receive."""
         upto = int(msg["upto"])
-        if upto > int((read_json(self.sess.file("released.json")) or {}).get("upto", 0)):
-            write_json(self.sess.file("released.json"), {"upto": upto})  # a restarted sender skips these
         done, _parts, _used = self.sess.spool_listing()
         freed = 0
         for seq in done:
@@ -1763,6 +1761,14 @@ class Server:
                     freed += 1
                 except FileNotFoundError:
                     pass
+        # After the deletions, which make room for it. A restarted sender skips the chunks below it; without
+        # it (a spool filesystem still full) it only writes those chunks again, to be released again.
+        if upto > self.sess.released_upto():
+            try:
+                write_json(self.sess.file("released.json"), {"upto": upto})
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
         return {"released": freed}
 
     # -- receiver -----------------------------------------------------------
