@@ -54,7 +54,8 @@ def second_run_during_first(first: Zchunk, second: Zchunk, pool_factory: Any, ss
     src_pool, dst_pool = pool_factory(size="512M"), pool_factory(size="512M")
     quiet_target_pool(dst_pool)
     dst = f"{dst_pool.name}/replica"
-    args = ["sync", "--chunk-size", "256K", "--spool-max", "1M", "--parallel", "1",
+    # --bwlimit: the first run is still moving when the second one has been refused, on any machine
+    args = ["sync", "--chunk-size", "256K", "--spool-max", "1M", "--parallel", "1", "--bwlimit", "2M",
             "--ssh-config", str(sshd_local.ssh_config)]
     if kind == "full":
         src = make_source(src_pool, 16 * MiB, seed=81, compressible=0.0)

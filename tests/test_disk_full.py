@@ -105,7 +105,7 @@ def test_source_spool_full_pauses_zfs_send_then_completes(zc: NsZchunk, pools: A
     src = make_source(src_pool, 16 * MiB, seed=51, compressible=0.0)
     dst = f"{dst_pool.name}/replica"
     bg = zc.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--spool-max", "4M", "--parallel", "2",
-                  "--ssh-config", str(sshd_local.ssh_config))
+                  "--bwlimit", "4M", "--ssh-config", str(sshd_local.ssh_config))  # still running when filled
     try:
         bg.wait_for(lambda: (zc.agent_state("receive") or {}).get("next_seq", 0) >= 2, 60, "2 chunks received")
         with Hog(source_fs.view()):
@@ -136,7 +136,7 @@ def test_target_spool_full_holds_chunks_back_then_completes(zc: NsZchunk, pools:
     src = make_source(src_pool, 16 * MiB, seed=52, compressible=0.0)
     dst = f"{dst_pool.name}/replica"
     bg = zc.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--spool-max", "4M", "--parallel", "2",
-                  "--ssh-config", str(sshd_local.ssh_config))
+                  "--bwlimit", "4M", "--ssh-config", str(sshd_local.ssh_config))  # still running when filled
     try:
         bg.wait_for(lambda: (zc.agent_state("receive") or {}).get("next_seq", 0) >= 2, 60, "2 chunks received")
         with Hog(target_fs.path):
