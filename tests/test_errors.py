@@ -80,6 +80,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "run history": (17, {"HistoryError"}),
     "snapshot hook": (18, {"HookFailed"}),
     "seed volumes missing": (19, {"SeedIncomplete"}),
+    "seed disk full": (20, {"SeedDiskFull"}),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.spoolfs import Tmpfs
 from tests.zc import Zchunk
 from tests.zfsutil import add_change, assert_replica, exists, make_source, mounted, snapshots, zfs
 from zchunk import lab
@@ -194,6 +195,36 @@ def test_an_interrupted_export_keeps_its_chunks(zc: Zchunk, pools: Any, tmp_path
     assert_replica(src, dst, "s1")
     with mounted(dst) as files:
         assert sum(f.stat().st_size for f in (files / "data").rglob("*") if f.is_file()) >= 32 * MiB
+
+
+def test_a_full_export_disk_is_one_clear_error_and_the_export_goes_on_in_a_copy(zc: Zchunk, pools: Any,
+                                                                                  tmp_path: Path) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=36, name="big", compressible=0.0)
+    before = snapshots(src)
+    with Tmpfs(tmp_path / "tiny", MiB) as tiny:  # not even one chunk: refused before any snapshot is taken
+        run = zc.run("seed", "export", src, str(tiny.path / "seed"), "--chunk-size", "1M")
+        assert run.returncode == 20 and run.error()["error"] == "SeedDiskFull", run.explain()
+        assert "less than one chunk" in run.error()["message"]
+        assert snapshots(src) == before and not (tiny.path / "seed").exists()
+    with Tmpfs(tmp_path / "small", 6 * MiB) as small:
+        out = small.path / "seed"
+        run = zc.run("seed", "export", src, str(out), "--chunk-size", "1M", "--snapshot", "s1")
+        assert run.returncode == 20 and run.error()["error"] == "SeedDiskFull", run.explain()
+        error = [line for line in run.stderr.splitlines() if line.startswith("zchunk: error:")]
+        assert len(error) == 1 and str(out) in error[0] and "No space left on device after " in error[0], run.stderr
+        assert "copy" in run.error()["hint"]
+        written = len((out / "export.log").read_text().splitlines())
+        assert written >= 3 and not list(out.rglob("*.tmp")), "whole chunks kept, no half-written one"
+        copy = tmp_path / "bigger"
+        shutil.copytree(out, copy)
+    run = zc.run("seed", "export", src, str(copy), "--chunk-size", "1M", "--snapshot", "s1")
+    assert run.returncode == 0, run.explain()
+    assert run.of("seed_exported")[0]["reused"] == written
+    dst = f"{dst_pool.name}/big"
+    imp = zc.run("seed", "import", str(copy), dst, "--staging-dir", str(tmp_path / "staging"))
+    assert imp.returncode == 0, imp.explain()
+    assert_replica(src, dst, "s1")
 
 
 def test_bad_input_changes_nothing(zc: Zchunk, pools: Any, tmp_path: Path) -> None:

@@ -375,6 +375,14 @@ class SeedIncomplete(ZchunkError):
           "volumes need not be given again), or add --wait to wait for them; nothing reached zfs receive"
 
 
+class SeedDiskFull(ZchunkError):
+    """{dir}: no room for the seed: {why}"""
+
+    exit_code = 20
+    fix = ("the chunks written are kept: make room there, or copy {dir} to a larger disk and export into the "
+           "copy; the same command then goes on from the last whole chunk")
+
+
 class ConfigError(ZchunkError):
     """{path}: {count} problem(s) in the configuration, the first: {first}"""
 

@@ -34,7 +34,8 @@ import socket
 import subprocess
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from typing import Any
 from . import agent as A
 from . import errors as E
 from .plan import sync_snapshot_name
+from .progress import human_bytes
 from .transport import Host, LocalHost
 from .zfs import SEED_PROPERTY, Zfs
 
@@ -131,6 +133,10 @@ async def export(source: str, out: Path, snapshot: str | None, volume_size: int 
         if out.exists() and any(out.iterdir()):
             raise E.UsageError(reason=f"{out} is not empty and holds no zchunk seed export: give an empty or "
                                "new directory")
+        free = _free_bytes(out)
+        if free < chunk_size + (1 << 20):  # a chunk, the manifests, the journal: before any snapshot is taken
+            raise E.SeedDiskFull(dir=str(out), why=f"{human_bytes(free)} free, less than one chunk "
+                                 f"({human_bytes(chunk_size)}) and its records")
         if snapshot is not None:
             full = snapshot if "@" in snapshot else f"{source}@{snapshot}"
             snap = next((s for s in ds.snapshots if s.name == full), None)
@@ -148,22 +154,46 @@ async def export(source: str, out: Path, snapshot: str | None, volume_size: int 
                  f"{secrets.token_hex(4)}", "source": source, "host": socket.gethostname(), "snapshot": snap.name,
                  "guid": snap.guid, "send_flags": ["-w"] if enc.on else [], "chunk_size": chunk_size,
                  "codec": codec_name, "checksum": check_name, "volume_size": volume_size, "complete": False}
-        _private_dir(out)
-        A.write_json(str(state_path), state)
+        with _disk_full(out, []):
+            _private_dir(out)
+            A.write_json(str(state_path), state)
     if await zfs.holds_supported(snap.name):
         await zfs.hold(HOLD_TAG, snap.name)
     await zfs.set(snap.name, SEED_PROPERTY, str(state["seed"]))  # the first sync that finds it there lets it go
     entries = _journal(out)
     reused = len(entries)
     if not state.get("complete"):
-        result = _write_stream(out, state, entries, say)
-        state.update(complete=True, total=result)
-        _write_manifests(out, state, entries)
-        A.write_json(str(state_path), state)
+        with _disk_full(out, entries):
+            result = _write_stream(out, state, entries, say)
+            state.update(complete=True, total=result)
+            _write_manifests(out, state, entries)
+            A.write_json(str(state_path), state)
     total = state["total"]
     return ExportResult(snap.name, snap.guid, total["chunks"], total["raw_bytes"],
                         sum(e.stored_len + A.CHUNK_HEADER_SIZE for e in entries), max(e.volume for e in entries),
                         min(reused, total["chunks"]), time.monotonic() - started)
+
+
+def _free_bytes(out: Path) -> int:
+    """Room for unprivileged writes on the filesystem of ``out`` (or of its nearest existing parent)."""
+    path = out
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@contextmanager
+def _disk_full(out: Path, entries: list[ChunkEntry]) -> Iterator[None]:
+    """A full disk under the export is its own error, saying how far the export got (it is kept)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in A.NO_SPACE:
+            raise
+        size = sum(e.file_size for e in entries)
+        raise E.SeedDiskFull(dir=str(out), why=f"{os.strerror(e.errno)} after {len(entries)} chunk(s), "
+                             f"{human_bytes(size)} of the seed written") from None
 
 
 def _journal(out: Path) -> list[ChunkEntry]:
