@@ -124,8 +124,7 @@ def main() -> int:
                     env = {**bench.os.environ, "PATH": bench.PATH, "LC_ALL": "C", **tool.env()}
                     wire0 = wire_counters(b.wire_dev)
                     start = time.monotonic()
-                    ident = ["--identifier", "bench"] if tool_name == "zchunk" else []
-                    proc = subprocess.run(tool.argv(job, b.far) + ident + extra, env=env, cwd=job.workdir,
+                    proc = subprocess.run(tool.argv(job, b.far) + extra, env=env, cwd=job.workdir,
                                           capture_output=True)
                     took = time.monotonic() - start
                     wire = wire_counters(b.wire_dev) - wire0
@@ -139,8 +138,6 @@ def main() -> int:
                     print(f"  {name:42s} run {r + 1}: {'ok  ' if ok else 'FAIL'} {took:7.2f} s "
                           f"{wire / MiB:8.1f} MiB" + ("" if ok else f"  {why}"), flush=True)
                     failed += not ok
-                    if tool_name == "zchunk":  # its hold on the new base (zfs-fuse has holds too) blocks cleanup
-                        bench.zfs("release", "zchunk_bench", f"{job.target}@s1", check=False)
                     b.cleanup(tool, job, tool.needles(job, b.far), keep_target=False)
             report["kinds"][kind] = {"limit": limit, "runs": runs}
             bench.zfs("release", "zchunk_bench", f"{ds}@s1", check=False)

@@ -276,8 +276,10 @@ class Bench:
         leftovers += self._destroy_partial()
         if keep_target:
             self._rollback(job)
-        elif error := retry_busy("destroy", "-r", job.target):
-            leftovers.append(error)
+        else:
+            zfs("release", "zchunk_bench", f"{job.target}@{job.snapshot}", check=False)  # zchunk's, on its base
+            if error := retry_busy("destroy", "-r", job.target):
+                leftovers.append(error)
         shutil.rmtree(job.workdir / "spool", ignore_errors=True)
         return leftovers
 

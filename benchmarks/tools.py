@@ -85,7 +85,7 @@ class Zchunk(Tool):
         return [*cli, "sync", job.dataset, f"dst:{job.target}", "--no-sync-snap",
                 "--ssh-config", str(far.ssh_config), "--json",
                 "--spool-dir", str(self.spool(job)), "--state-dir", str(job.workdir / "state"),
-                "--patience", "30m"]
+                "--patience", "30m", "--identifier", "bench"]  # its holds: tag zchunk_bench (cleanup)
 
 
 class Syncoid(Tool):
