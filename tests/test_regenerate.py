@@ -111,3 +111,26 @@ def test_release_frees_the_chunks_even_when_its_record_cannot_be_written(tmp_pat
     monkeypatch.undo()
     assert server.answer(2, {"op": "release", "upto": 3}) == (agent.FRAME_REPLY, {"released": 1})
     assert json.loads((session / "released.json").read_text()) == {"upto": 3}
+
+
+def test_status_does_not_lose_a_chunk_renamed_while_the_spool_is_listed(tmp_path: Path, monkeypatch: Any) -> None:
+    """readdir may list a file renamed meanwhile (a received ``.part`` becoming ``.chunk``) under neither
+    name: the bytes on the target would drop by a chunk for one progress event. Two listings must agree."""
+    stream = tmp_path / "stream"
+    stream.write_bytes(random.Random(9).randbytes(3 * MiB))
+    session = install(tmp_path, stream)
+    assert run_daemon(session)["state"] == "done"
+    sess = agent.Session(str(session))
+    real = sess.spool_listing
+    calls = []
+
+    def racy() -> tuple[dict[int, int], dict[int, int], int]:
+        done, parts, used = real()
+        calls.append(1)
+        if len(calls) == 1:  # the first listing misses chunk 1, as a concurrent rename can make it
+            used -= done.pop(1)
+        return done, parts, used
+
+    monkeypatch.setattr(sess, "spool_listing", racy)
+    reply = agent.Server(sess, None, None).status(1, {"op": "status"})  # type: ignore[arg-type]
+    assert reply["chunks"] == [0, 1, 2] and reply["spool_bytes"] == real()[2], reply

@@ -1688,13 +1688,16 @@ class Server:
     def status(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
         # The state file and the spool as of one moment: a chunk fed while the spool is listed would be
         # counted twice or not at all (the receiver saves its progress, then deletes the chunk).
+        # A chunk renamed from .part to .chunk while the directory is read may be listed under neither name
+        # (readdir and a concurrent rename): two listings must agree on the names too.
         st = self.sess.state()
+        done, parts, used = self.sess.spool_listing()
         for _ in range(3):
-            done, parts, used = self.sess.spool_listing()
             again = self.sess.state()
-            if again.get("next_seq") == st.get("next_seq"):
+            done2, parts2, used2 = self.sess.spool_listing()
+            if again.get("next_seq") == st.get("next_seq") and set(done2) == set(done) and set(parts2) == set(parts):
                 break
-            st = again
+            st, done, parts, used = again, done2, parts2, used2
         return {"role": self.sess.role, "daemon": st, "chunks": sorted(done),
                 "parts": {str(k): v for k, v in parts.items()}, "spool_bytes": used,
                 "spool_max": self.sess.spool_max}
