@@ -191,7 +191,7 @@ def _disk_full(out: Path, entries: list[ChunkEntry]) -> Iterator[None]:
     except OSError as e:
         if e.errno not in A.NO_SPACE:
             raise
-        size = sum(e.file_size for e in entries)
+        size = sum(entry.file_size for entry in entries)
         raise E.SeedDiskFull(dir=str(out), why=f"{os.strerror(e.errno)} after {len(entries)} chunk(s), "
                              f"{human_bytes(size)} of the seed written") from None
 
