@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_service import status, sync_snaps, write_jobs, zchunk
 from tests.zc import Zchunk
-from tests.zfsutil import assert_replica, exists, guid, make_source, mountpoint, snapshots, zfs
+from tests.zfsutil import assert_replica, destroy_when_free, exists, guid, make_source, mountpoint, snapshots, zfs
 
 pytestmark = [pytest.mark.zfs]
 
@@ -179,7 +179,7 @@ def test_a_failback_onto_a_rebuilt_empty_source(zc: Zchunk, pools: Any, tmp_path
     (mountpoint(dst) / "rows-1").write_bytes(b"r" * 300_000)
     for snap in sync_snaps(src):  # the pool is lost, its holds with it
         zfs("release", f"zchunk_{snap.split('@')[1].split('_')[1]}", snap)
-    zfs("destroy", "-r", "-f", src)  # the rebuilt pool: no such dataset
+    destroy_when_free("-r", "-f", src)  # the rebuilt pool: no such dataset
 
     before = snapshots(dst)
     plan = zchunk("failback", "db", *cfg)

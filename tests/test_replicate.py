@@ -14,6 +14,7 @@ from tests.zc import Zchunk
 from tests.zfsutil import (
     add_change,
     assert_replica,
+    destroy_when_free,
     exists,
     guid,
     make_source,
@@ -209,7 +210,7 @@ def test_a_snapshot_destroyed_and_recreated_on_the_source_is_named_and_replaced_
     add_change(src, MiB, seed=91, snap="s2")
     assert zc.run("sync", src, dst, "--no-sync-snap", "--identifier", "rc").returncode == 0
     zfs("release", "zchunk_rc", f"{src}@s2")  # the admin's way to a re-created @s2: release, destroy, snapshot
-    zfs("destroy", f"{src}@s2")
+    destroy_when_free(f"{src}@s2")
     add_change(src, MiB, seed=92, snap="s2")
     before = (names(src), names(dst))
     run = zc.run("sync", src, dst, "--identifier", "rc")
@@ -230,7 +231,7 @@ def test_a_sync_snapshot_gone_from_the_source_is_rolled_back_over_on_the_target(
     assert zc.run("sync", src, dst, "--identifier", "gone").returncode == 0
     ours = [n for n in names(src) if n.startswith("zchunk_gone_")][-1]
     zfs("release", "zchunk_gone", f"{src}@{ours}")
-    zfs("destroy", f"{src}@{ours}")
+    destroy_when_free(f"{src}@{ours}")
     add_change(src, MiB, seed=94, snap="s2")
     time.sleep(1.1)  # sync snapshot names have seconds: the next one must not reuse the destroyed one's name
     run = zc.run("sync", src, dst, "--identifier", "gone")
@@ -369,12 +370,7 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
             # the child goes from the source (its hold released first, as an admin would): its replica stays
             for snap in snapshots(f"{root}/gone"):
                 zfs("release", "zchunk_tr", snap)
-            for _ in range(60):  # zfs-fuse: "dataset is busy" a moment after a send
-                gone = subprocess.run(["zfs", "destroy", "-r", f"{root}/gone"], capture_output=True, text=True)
-                if gone.returncode == 0:
-                    break
-                time.sleep(1)
-            assert not exists(f"{root}/gone"), gone.stderr
+            destroy_when_free("-r", f"{root}/gone")
             zfs("create", f"{root}/c")
             lab.write_dataset(mountpoint(f"{root}/c") / "f", 64 << 10, seed=9)
         else:

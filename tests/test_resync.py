@@ -13,8 +13,7 @@ import pytest
 
 from tests.test_service import write_jobs
 from tests.zc import Zchunk
-from tests.zfsutil import add_change, assert_replica, exists, make_source, snapshots, wait_until, zfs
-from zchunk import lab
+from tests.zfsutil import add_change, assert_replica, destroy_when_free, exists, make_source, snapshots, zfs
 
 pytestmark = [pytest.mark.zfs]
 
@@ -37,7 +36,7 @@ def test_seed_000_a_vzdump_and_only_an_older_snapshot_in_common(zc: Zchunk, pool
     # the source's retention prunes daily2 (past zchunk's hold on it: an admin's zfs release), a new daily3
     # comes; a backup job snapshots the replica
     zfs("release", f"zchunk_{run.of('preflight')[0]['identifier']}", f"{src}@autosnap_daily2")
-    zfs("destroy", f"{src}@autosnap_daily2")
+    destroy_when_free(f"{src}@autosnap_daily2")
     add_change(src, MiB, seed=63, snap="autosnap_daily3")
     zfs("snapshot", f"{dst}@vzdump")
     refused = zc.run("sync", src, dst, "--no-sync-snap")
@@ -95,8 +94,7 @@ def test_a_source_gone_changes_nothing_and_the_replica_can_be_renamed(zc: Zchunk
     run = zc.run("sync", src, dst, "--no-sync-snap")
     assert run.returncode == 0, run.explain()
     zfs("release", f"zchunk_{run.of('preflight')[0]['identifier']}", f"{src}@s1")  # the admin destroys it all
-    # zfs-fuse says "busy" for a moment after a send
-    wait_until(lambda: lab.run(["zfs", "destroy", "-r", src], check=False).returncode == 0, 30, "source destroyed")
+    destroy_when_free("-r", src)
     run = zc.run("resync", src, dst)
     assert run.returncode == 3 and run.error()["error"] == "SourceGone", run.explain()
     assert "--rename-target NEW" in run.error()["hint"] and exists(dst)
@@ -150,8 +148,8 @@ def test_seed_001_the_target_lost_its_newest_snapshots_and_the_source_pruned_its
     run = zc.run("sync", src, dst, "--no-sync-snap")
     assert run.returncode == 0, run.explain()
     zfs("release", f"zchunk_{run.of('preflight')[0]['identifier']}", f"{dst}@replicate_08-30")
-    zfs("destroy", f"{dst}@replicate_08-30")  # "someone deleted snapshots on the target"
-    zfs("destroy", f"{src}@replicate_07-30")  # the source's retention
+    destroy_when_free(f"{dst}@replicate_08-30")  # "someone deleted snapshots on the target"
+    destroy_when_free(f"{src}@replicate_07-30")  # the source's retention
     add_change(src, 256 << 10, seed=83, snap="replicate_08-45")
     add_change(src, 256 << 10, seed=84, snap="replicate_09-00")
     # what the seed's tool ran: an incremental from the base it recorded, which the target no longer has

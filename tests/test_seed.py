@@ -18,7 +18,7 @@ import pytest
 
 from tests.spoolfs import Tmpfs
 from tests.zc import Zchunk
-from tests.zfsutil import add_change, assert_replica, exists, make_source, mounted, snapshots, zfs
+from tests.zfsutil import add_change, assert_replica, destroy_when_free, exists, make_source, mounted, snapshots, zfs
 from zchunk import lab
 
 pytestmark = [pytest.mark.zfs]
@@ -78,7 +78,7 @@ def test_export_import_then_sync_continues_incrementally(zc: Zchunk, pools: Any,
     assert [e["send_kind"] for e in sync.of("plan")] == ["incremental"], sync.explain()
     assert prop(seed_snap, "userrefs") == "0", "the seed's hold let go once the target has its snapshot"
     assert prop(seed_snap, "zchunk:seed") == "-"
-    zfs("destroy", seed_snap)  # no longer held by the seed: the admin may prune it
+    destroy_when_free(seed_snap)  # no longer held by the seed: the admin may prune it
     assert_replica(src, dst, snapshots(src)[-1].split("@")[1])
 
 

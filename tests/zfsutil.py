@@ -17,6 +17,18 @@ def zfs(*args: str) -> str:
     return p.stdout
 
 
+def destroy_when_free(*args: str, timeout: float = 60) -> None:
+    """``zfs destroy ARGS``, again while zfs-fuse says "dataset is busy" (it does for a moment after a send
+    or a receive); any other failure, or busy for ``timeout`` seconds, fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = subprocess.run(["zfs", "destroy", *args], capture_output=True, text=True, timeout=120)
+        if p.returncode == 0:
+            return
+        assert "busy" in p.stderr and time.monotonic() < deadline, f"zfs destroy {' '.join(args)}: {p.stderr}"
+        time.sleep(0.5)
+
+
 def guid(name: str) -> int:
     return int(zfs("get", "-H", "-p", "-o", "value", "guid", name).strip())
 
