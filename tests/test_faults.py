@@ -366,7 +366,7 @@ def test_leftovers_of_a_dead_run_are_found_and_cleaned(zc: Zchunk, pools: Any, s
     other = Zchunk(tmp_path / "other-coordinator", sync_args=("--no-sync-snap",))
     other.spool_dir = zc.spool_dir
     bg = other.start("sync", src, f"local:{dst}", "--chunk-size", "1M", "--spool-max", "2M",
-                     "--ssh-config", str(sshd_local.ssh_config))
+                     "--bwlimit", "2M", "--ssh-config", str(sshd_local.ssh_config))  # not done when killed
     bg.wait_for(lambda: chunks_received(zc) >= 1, timeout=60, what="a chunk")
     bg.kill9()
     kill_matching(str(zc.spool_dir) + "/")  # the agents die too (e.g. the hosts rebooted)
