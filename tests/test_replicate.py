@@ -360,7 +360,8 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
         newest = {child: own(root + child, "tr")[-1] for child in members}
         assert len(set(newest.values())) == 1, f"one sync snapshot name for the tree: {newest}"
         short = newest[""]
-        assert len({_createtxg(f"{root + child}@{short}") for child in members}) == 1, "one moment (one txg)"
+        txgs = {_createtxg(f"{root + child}@{short}") for child in members}
+        assert len(txgs) == 1 and txgs.pop().isdigit(), f"one moment (one txg): {txgs}"
         taken = run.of("snapshot")
         assert [e["snapshot"] for e in taken] == [f"{root}@{short}"] and taken[0]["datasets"] >= 4
         for child in members:
