@@ -81,6 +81,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "snapshot hook": (18, {"HookFailed"}),
     "seed volumes missing": (19, {"SeedIncomplete"}),
     "seed disk full": (20, {"SeedDiskFull"}),
+    "fan-out target left behind": (21, {"LeftBehind"}),
 }
 
 

@@ -822,9 +822,20 @@ class Session:
         self.spool_max = int(cfg["spool_max"])
         self.idle_timeout = float(cfg.get("idle_timeout", 86400))
         self.state_path = os.path.join(self.path, "sender.json" if self.role == "send" else "receiver.json")
+        # Fan-out (one zfs send for several targets): a sender directory per target ("member"), whose chunks
+        # are hard links the group's daemon makes from its own directory, which names them (``fanout``).
+        self.member_of = cfg.get("member_of")  # (member) the group's directory name, beside this one
+        self.fanout = list(cfg.get("fanout") or [])  # (group) the members' directory names
+        for name in self.fanout + ([self.member_of] if self.member_of else []):
+            if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+                raise AgentError("bad-request", "bad fan-out directory name %r" % (name,))
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def sibling(self, name: str) -> str:
+        """Another session directory under the same base (fan-out's group and members)."""
+        return os.path.join(os.path.dirname(self.path), name)
 
     def released_upto(self) -> int:
         """(Sender) chunks below this were fed to zfs receive and released from the spool (``released.json``)."""
@@ -890,15 +901,22 @@ class Session:
             # installed but never started: its coordinator died in between (or the daemon at once)
             return {"state": "dead", "reason": "its daemon never started"}
         pid = st.get("pid")
-        if st.get("state") in ("starting", "running") and pid and not pid_is_ours(pid, self.path):
+        owner = self.daemon_dir(st)
+        if st.get("state") in ("starting", "running") and pid and not pid_is_ours(pid, owner):
             # It may have written its final state and exited between the read and the check (a daemon
             # always saves its end before it exits): only what the file says now, of a pid gone, is dead.
             st = read_json(self.state_path) or st
             now_pid = st.get("pid")
             if st.get("state") in ("starting", "running") and not (
-                    now_pid and now_pid != pid and pid_is_ours(now_pid, self.path)):
+                    now_pid and now_pid != pid and pid_is_ours(now_pid, owner)):
                 st["state"] = "dead"
         return st
+
+    def daemon_dir(self, st: Dict[str, Any]) -> str:
+        """The directory whose daemon runs this session: its own, or (a fan-out member) its group's."""
+        if self.member_of and st.get("daemon_dir") == self.sibling(self.member_of):
+            return self.sibling(self.member_of)
+        return self.path
 
     def touch_heartbeat(self) -> None:
         path = self.file("heartbeat")
@@ -999,6 +1017,14 @@ def valid_property_name(name: Any) -> bool:
 RESERVE_BYTES = 256 * 1024
 # A chunk this many seconds in the source spool is waiting for the link: compress harder (adaptive level).
 SLOW_LINK_AGE = 2.0
+#: Fan-out: how long the spool may be full while one target's chunks do not move before it is detached.
+DETACH_AFTER = 300.0
+
+
+def cpu_seconds() -> float:
+    """CPU this process and its waited-for children (zfs send) used: the sender's cost of a stream."""
+    t = os.times()
+    return round(t.user + t.system + t.children_user + t.children_system, 2)
 #: Adaptive levels (no --compress level given): the range the sender moves in, one step per chunk.
 ADAPT_LEVELS = {CODEC_ZSTD: (1, 9), CODEC_ZLIB: (1, 6)}
 #: Compressing must stay this many times faster than the link takes the stream: zfs send, the checksums
@@ -1177,12 +1203,26 @@ class SenderDaemon(Daemon):
         self.produced: Dict[int, int] = {}  # seq -> raw bytes, of chunks written and not yet seen released
         self._drain: Optional[Tuple[float, float]] = None  # (since when, smoothed raw bytes/s), while waiting
         self._released = 0  # raw bytes released since then
+        # Fan-out: the members still fed (None: no fan-out, the chunks stay in this directory), and for each
+        # the lowest chunk it holds and since when (a member that stays down is detached: ``wait_for_room``)
+        self.members: Optional[List[Session]] = None
+        self.lows: Dict[str, Tuple[Optional[int], float]] = {}
+        if sess.fanout:
+            self.members = []
+            for name in sess.fanout:
+                try:
+                    member = Session(sess.sibling(name))
+                except (AgentError, OSError):
+                    continue  # removed already: its target's transfer ended
+                if (read_json(member.state_path) or {}).get("state") != "aborted":  # not detached before
+                    self.members.append(member)
+            self.st["daemon_dir"] = sess.path
 
     def run(self) -> None:
         sess = self.sess
         argv = zfs_argv(sess.cfg)
         known = self.recorded()  # chunks an earlier daemon of this session cut: (raw_len, raw_hash)
-        released = self.sess.released_upto()
+        released = self.released_upto()
         self.save(argv=argv, chunks=0, raw_bytes=0, stored_bytes=0, eof=False, regenerated=0)
         if known:
             self.event("regenerating", "zfs send started again: the first %d chunks are checked against "
@@ -1258,7 +1298,9 @@ class SenderDaemon(Daemon):
                             "run cut %d: the stream must start again" % (seq, len(known)))
             return
         self.save_final(state="done", eof=True, total_chunks=seq, raw_bytes=raw_total,
-                  stream_hash=stream.hexdigest(), zfs_exit=0, zfs_stderr=self.zfs_stderr())
+                  stream_hash=stream.hexdigest(), zfs_exit=0, zfs_stderr=self.zfs_stderr(), cpu=cpu_seconds())
+        if self.members is not None:
+            self.remove_if_alone()
 
     def recorded(self) -> List[Tuple[int, str]]:
         """(raw_len, raw_hash hex) of each chunk an earlier daemon of this session cut (``raw.log``), up to
@@ -1276,13 +1318,12 @@ class SenderDaemon(Daemon):
         return out
 
     def regenerate(self, seq: int, known: Tuple[int, str], pieces: "PieceReader", stream: Any,
-                   released: int) -> Optional[int]:
+                   released: Dict[str, int]) -> Optional[int]:
         """Chunk ``seq`` of a ``zfs send`` started again: its raw bytes must be the ones cut before (their
         checksum); it is written only if it is neither in the spool nor released. Its stored size, or None
         when the stream differs (the daemon is then aborted: the coordinator starts the stream anew)."""
         raw_len, want = known
-        path = self.sess.chunk_path(seq)
-        write = seq >= released and not os.path.isfile(path)
+        write = self.needs(seq, released)
         enc = ChunkEncoder(self.sess.codec, self.sess.level, self.sess.hash_alg) if write else None
         check, got = new_hasher(self.sess.hash_alg), 0
         while got < raw_len:
@@ -1300,14 +1341,16 @@ class SenderDaemon(Daemon):
                             "the first run: the stream must start again" % seq)
             return None
         if enc is None:
-            try:
-                return os.stat(path).st_size
-            except OSError:
-                return 0
+            for where in [self.sess] + (self.members or []):
+                try:
+                    return os.stat(where.chunk_path(seq)).st_size
+                except OSError:
+                    continue
+            return 0
         parts = enc.finish(seq)
         size = sum(len(p) for p in parts)
         self.wait_for_room(size)
-        self.write_chunk(seq, parts)
+        self.write_chunk(seq, parts, regenerated=True)
         self.event("regenerated", "chunk %d was missing from the spool: written again" % seq)
         return size
 
@@ -1316,7 +1359,7 @@ class SenderDaemon(Daemon):
         from whether chunks wait for the link and how fast it takes them."""
         if self.sess.level is not None or self.sess.codec == CODEC_NONE:
             return self.sess.level
-        waiting = self.sess.oldest_chunk_age() > SLOW_LINK_AGE
+        waiting = max([m.oldest_chunk_age() for m in self.spools()] or [0.0]) > SLOW_LINK_AGE
         if not waiting:
             self._drain = None  # the link's rate is measured only while it is what chunks wait for
         return self.adapter.next(waiting, self.link_rate() if waiting else None)
@@ -1324,7 +1367,7 @@ class SenderDaemon(Daemon):
     def link_rate(self) -> Optional[float]:
         """Raw stream bytes per second leaving the spool (chunks the coordinator released) since chunks
         began to wait, smoothed; None until two looks at least half a second apart."""
-        done, _parts, _used = self.sess.spool_listing()
+        done, _used = self.listing()
         self._released += sum(self.produced.pop(s) for s in [s for s in self.produced if s not in done])
         now = time.monotonic()
         if self._drain is None:
@@ -1346,18 +1389,157 @@ class SenderDaemon(Daemon):
 
     def wait_for_room(self, need: int) -> None:
         """Backpressure: while the spool is full we stop reading zfs send (it blocks, never fails)."""
+        since = time.monotonic()
         while True:
-            done, _parts, used = self.sess.spool_listing()
+            done, used = self.listing()
             if not done or used + need <= self.sess.spool_max:
                 return
             if self.st.get("paused") != "spool-full":
                 self.save(paused="spool-full")
             self.check_idle()
+            if self.members:
+                self.detach_laggards(time.monotonic() - since)
             time.sleep(0.2)
 
-    def write_chunk(self, seq: int, blob: Any) -> None:
-        """Atomically; a full spool filesystem pauses (with a warning) instead of failing."""
+    # -- fan-out: one stream, a chunk directory per target ---------------------------------------------
+
+    def spools(self) -> List[Session]:
+        """The directories whose chunks wait for a target: this one, or the fan-out's members."""
+        return [self.sess] if self.members is None else list(self.members)
+
+    def listing(self) -> Tuple[Dict[int, int], int]:
+        """({seq: size} of the chunks some target still needs, their bytes): with fan-out, each chunk once
+        however many members hold a link to it."""
+        union: Dict[int, int] = {}
+        for where in self.spools():
+            try:
+                done, _parts, _used = where.spool_listing()
+            except FileNotFoundError:  # a member's directory removed as its transfer ended
+                continue
+            union.update(done)
+        return union, sum(union.values())
+
+    def released_upto(self) -> Dict[str, int]:
+        return {m.path: m.released_upto() for m in self.spools()}
+
+    def needs(self, seq: int, released: Dict[str, int]) -> bool:
+        """Whether chunk ``seq`` of a restarted stream must be written: some target neither has it in its
+        directory nor released it."""
+        return any(seq >= released.get(m.path, 0) and not os.path.isfile(m.chunk_path(seq)) for m in self.spools())
+
+    def drop(self, member: Session, reason: Optional[str]) -> None:
+        """Feed ``member`` no more: its directory is gone (its transfer ended), or (``reason``) it fell behind
+        the others while they wait for spool room; its chunks go, its state says why."""
+        if self.members is None or member not in self.members:
+            return
+        self.members.remove(member)
+        if reason is None:
+            return
+        self.event("detached", "%s: %s" % (os.path.basename(member.path), reason))
+        try:
+            done, _parts, _used = member.spool_listing()
+            for seq in done:
+                try:
+                    os.unlink(member.chunk_path(seq))
+                except FileNotFoundError:
+                    pass
+            write_json(member.state_path, dict(self.st, state="aborted", reason=reason, detached=True,
+                                               daemon_dir=self.sess.path))
+        except OSError:
+            pass
+
+    def detach_laggards(self, waited: float) -> None:
+        """With fan-out, a target that stays down holds the others back only once the spool is full: after
+        ``detach_after`` seconds of that, the members whose oldest chunk has not moved for as long, while
+        another member is further on, are detached (their next run continues from their own snapshot)."""
+        after = float(self.sess.cfg.get("detach_after", DETACH_AFTER))
+        now = time.monotonic()
+        lows: Dict[str, Optional[int]] = {}
+        for m in list(self.members or []):
+            try:
+                done, _parts, _used = m.spool_listing()
+            except FileNotFoundError:
+                self.drop(m, None)
+                continue
+            low = min(done) if done else None
+            lows[m.path] = low
+            if self.lows.get(m.path, (None, 0.0))[0] != low or m.path not in self.lows:
+                self.lows[m.path] = (low, now)
+        if waited < after or len(lows) < 2:
+            return
+        held = [low for low in lows.values() if low is not None]
+        if not held:
+            return
+        lowest = min(held)
+        if all(low == lowest for low in lows.values()):
+            return  # nobody is further on: it is the link or the sender, not one target
+        for m in list(self.members or []):
+            low, since = self.lows.get(m.path, (None, now))
+            if lows.get(m.path) == lowest and now - since >= after:
+                self.drop(m, "it fell behind: its chunks waited %ds in a full source spool while the other "
+                          "targets took theirs" % after)
+
+    def remove_if_alone(self) -> None:
+        """The group's directory goes once no member is left (the last member's removal does it too)."""
+        if self.members is not None and not any(os.path.isdir(m.path) for m in self.members):
+            try:
+                remove_session_dir(self.sess.path)
+            except (OSError, AgentError):
+                pass
+
+    def save(self, **changes: Any) -> bool:
+        """The state file, and with fan-out each member's copy (what its target's coordinator reads)."""
+        ok = super().save(**changes)
+        for m in list(self.members or []):
+            try:
+                with self.lock:
+                    write_json(m.state_path, dict(self.st))
+            except FileNotFoundError:
+                self.drop(m, None)
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
+                ok = False
+        return ok
+
+    def check_idle(self) -> None:
+        if self.members is not None and not self.members:
+            self.stop_zfs()
+            super().save(state="aborted", reason="every target of this fan-out left")
+            log("no fan-out member left: exiting")
+            self.remove_if_alone()
+            os._exit(0)
+        if self.members is not None:  # idle when no member's coordinator called for so long
+            if min(m.idle_for() for m in self.members) > self.sess.idle_timeout:
+                self.stop_zfs()
+                self.save(state="aborted", reason="no coordinator contact for %ds" % self.sess.idle_timeout)
+                log("idle timeout: exiting")
+                os._exit(3)
+            return
+        super().check_idle()
+
+    def write_chunk(self, seq: int, blob: Any, regenerated: bool = False) -> None:
+        """Atomically; a full spool filesystem pauses (with a warning) instead of failing. With fan-out it is
+        then hard-linked into each member's directory (each target releases its own link) and unlinked here."""
         path = self.sess.chunk_path(seq)
+        self._write_file(path, seq, blob)
+        if self.members is None:
+            return
+        released = self.released_upto() if regenerated else {}
+        for m in list(self.members):
+            if regenerated and (seq < released.get(m.path, 0) or os.path.isfile(m.chunk_path(seq))):
+                continue
+            try:
+                os.link(path, m.chunk_path(seq))
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                self.drop(m, None)
+        os.unlink(path)
+        if not self.members:
+            self.check_idle()
+
+    def _write_file(self, path: str, seq: int, blob: Any) -> None:
         warned = False
         while True:
             try:
@@ -1703,6 +1885,8 @@ class Server:
                 "spool_max": self.sess.spool_max}
 
     def stop_daemon(self) -> None:
+        if self.sess.member_of:
+            return  # a fan-out member: the group's daemon feeds other targets too; it notices the member gone
         st = self.sess.state()
         pid = st.get("pid")
         if pid and pid_is_ours(pid, self.sess.path):
@@ -1721,6 +1905,8 @@ class Server:
         self.stop_daemon()
         if not msg.get("keep"):
             remove_session_dir(self.sess.path)
+            if self.sess.member_of:
+                remove_group_if_done(self.sess.sibling(self.sess.member_of))
         return {"removed": not msg.get("keep")}
 
     def abort(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
@@ -1887,6 +2073,19 @@ class Server:
         end = {k: msg[k] for k in ("total_chunks", "raw_bytes", "stream_hash")}
         write_json(self.sess.file("end.json"), end)
         return {"ok": True}
+
+
+def remove_group_if_done(path: str) -> None:
+    """A fan-out group's directory, once its daemon has ended and none of its members is left."""
+    try:
+        group = Session(path)
+    except (AgentError, OSError):
+        return  # gone already
+    if any(os.path.isdir(group.sibling(name)) for name in group.fanout):
+        return
+    if group.state().get("state") in ("starting", "running"):
+        return  # its daemon sees its members gone and removes it itself
+    remove_session_dir(path)
 
 
 def remove_session_dir(path: str) -> None:
@@ -2061,6 +2260,11 @@ def cmd_start(args: List[str]) -> Dict[str, Any]:
 
     sess = Session(args[0])
     zfs_argv(sess.cfg)  # refuse bad arguments before forking
+    if sess.member_of:  # a fan-out member's daemon is its group's (started again after it died)
+        group = sess.sibling(sess.member_of)
+        python = sys.executable or "python3"
+        sys.stdout.flush()
+        os.execv(python, [python, os.path.join(group, "agent.py"), "start", group])
     lockfd = open_nofollow(sess.file("daemon.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -39,7 +39,7 @@ from .hooks import Hook, Hooks
 from .link import Bandwidth
 from .plan import Retention, common_snapshot
 from .progress import JsonRenderer, TextRenderer, human_bytes, human_duration
-from .replicate import IDENTIFIER, ReplicateOptions, ReplicationResult, replicate
+from .replicate import IDENTIFIER, ReplicateOptions, ReplicationResult, replicate, replicate_many
 from .service import config as jobs_file
 from .session import default_state_dir
 from .stream import SyncOptions
@@ -249,7 +249,8 @@ def _finish(result: streams.SyncResult, json_out: bool) -> None:
 @shared_options(HOST_OPTIONS, STREAM_OPTIONS)
 def sync(
     source: str = typer.Argument(..., metavar="SOURCE", help="pool/dataset or \\[user@]host:pool/dataset"),
-    target: str = typer.Argument(..., metavar="TARGET", help="pool/dataset or \\[user@]host:pool/dataset"),
+    targets: list[str] = typer.Argument(..., metavar="TARGET...", help="pool/dataset or "
+                                        "\\[user@]host:pool/dataset; several: fan-out (one zfs send feeds them all)"),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset: "
                                    "one sync snapshot for the whole tree (zfs snapshot -r, one moment), "
                                    "--jobs datasets at a time, each after its parent, one stream session each; "
@@ -257,13 +258,17 @@ def sync(
     jobs: int = typer.Option(4, "-j", "--jobs", metavar="N", help="With -r: replicate up to N datasets at "
                              "once. They share --spool-max (each stream gets 1/N of it) and --bwlimit (the "
                              "limit is the run's, not each stream's)."),
+    detach_after: str = typer.Option("5m", "--detach-after", metavar="DURATION", help="With several TARGETs: "
+                                     "how long one target that takes no chunks may hold the others back once "
+                                     "--spool-max is full, before it is left behind (exit 15; its next run "
+                                     "continues it from its own common snapshot)."),
     exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="With -r: skip datasets whose name "
                                                 "matches this regex (repeatable), and their children (as zfs "
                                                 "send -X). A dataset with the user property zchunk:sync=false "
                                                 "is skipped too."),
     identifier: Optional[str] = typer.Option(None, "--identifier", help="Names this replication's sync "
                                              "snapshots (zchunk_<identifier>_<host>_<UTC time>) and holds; "
-                                             "default: derived from TARGET."),
+                                             "default: derived from TARGET (the TARGETs)."),
     no_sync_snap: bool = typer.Option(False, "--no-sync-snap", help="Send the newest existing snapshot "
                                       "instead of taking a sync snapshot."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Send with -i (only the newest snapshot) "
@@ -342,9 +347,17 @@ def sync(
     sends it decrypted). With -r, an encrypted tree is seeded as one raw -R
     stream so that its encryption roots stay as they are.
 
+    Several TARGETs (fan-out): one sync snapshot and one zfs send feed them all
+    through one source spool; a chunk leaves it once every target has it.
+    Each target has its own session, link retries, verification and holds
+    (zchunk_<identifier>_<target hash>). A target that is down holds the
+    others back only once --spool-max is full; after 5 minutes of that it is
+    left behind (exit 15) and its next run continues from its own snapshot.
+
     Survives any outage shorter than --patience; if the coordinator dies, run
     the same command again (or `zchunk resume ID`) to continue where it stopped.
-    Exit codes: docs/errors.md (15: some datasets of a recursive run failed).
+    Exit codes: docs/errors.md (15: some datasets of a recursive run, or some
+    targets of a fan-out, failed).
     """
     try:
         try:
@@ -358,6 +371,7 @@ def sync(
         if not 1 <= jobs <= 64:
             raise E.UsageError(reason=f"--jobs {jobs}: give 1 to 64 datasets at a time")
         hooks = _hooks(pre_snapshot, post_snapshot, parse_duration(hook_timeout, "--hook-timeout"))
+        left_behind_after = parse_duration(detach_after, "--detach-after")
         ropts = ReplicateOptions(
             identifier=identifier, sync_snap=not no_sync_snap, stream=not no_stream,
             include_snaps=include_snaps or [], exclude_snaps=exclude_snaps or [], rollback=rollback,
@@ -369,8 +383,12 @@ def sync(
     except E.ZchunkError as e:
         _fail(e, json_out)
     _setup_logging(opts.verbose)
-    result = _run(replicate(source, target, opts, ropts, _renderer(json_out, opts.verbose)), json_out)
-    _finish_replication(result, json_out)
+    render = _renderer(json_out, opts.verbose)
+    if len(targets) == 1:
+        result = _run(replicate(source, targets[0], opts, ropts, render), json_out)
+    else:
+        result = _run(replicate_many(source, targets, opts, ropts, render, left_behind_after), json_out)
+    _finish_replication(result, json_out, "targets" if len(targets) > 1 else "datasets")
 
 
 def _hooks(pre: str | None, post: str | None, timeout: float) -> Hooks:
@@ -388,7 +406,7 @@ def _hooks(pre: str | None, post: str | None, timeout: float) -> Hooks:
     return Hooks(hook("--pre-snapshot", pre), hook("--post-snapshot", post))
 
 
-def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
+def _finish_replication(result: ReplicationResult, json_out: bool, what: str = "datasets") -> None:
     for outcome in result.outcomes:
         for stream in outcome.streams:
             _finish(stream, json_out)
@@ -396,8 +414,9 @@ def _finish_replication(result: ReplicationResult, json_out: bool) -> None:
         JsonRenderer()("replication", result.to_json())
     failed = result.failed
     if failed:
-        _fail(E.PartialFailure(failed=len(failed), total=len(result.outcomes),
-                               names=", ".join(o.source for o in failed)), json_out)
+        _fail(E.PartialFailure(failed=len(failed), total=len(result.outcomes), what=what,
+                               names=", ".join(o.target if what == "targets" else o.source for o in failed)),
+              json_out)
 
 
 @app.command()
@@ -762,6 +781,8 @@ def _job_option_problems(checked: jobs_file.Checked, name: str,
     if "identifier" in values and not IDENTIFIER.fullmatch(values["identifier"]):
         out.append(checked.problem(job.origin["identifier"], f"{values['identifier']!r}: use 1-40 letters, "
                                    "digits, '.', ':' or '-'"))
+    if "detach_after" in values:
+        check(["detach_after"], functools.partial(parse_duration, values["detach_after"], "--detach-after"))
     if "jobs" in values and not 1 <= values["jobs"] <= 64:
         out.append(checked.problem(job.origin["jobs"], f"{values['jobs']}: give 1 to 64 datasets at a time"))
     for key in ("exclude", "include_snaps", "exclude_snaps"):

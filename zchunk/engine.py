@@ -29,6 +29,7 @@ from .errors import (
     AgentDied,
     ChunkCorrupt,
     IntegrityError,
+    LeftBehind,
     NoChunk,
     PatienceExhausted,
     SpoolFull,
@@ -292,7 +293,8 @@ class Transfer:
                     self._target_spool_full()
                     return
                 self.finish_sent = True
-                self.emit("stream_end", chunks=end["total_chunks"], raw_bytes=end["raw_bytes"])
+                self.emit("stream_end", chunks=end["total_chunks"], raw_bytes=end["raw_bytes"],
+                          sender_cpu=end.get("cpu"), sender=end.get("daemon_dir"))
 
         try:
             while not self.done.is_set():
@@ -377,6 +379,8 @@ class Transfer:
         for side, st in ((self.src, src), (self.dst, dst)):
             if st.get("state") == "failed":
                 raise from_daemon(side.name, side.role, st)
+        if src.get("detached"):  # fan-out: the shared sender stopped feeding this target (zchunk.fanout)
+            raise LeftBehind(host=self.dst.name, session=self.sid, reason=str(src.get("reason")))
         for side, st in ((self.src, src), (self.dst, dst)):
             if side is self.src and st.get("state") == "dead" and self._sender_restartable(st):
                 continue

@@ -346,7 +346,7 @@ class CommandFailed(ZchunkError):
 
 
 class PartialFailure(ZchunkError):
-    """{failed} of {total} datasets failed: {names}"""
+    """{failed} of {total} {what} failed: {names}"""
 
     exit_code = 15
     fix = "the others were replicated; fix the errors above and run the same command again"
@@ -381,6 +381,14 @@ class SeedDiskFull(ZchunkError):
     exit_code = 20
     fix = ("the chunks written are kept: make room there, or copy {dir} to a larger disk and export into the "
            "copy; the same command then goes on from the last whole chunk")
+
+
+class LeftBehind(ZchunkError):
+    """{host}: left behind by the other targets of the fan-out (session {session}): {reason}"""
+
+    exit_code = 21
+    fix = ("the other targets were replicated; once {host} is reachable, the next run continues it from its own "
+           "common snapshot (held on the source under its own tag)")
 
 
 class ConfigError(ZchunkError):

@@ -94,6 +94,12 @@ class Policy:
     exclude: tuple[re.Pattern[str], ...] = ()
     rollback: bool = False
     force_delete: bool = False
+    hold_tag: str = ""  # fan-out: each target's own tag, so a target that lags keeps its base held
+
+    @property
+    def tag(self) -> str:
+        """The user hold on each side's newest common snapshot."""
+        return self.hold_tag or f"zchunk_{self.identifier}"
 
     def selects(self, short: str) -> bool:
         if is_own_sync_snapshot(short, self.identifier):

@@ -25,6 +25,7 @@ from .aio import all_of
 from .client import HostAgent
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
+from .fanout import DETACH_AFTER, Fanout, Slot
 from .flags import KEY_PROPERTIES, StreamOptions, send_flags
 from .hooks import Hooks, around_snapshot
 from .link import Pacer
@@ -157,33 +158,164 @@ async def replicate(source_spec: str, target_spec: str, opts: SyncOptions, ropts
             if on_event is not None:
                 on_event(kind, fields)
 
-        for ended in store.leftovers_under(str(source), str(target)):
-            # a coordinator killed while cleaning up: the directories of an ended session go first
-            emit("leftovers", session=ended.id, state=ended.state)
-            try:
-                await abort(ended.id, opts, on_event)
-            except E.ZchunkError as e:
-                emit("warning", host=str(target), detail=f"could not remove what ended session {ended.id} left: {e}")
-        finished: list[tuple[str, SyncResult]] = []
-        for active in store.active_under(str(source), str(target)):
-            emit("reattach", session=active.id)
-            try:
-                finished.append((parse_endpoint(active.source).dataset,
-                                 await resume(active.id, opts, on_locked_event, lock=False)))
-            except E.AgentDied as e:  # its agents are gone: plan afresh (token or common snapshot)
-                emit("restart", source=active.source, reason=str(e), attempt=0,
-                     how="the unfinished session's agents are gone: planning the stream again")
+        finished = await _unfinished(source, target, opts, store, Emitter(on_locked_event))
         result = await _replicate(source, target, policy, excludes, ropts, opts, store, Emitter(on_locked_event))
-        for dataset, stream in finished:  # the run's bytes and snapshots include the sessions it finished
-            outcome = next((o for o in result.outcomes if o.source == dataset), None)
-            if outcome is None:
-                result.outcomes.append(DatasetOutcome(dataset, stream.target_snapshot.split("@")[0], "sent", [stream]))
-            else:
-                outcome.streams.insert(0, stream)
-                outcome.status = "sent" if outcome.status == "up-to-date" else outcome.status
+        _count_finished(result.outcomes, finished)
         return result
     finally:
         lock.release()
+
+
+async def _unfinished(source: Endpoint, target: Endpoint, opts: SyncOptions, store: StateStore,
+                      emit: Emitter) -> list[tuple[str, SyncResult]]:
+    """What an earlier run from ``source`` to ``target`` left: the directories of an ended session removed
+    (a coordinator killed while cleaning up), an unfinished session finished (its agents still run)."""
+    for ended in store.leftovers_under(str(source), str(target)):
+        emit("leftovers", session=ended.id, state=ended.state)
+        try:
+            await abort(ended.id, opts, emit.sink)
+        except E.ZchunkError as e:
+            emit("warning", host=str(target), detail=f"could not remove what ended session {ended.id} left: {e}")
+    finished: list[tuple[str, SyncResult]] = []
+    for active in store.active_under(str(source), str(target)):
+        emit("reattach", session=active.id)
+        try:
+            finished.append((parse_endpoint(active.source).dataset,
+                             await resume(active.id, opts, emit.sink, lock=False)))
+        except E.AgentDied as e:  # its agents are gone: plan afresh (token or common snapshot)
+            emit("restart", source=active.source, reason=str(e), attempt=0,
+                 how="the unfinished session's agents are gone: planning the stream again")
+    return finished
+
+
+def _count_finished(outcomes: list[DatasetOutcome], finished: list[tuple[str, SyncResult]]) -> None:
+    """The run's bytes and snapshots include the sessions it finished."""
+    for dataset, stream in finished:
+        outcome = next((o for o in outcomes if o.source == dataset), None)
+        if outcome is None:
+            outcomes.append(DatasetOutcome(dataset, stream.target_snapshot.split("@")[0], "sent", [stream]))
+        else:
+            outcome.streams.insert(0, stream)
+            outcome.status = "sent" if outcome.status == "up-to-date" else outcome.status
+
+
+async def replicate_many(source_spec: str, target_specs: list[str], opts: SyncOptions, ropts: ReplicateOptions,
+                         on_event: Sink | None = None, detach_after: float = DETACH_AFTER) -> ReplicationResult:
+    """Fan-out: ``source`` to every target in one run. One sync snapshot for all; the targets whose streams
+    are the same bytes share one ``zfs send`` and source spool (``zchunk.fanout``); each target keeps its own
+    sessions, retries, verification and holds (``zchunk_<identifier>_<target hash>``, so one that falls
+    behind keeps its base). A target that fails is its outcome (exit 15), not the others'."""
+    emit = Emitter(on_event)
+    source, targets = parse_endpoint(source_spec), [parse_endpoint(t) for t in target_specs]
+    if len({str(t) for t in targets}) != len(targets):
+        raise E.UsageError(reason="a TARGET is named twice")
+    if source in targets:
+        raise E.UsageError(reason="SOURCE is also one of the TARGETs")
+    if ropts.recursive:
+        raise E.UsageError(reason="-r with several targets is not supported yet: run one `zchunk sync -r` "
+                           "per target")
+    if ropts.create_bookmark:
+        raise E.UsageError(reason="--create-bookmark with several targets is not supported yet: their "
+                           "bookmarks would share one name")
+    identifier = ropts.identifier or "f" + hashlib.sha256(
+        "\n".join(sorted(str(t) for t in targets)).encode()).hexdigest()[:8]
+    if not IDENTIFIER.fullmatch(identifier):
+        raise E.UsageError(reason=f"--identifier {identifier!r}: use 1-40 letters, digits, '.', ':' or '-'")
+    policy = Policy(identifier, ropts.stream, _regexes(ropts.include_snaps, "--include-snaps"),
+                    _regexes(ropts.exclude_snaps, "--exclude-snaps"), ropts.rollback, ropts.force_delete)
+    store = StateStore(opts.state_dir)
+    locks = [] if ropts.dry_run else [TargetLock(opts.state_dir, str(t)) for t in sorted(targets, key=str)]
+    taken: list[TargetLock] = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            taken.append(lock)
+        src = await _side(source, opts)
+        try:
+            return await _fan_out(src, targets, policy, ropts, opts, store, emit, detach_after)
+        finally:
+            await src.host.close()
+    finally:
+        for lock in taken:
+            lock.release()
+
+
+async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: ReplicateOptions, opts: SyncOptions,
+                   store: StateStore, emit: Emitter, detach_after: float) -> ReplicationResult:
+    source, identifier = src.endpoint, policy.identifier
+    found = await asyncio.gather(*(_side(t, opts) for t in targets), return_exceptions=True)
+    outcomes: dict[str, DatasetOutcome] = {}
+    dsts: list[Side] = []
+    for t, got in zip(targets, found):
+        if isinstance(got, Side):
+            dsts.append(got)
+        elif isinstance(got, E.ZchunkError):  # unreachable, no zfs, ...: this target's outcome
+            emit.bound(to=str(t))("dataset_failed", source=source.dataset, target=t.dataset, error=str(got),
+                                  hint=got.hint)
+            outcomes[str(t)] = DatasetOutcome(source.dataset, str(t), "failed", error=str(got),
+                                              exit_code=got.exit_code)
+        else:
+            for side in found:
+                if isinstance(side, Side):
+                    await side.host.close()
+            raise got  # type: ignore[misc]
+    for dst in dsts:
+        emit.bound(to=str(dst.endpoint))("preflight", source=src.rep.summary(), target=dst.rep.summary(),
+                                          identifier=identifier)
+    short = None
+    if ropts.sync_snap and dsts:
+        src_ds = await src.zfs.require(source.dataset)
+        short = await _fresh_name(identifier, src.rep.hostname, src_ds.snapshots)
+        snap = f"{source.dataset}@{short}"
+        if ropts.dry_run:
+            emit("would_snapshot", snapshot=snap)
+            short = None  # each target plans against it
+        else:
+            async def take() -> None:
+                await src.zfs.snapshot(snap)
+                emit("snapshot", snapshot=snap, targets=len(dsts))
+
+            await around_snapshot(ropts.hooks, {"ZCHUNK_SOURCE": str(source), "ZCHUNK_TARGET": " ".join(
+                str(d.endpoint) for d in dsts), "ZCHUNK_SNAPSHOT": snap}, emit, take)
+    fan, pacer = Fanout(detach_after), Pacer()
+    slots = [fan.slot() for _ in dsts]
+
+    async def one(dst: Side, slot: Slot) -> None:
+        t = dst.endpoint
+        its = emit.bound(to=str(t))
+        try:
+            finished = [] if ropts.dry_run else await _unfinished(source, t, opts, store, its)
+            tag = f"zchunk_{identifier}_{hashlib.sha256(str(t).encode()).hexdigest()[:8]}"
+            run = Run(short=short, opts=opts, dst_sessions=dst.rep.sessions, pacer=pacer, fanout=slot)
+            outcome = await _dataset(src, dst, source.dataset, t.dataset, dataclasses.replace(policy, hold_tag=tag),
+                                     ropts, run, store, its)
+            _count_finished([outcome], finished)
+        except E.ZchunkError as e:
+            its("dataset_failed", source=source.dataset, target=t.dataset, error=str(e), hint=e.hint)
+            outcome = DatasetOutcome(source.dataset, t.dataset, "failed", error=str(e), exit_code=e.exit_code)
+        finally:
+            slot.leave()
+            await dst.host.close()
+        outcome.target = str(t)
+        outcomes[str(t)] = outcome
+
+    await asyncio.gather(*(one(d, slot) for d, slot in zip(dsts, slots)))
+    if not ropts.dry_run and dsts:
+        await _prune_fanout_source(src, source.dataset, identifier, ropts.keep_sync_snaps, emit)
+    return ReplicationResult([outcomes[str(t)] for t in targets])
+
+
+async def _prune_fanout_source(src: Side, dataset: str, identifier: str, keep: Retention, emit: Emitter) -> None:
+    """The source's retention of a fan-out run, once after every target: our own sync snapshots that
+    ``keep`` does not keep, except any that is held (some target's base: one that fell behind keeps it)."""
+    ds = await src.zfs.require(dataset)
+    held = set(await src.zfs.held_snapshots(dataset))
+    newest = {s.guid for s in ds.snapshots[-1:]}
+    for s in prune_list(ds.snapshots, identifier, keep, newest):
+        if s.name in held or s.seed:
+            continue
+        await src.zfs.destroy(s.name)
+        emit("pruned", host=src.label, snapshot=s.name)
 
 
 @dataclass
@@ -203,6 +335,7 @@ class Run:
     dst_sessions: list[dict[str, Any]] | None = None  # the target's session directories, as probed at preflight
     streamed: set[str] = field(default_factory=set)  # source datasets whose first stream started
     seeded: dict[str, DatasetOutcome] = field(default_factory=dict)  # members of an encrypted tree's -R seed
+    fanout: Slot | None = None  # one target of several: its streams may share the others' zfs send
 
     def listed(self, src_name: str, dst_name: str) -> tuple[Dataset, Dataset | None] | None:
         """A dataset's first look at both sides, from the run's listings (None: read it)."""
@@ -390,6 +523,8 @@ async def _one(src: Side, dst: Side, src_name: str, dst_name: str, policy: Polic
             first = attempt == 1  # later: what the host has now, not what the run read at its start
             return await _one_attempt(src, dst, src_name, dst_name, policy, ropts, opts, run, first, store, emit)
         except E.AgentDied as e:
+            if run.fanout is not None:
+                run.fanout.leave()  # its streams go on alone: the other targets do not wait for its restarts
             if attempt > MAX_RESTARTS:
                 raise
             _restarting(src_name, dst, e, attempt, emit)
@@ -466,7 +601,7 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, run: Run, policy: Policy,
     step = f"full raw -R stream of {root}@{short} and {len(tree.members) - 1} descendants -> {target} " \
            "(one stream keeps their encryption roots)"
     emit("dataset_plan", source=root, target=target, up_to_date=False, steps=[step], rollback=None, destroys=[],
-         destroy_target=False, hold=f"zchunk_{policy.identifier}", prune_source=[], prune_target=[],
+         destroy_target=False, hold=policy.tag, prune_source=[], prune_target=[],
          properties=list(sets) + [(p, "(kept)") for p in sorted(keep)], dry_run=ropts.dry_run,
          send_flags=[*flags, "-R"] + (["-X", ",".join(tree.excluded)] if tree.excluded else []),
          encryption="raw: the replica keeps the source's keys and encryption roots, never decrypted on the target")
@@ -487,7 +622,7 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, run: Run, policy: Policy,
         for name in tree.excluded:  # not theirs to keep
             await src.zfs.destroy(f"{name}@{short}")
     await _check_tree(src, dst, tree, short)
-    tag = f"zchunk_{policy.identifier}"
+    tag = policy.tag
     await _both(_hold_all(src, tag, [f"{s}@{short}" for s, _ in tree.members], emit),
                 _hold_all(dst, tag, [f"{t}@{short}" for _, t in tree.members], emit))
     await _prompt_for_keys(dst, target)
@@ -588,6 +723,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         src_ds = planned_ds
     src_prunes, dst_prunes = _prunes(src_ds, dst_ds, plan, policy.identifier, ropts.keep_sync_snaps,
                                      ropts.keep_target)
+    if run.fanout is not None:
+        src_prunes = []  # the source's retention runs once, after every target (``_prune_fanout_source``)
     props = ropts.stream_opts.receive.merge(await _props(src, dst, src_name, ropts, emit))
     lost = None
     if plan.rollback_to is not None:  # what the rollback discards: OpenZFS's written@; zfs-fuse cannot say
@@ -598,12 +735,12 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
          steps=[s.describe() for s in plan.steps],
          rollback=plan.rollback_to.name if plan.rollback_to else None, destroys=list(plan.destroys),
          rollback_discards=lost,
-         destroy_target=plan.destroy_target, hold=f"zchunk_{policy.identifier}",
+         destroy_target=plan.destroy_target, hold=policy.tag,
          prune_source=[s.name for s in src_prunes], prune_target=[s.name for s in dst_prunes],
          properties=props, dry_run=ropts.dry_run)
     if ropts.dry_run:
         return DatasetOutcome(src_name, dst_name, "planned")
-    tag = f"zchunk_{policy.identifier}"
+    tag = policy.tag
     await _prepare_target(dst, dst_name, plan, tag, emit)
     excluded = ropts.stream_opts.receive.excluded if "x" in dst.rep.features.recv_flags else ()
     full = bool(plan.steps) and plan.steps[0].base is None
@@ -620,7 +757,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
                           send_flags=flags, recv_excluded=excluded)
         run.streamed.add(src_name)
         results.append(await run_stream(src.host, dst.host, src.rep, dst.rep, _label(src, src_name),
-                                        _label(dst, dst_name), spec, opts, store, emit, pacer=run.pacer))
+                                        _label(dst, dst_name), spec, opts, store, emit, pacer=run.pacer,
+                                        fanout=run.fanout))
         if props and not dst.rep.features.receive_props:  # every stream: a changed value too
             await _set_props(dst, dst_name, props)
         if force:

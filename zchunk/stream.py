@@ -29,6 +29,7 @@ from .client import AGENT_SOURCE, AgentClient, HostAgent
 from .endpoint import parse_endpoint
 from .engine import EngineOptions, Transfer, TransferResult
 from .events import Emitter, Sink
+from .fanout import Member, Slot
 from .link import Bandwidth, LinkControl, Pacer
 from .plan import SendPlan
 from .preflight import HostReport, negotiate
@@ -153,11 +154,18 @@ def ssh_from_record(rec: SessionRecord, fallback: SshOptions) -> SshOptions:
 
 async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_rep: HostReport,
                      source: str, target: str, spec: StreamSpec, opts: SyncOptions, store: StateStore,
-                     emit: Emitter, pacer: Pacer | None = None) -> SyncResult:
+                     emit: Emitter, pacer: Pacer | None = None, fanout: Slot | None = None) -> SyncResult:
     """Negotiate, start both agents in fresh session directories, move the stream, verify, clean up.
-    ``pacer``: the bandwidth budget this stream shares with others of its run (-r --jobs)."""
+    ``pacer``: the bandwidth budget this stream shares with others of its run (-r --jobs, fan-out).
+    ``fanout``: this target's place in a fan-out run; a stream the same as other targets' shares their
+    ``zfs send`` and source spool (``zchunk.fanout``)."""
     plan = spec.plan
     codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
+    member: Member | None = None
+    if fanout is not None:  # waits for the run's other targets to say which stream they need
+        member = await fanout.join((plan.snapshot.guid, plan.base.guid if plan.base else None, plan.intermediates,
+                                    spec.send_flags, spec.send_excluded, spec.resume_token, codec, level,
+                                    checksum, opts.chunk_size, opts.spool_max, opts.spool_dir))
     estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features, spec.send_flags)
     emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
          base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
@@ -174,9 +182,11 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
     try:
         await _put_programs(src_host, dst_host, opts, emit)
         early = _open_early(rec, src_host, dst_host, opts)
-        await _start_agents(rec, spec, level, src_host, dst_host, opts, store)
+        await _start_agents(rec, spec, level, src_host, dst_host, opts, store, member)
     except (E.ZchunkError, LinkDown) as e:
         await close_early(early)
+        if member is not None:
+            await member.give_up()
         rec.state, rec.reason = "failed", f"could not start the agents: {e}"
         store.save(rec)
         await _cleanup(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), store, emit)
@@ -185,8 +195,11 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         raise
     except BaseException:
         await close_early(early)
+        if member is not None:
+            await member.give_up()
         raise
-    emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir)
+    emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir,
+         **({"fanout": member.group_dir} if member is not None else {}))
     return await _run_session(rec, src_host, dst_host, opts, store, emit, early, pacer)
 
 
@@ -224,20 +237,29 @@ def _needs(rec: SessionRecord) -> list[str]:
     return ["chunk-v1", agent.CODEC_CAPS[rec.codec], agent.HASH_CAPS[rec.checksum]]
 
 
-async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
-                        src_host: Host, dst_host: Host, opts: SyncOptions, store: StateStore) -> None:
+async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None, src_host: Host, dst_host: Host,
+                        opts: SyncOptions, store: StateStore, member: Member | None = None) -> None:
     # Both hosts at once, each in one command (install, then start the daemon: one round trip and one
     # agent process start). A directory one side made is recorded even when the other failed, so the
     # caller's cleanup finds it; one made by a command that never answered is found by its name.
+    # A fan-out member's sender directory gets no daemon of its own: its group's daemon feeds it.
+    configs = {role: agent_config(rec, role, level, spec, opts.agent_idle_timeout) for role in ("receive", "send")}
+    if member is not None:
+        configs["send"]["member_of"] = member.group_dir
     installed = await asyncio.gather(*(
-        HostAgent(host).install(opts.spool_dir, f"{rec.id}-{role}",
-                                agent_config(rec, role, level, spec, opts.agent_idle_timeout), start=True)
+        HostAgent(host).install(opts.spool_dir, f"{rec.id}-{role}", configs[role],
+                                start=role == "receive" or member is None)
         for host, role in ((dst_host, "receive"), (src_host, "send"))), return_exceptions=True)
     if isinstance(installed[0], str):
         rec.target_dir = installed[0]
     if isinstance(installed[1], str):
         rec.source_dir = installed[1]
     store.save(rec)
+    if member is not None:
+        async def install_group(name: str, cfg: dict[str, Any]) -> str:
+            return await HostAgent(src_host).install(opts.spool_dir, name, cfg, start=True)
+
+        await member.installed(rec.source_dir or None, configs["send"], install_group)
     raise_first(installed)
     rec.state = "running"
     store.save(rec)

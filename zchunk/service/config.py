@@ -80,11 +80,12 @@ SYNC_KEYS: dict[str, type] = {
     "recursive": bool, "jobs": int, "exclude": list, "identifier": str, "no_sync_snap": bool, "no_stream": bool,
     "include_snaps": list, "exclude_snaps": list, "rollback": bool, "force_delete": bool,
     "create_bookmark": bool, "preserve_properties": bool, "no_raw": bool, "send_option": list,
-    "recv_option": list, "set_property": list, "exclude_property": list, "hook_timeout": str,
+    "recv_option": list, "set_property": list, "exclude_property": list, "hook_timeout": str, "detach_after": str,
 }
 #: ``zchunk sync`` options that have no job key, and why.
 NOT_JOB_KEYS = {
-    "source": "a job key of its own", "target": "a job key of its own", "timezone": "a job key of its own",
+    "source": "a job key of its own", "targets": "a job key of its own (target, or targets for a fan-out)",
+    "timezone": "a job key of its own",
     "dry_run": "use `zchunk run --dry-run`", "json_out": "an output format, not a setting",
     "keep_sync_snaps": "use keep (or keep_source, keep_target)", "keep_target_snaps": "use keep_target",
     "pre_snapshot": "a job key of its own (an argv list)", "post_snapshot": "a job key of its own (an argv list)",

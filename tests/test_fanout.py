@@ -1,0 +1,169 @@
+"""Fan-out (issue 17, item 2) on real parts: zfs-fuse pools, real sshd's (on loopback, and in two
+namespaces behind their own rate-limited veths), one target unplugged for a while.
+
+``zchunk sync SOURCE T1 T2``: one sync snapshot, one ``zfs send`` (one sender daemon: the ``sender``
+named in both targets' ``stream_end``), one source spool whose chunks are hard links per target; each
+target has its own session, retries, verification and holds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.zc import Run, Zchunk
+from tests.zfsutil import add_change, assert_replica, make_source, snapshots, zfs
+from zchunk import lab
+
+pytestmark = [pytest.mark.zfs]
+
+MiB = 1 << 20
+POOL_SIZE = "1G"
+ZC_SYNC_ARGS: tuple[str, ...] = ()  # replication: sync snapshots
+
+
+def by_target(run: Run, kind: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in run.of(kind):
+        out.setdefault(e.get("to", ""), []).append(e)
+    return out
+
+
+def one_sender(run: Run, targets: list[str]) -> None:
+    """Each stream of the targets came from one sender daemon that fed them all (its n-th stream_end names
+    the same sender for every target), which read the stream once."""
+    ends = by_target(run, "stream_end")
+    assert sorted(ends) == sorted(targets), run.explain()
+    counts = {len(ends[t]) for t in targets}
+    assert len(counts) == 1, ends
+    for i in range(counts.pop()):
+        streams = [ends[t][i] for t in targets]
+        senders = {e["sender"] for e in streams}
+        assert len(senders) == 1 and None not in senders, f"stream {i}: one shared sender: {senders}\n{ends}"
+        assert len({e["raw_bytes"] for e in streams}) == 1, streams
+    groups = [e.get("fanout") for e in run.of("session")]
+    assert None not in groups and len(groups) == len(targets) * len(set(groups)), groups
+
+
+def held_by(snapshot: str) -> int:
+    return int(zfs("get", "-H", "-o", "value", "userrefs", snapshot))
+
+
+def test_two_targets_share_one_stream_and_repeat(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 16 * MiB, seed=61, compressible=0.5)
+    t1, t2 = f"local:{dst_pool.name}/one", f"local:{dst_pool.name}/two"
+    args = ["--chunk-size", "1M", "--spool-max", "6M", "--ssh-config", str(sshd_local.ssh_config)]
+    run = zc.run("sync", src, t1, t2, *args)
+    assert run.returncode == 0, run.explain()
+    assert len(run.of("snapshot")) == 1, "one sync snapshot for both targets"
+    one_sender(run, [t1, t2])
+    snap = snapshots(src)[-1].split("@")[1]
+    for t in (t1, t2):
+        assert_replica(src, t.split(":")[1], snap)
+    assert held_by(f"{src}@{snap}") == 2, "each target holds its base on the source under its own tag"
+    assert zc.session_dirs() == [], "the group's directory and every member's are gone"
+    # again, after a change: both incremental, from one stream again; the old sync snapshot pruned
+    add_change(src, 4 * MiB, seed=62, snap="s2")
+    time.sleep(1.1)
+    again = zc.run("sync", src, t1, t2, *args)
+    assert again.returncode == 0, again.explain()
+    assert {e["send_kind"] for e in again.of("plan")} == {"incremental"}, again.explain()
+    one_sender(again, [t1, t2])
+    newest = snapshots(src)[-1].split("@")[1]
+    for t in (t1, t2):
+        assert_replica(src, t.split(":")[1], newest)
+    assert f"{src}@{snap}" not in snapshots(src), "the old sync snapshot is pruned once neither target needs it"
+    assert held_by(f"{src}@{newest}") == 2
+
+
+def test_bad_target_lists_are_refused_and_change_nothing(zc: Zchunk, pools: Any) -> None:
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 1 * MiB, seed=63)
+    before = snapshots(src)
+    for targets, words in (([f"{dst_pool.name}/a", f"{dst_pool.name}/a"], "named twice"),
+                           ([f"{dst_pool.name}/a", src], "also one of the TARGETs")):
+        run = zc.run("sync", src, *targets)
+        assert run.returncode == 2 and words in run.error()["message"], run.explain()
+    run = zc.run("sync", "-r", src, f"{dst_pool.name}/a", f"{dst_pool.name}/b")
+    assert run.returncode == 2 and "-r with several targets" in run.error()["message"], run.explain()
+    assert snapshots(src) == before
+    assert not any(n.startswith(f"{dst_pool.name}/") for n in zfs("list", "-H", "-o", "name").split())
+
+
+@pytest.mark.netns
+def test_one_target_unplugged_for_a_while_and_one_left_behind(zc: Zchunk, pools: Any, wan: lab.Wan,
+                                                              tmp_path: Path) -> None:
+    """Two namespaced targets behind their own 16 Mbit links. (1) Target two unplugged for 15 s mid-stream
+    with a spool that holds the whole stream: target one keeps moving, two rides out its outage, both
+    verified, one sender. (2) A change, then target two unplugged for 40 s with a 4 MiB spool and
+    --detach-after 8s: one finishes, two is left behind (exit 15, "fell behind"), its base still held
+    and not pruned; (3) the next run brings it up to date incrementally from its own base."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 20 * MiB, seed=64, compressible=0.0)
+    with lab.Wan() as wan2, \
+            lab.Sshd(tmp_path / "sshd-one", netns=wan.dst_ns, listen=wan.dst_addr, port=22, alias="one") as one, \
+            lab.Sshd(tmp_path / "sshd-two", netns=wan2.dst_ns, listen=wan2.dst_addr, port=22, alias="two") as two:
+        config = tmp_path / "ssh_config"
+        config.write_text(one.ssh_config.read_text() + "\n" + two.ssh_config.read_text())
+        wan.rate("dst", 16)
+        wan2.rate("dst", 16)
+        t1, t2 = f"one:{dst_pool.name}/one", f"two:{dst_pool.name}/two"
+        args = ["--chunk-size", "1M", "--ssh-config", str(config), "--patience", "10m"]
+
+        def received(target: str) -> int:
+            progress = by_target(bg.events(), "progress").get(target) or [{}]
+            return int(progress[-1].get("on_target", 0))
+
+        bg = zc.start("sync", src, t1, t2, *args, "--spool-max", "32M")
+        try:
+            bg.wait_for(lambda: received(t2) >= 3 * MiB, timeout=120, what="3 MiB on target two")
+            unplug = threading.Thread(target=wan2.unplug, args=("dst", 15), daemon=True)
+            unplug.start()
+            time.sleep(2)
+            at = received(t1)
+            time.sleep(8)
+            assert received(t1) - at >= 4 * MiB, "target one keeps moving while two is unplugged"
+            unplug.join()
+            run = bg.finish()
+        finally:
+            bg.stop()
+        assert run.returncode == 0, run.explain()
+        one_sender(run, [t1, t2])
+        assert by_target(run, "link_down").get(t2) and not by_target(run, "link_down").get(t1), run.explain()
+        base = snapshots(src)[-1].split("@")[1]
+        for t in (t1, t2):
+            assert_replica(src, t.split(":")[1], base)
+
+        add_change(src, 16 * MiB, seed=65, snap="s2")
+        time.sleep(1.1)
+        bg = zc.start("sync", src, t1, t2, *args, "--spool-max", "4M", "--detach-after", "8s")
+        try:
+            bg.wait_for(lambda: received(t2) >= 2 * MiB, timeout=120, what="2 MiB on target two")
+            unplug = threading.Thread(target=wan2.unplug, args=("dst", 40), daemon=True)
+            unplug.start()
+            unplug.join()
+            run = bg.finish()
+        finally:
+            bg.stop()
+        assert run.returncode == 15, run.explain()
+        outcomes = {o["target"]: o for o in run.of("replication")[-1]["outcomes"]}
+        assert outcomes[t1]["status"] == "sent" and outcomes[t2]["status"] == "failed", outcomes
+        assert "fell behind" in outcomes[t2]["error"], outcomes[t2]
+        newest = snapshots(src)[-1].split("@")[1]
+        assert_replica(src, t1.split(":")[1], newest)
+        assert f"{src}@{base}" in snapshots(src) and held_by(f"{src}@{base}") == 1, \
+            "the base of the target left behind stays, held by its tag alone"
+        assert zc.session_dirs() == []
+
+        third = zc.run("sync", src, t1, t2, *args)
+        assert third.returncode == 0, third.explain()
+        plans = by_target(third, "plan")
+        assert plans[t2][0]["base"] == f"{src}@{base}", plans
+        last = snapshots(src)[-1].split("@")[1]
+        for t in (t1, t2):
+            assert_replica(src, t.split(":")[1], last)
+        assert f"{src}@{base}" not in snapshots(src)
