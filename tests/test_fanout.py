@@ -29,7 +29,7 @@ def by_target(run: Run | list[dict[str, Any]], kind: str) -> dict[str, list[dict
     """The ``kind`` events of each target (their ``to``)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for e in run.of(kind) if isinstance(run, Run) else [e for e in run if e["event"] == kind]:
-        out.setdefault(e.get("to", ""), []).append(e)
+        out.setdefault(e.get("fanout_target", ""), []).append(e)
     return out
 
 
@@ -101,7 +101,7 @@ def test_one_target_unplugged_for_a_while_and_one_left_behind(zc: Zchunk, pools:
     """Two namespaced targets behind their own 16 Mbit links. (1) Target two unplugged for 15 s mid-stream
     with a spool that holds the whole stream: target one keeps moving, two rides out its outage, both
     verified, one sender. (2) A change, then target two unplugged for 25 s with a 4 MiB spool and
-    --detach-after 8s (25 s unplugged): one finishes, two is left behind (exit 15, "fell behind"), its base still held
+    --detach-after 8s: one finishes, two is left behind (exit 15, "fell behind"), its base still held
     and not pruned; (3) the next run brings it up to date incrementally from its own base."""
     src_pool, dst_pool = pools
     src = make_source(src_pool, 20 * MiB, seed=64, compressible=0.0)

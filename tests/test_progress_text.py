@@ -65,3 +65,24 @@ def test_a_dry_run_plan_is_shown_without_verbose() -> None:
     r("dataset_plan", {"dataset": "tank/t", "source": "tank/t", "target": "bt", "steps": ["full"], "dry_run": True,
                        "hold": "zchunk_x"})
     assert "tank/t -> bt: would send full" in out.getvalue()
+
+
+def test_a_fan_out_says_one_line_per_target_and_one_progress_line() -> None:
+    """Fan-out: each target's own lines name it; its streams' chatter only with -v; one progress line."""
+    out = Tty()
+    r = TextRenderer(out)
+    r("snapshot", {"snapshot": "tank/ds@zchunk_f1_h_20260101T000000Z", "targets": 2})
+    for t in ("a:tank/r", "b:tank/r"):
+        r("session", {"fanout_target": t, "session": "S-" + t, "fanout": "fanout-1-send"})
+        r("progress", {"fanout_target": t, **progress(1 << 20, 1 << 20)})
+    r("dataset_failed", {"fanout_target": "b:tank/r", "source": "tank/ds", "target": "tank/r",
+                         "error": "left behind", "hint": ""})
+    r("dataset_done", {"fanout_target": "a:tank/r", "source": "tank/ds", "target": "tank/r", "status": "sent",
+                       "raw_bytes": 1 << 20, "seconds": 2.0, "done": 1, "total": 2})
+    text = out.getvalue()
+    assert "targets: 2 moving: 2.0 MiB on the target  2.0 MiB/s" in text, text
+    lines = [line.replace("\033[K", "") for line in text.splitlines()]
+    assert "[1/2] tank/ds -> a:tank/r: sent 1.0 MiB (2s)" in lines, lines
+    assert "b:tank/r: FAILED tank/ds: left behind" in lines, lines
+    assert "took tank/ds@zchunk_f1_h_20260101T000000Z" in lines
+    assert "session S-" not in text

@@ -76,7 +76,8 @@ EVENTS = _kinds(
     EventKind("snapshot", "A sync snapshot was taken on the source.", {
         "snapshot": "its full name (with -r: the tree's root, and `datasets` says how many got it)",
         "datasets": "with -r: how many datasets of the tree got the snapshot, all at one moment (zfs "
-        "snapshot -r, or all names in one zfs snapshot)"}),
+        "snapshot -r, or all names in one zfs snapshot)", "targets": "with several TARGETs: how many targets "
+        "it is for"}),
     EventKind("hook", "A --pre-snapshot or --post-snapshot command ran (no shell, on the coordinator's host).", {
         "which": "pre-snapshot or post-snapshot", "command": "its argv, joined by spaces", "status": "its exit "
         "status", "seconds": "how long it ran", "output": "the end of what it printed (stdout and stderr)"}),
@@ -122,7 +123,9 @@ EVENTS = _kinds(
         "referenced)", "codec": "chunk compression", "checksum": "chunk checksum"}),
     EventKind("session", "The agents of a stream run (or were reattached to).", {
         "session": "session id (zchunk sessions, resume, abort)", "source_dir": "session directory on the source",
-        "target_dir": "session directory on the target", "resumed": "present and true when reattached"}),
+        "target_dir": "session directory on the target", "resumed": "present and true when reattached",
+        "fanout": "with several TARGETs: the name of the group whose one zfs send feeds this stream (absent when "
+        "it runs alone)"}),
     EventKind("progress", "At most once a second while a stream moves.", {
         "raw_bytes": "stream bytes fed to zfs receive", "estimate": "expected stream bytes",
         "exact": "the estimate is the stream's real size (zfs send ended)",
@@ -165,7 +168,9 @@ EVENTS = _kinds(
         "raw_bytes": "the stream's bytes", "seconds": "how long it took",
         "done": "the import is complete"}),
     EventKind("stream_end", "zfs send has finished: the stream's size is known.", {
-        "chunks": "chunks in the stream", "raw_bytes": "stream bytes"}),
+        "chunks": "chunks in the stream", "raw_bytes": "stream bytes",
+        "sender_cpu": "CPU seconds the sender daemon and its zfs send used", "sender": "with fan-out: the "
+        "group's sender directory on the source (one zfs send for the targets whose events name it), else null"}),
     EventKind("verified", "The target snapshot's guid equals the source's, after the whole-stream checksum.", {
         "snapshot": "the source snapshot", "guid": "its guid", "stream_hash": "the whole-stream checksum"}),
     EventKind("cleaned", "The session's agents are gone and its directories removed (or kept: --keep).", {
@@ -213,6 +218,8 @@ EVENTS = _kinds(
 COMMON_FIELDS = {"event": "the kind", "time": "Unix time of the event, seconds (3 decimals)"}
 #: Added to the events of one dataset of a recursive run (their streams run side by side with --jobs).
 DATASET_FIELD = ("dataset", "with -r, on every event about one dataset: the source dataset it is about")
+#: Added to the events of one target of a fan-out run (``zchunk sync SOURCE T1 T2 ...``).
+TARGET_FIELD = ("fanout_target", "with several TARGETs, on every event about one target: that TARGET as given")
 
 
 def events_doc() -> str:
@@ -223,7 +230,9 @@ def events_doc() -> str:
            + ", ".join(f"`{k}` ({v})" for k, v in COMMON_FIELDS.items())
            + ". Fields may be added to a kind in later versions: ignore the ones you do not know. "
            + f"In a recursive run (`-r`), every event about one dataset also has `{DATASET_FIELD[0]}` "
-           + f"({DATASET_FIELD[1].split(': ', 1)[1]}).", ""]
+           + f"({DATASET_FIELD[1].split(': ', 1)[1]}). "
+           + f"With several TARGETs (fan-out), every event about one target also has `{TARGET_FIELD[0]}` "
+           + f"({TARGET_FIELD[1].split(': ', 1)[1]}).", ""]
     for kind in EVENTS.values():
         out += [f"## `{kind.name}`", "", kind.doc, "", "| field | meaning |", "|---|---|"]
         out += [f"| `{name}` | {doc} |" for name, doc in kind.fields.items()]

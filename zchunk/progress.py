@@ -72,12 +72,14 @@ class TextRenderer:
         self._bar_shown = False
         self.tree: dict[str, dict[str, Any]] = {}  # -r: each moving dataset's last progress
         self.tree_done: tuple[int, int] = (0, 0)  # -r: datasets finished, in the run
+        self.unit = "datasets"  # what tree counts: datasets (-r) or targets (fan-out)
+        self.prefix = ""  # fan-out: the target the line is about
 
     def _line(self, text: str) -> None:
         if self._bar_shown:
             self.out.write("\r\033[K")
             self._bar_shown = False
-        self.out.write(text + "\n")
+        self.out.write(self.prefix + text + "\n")
         self.out.flush()
 
     def _bar(self, text: str) -> None:
@@ -92,31 +94,37 @@ class TextRenderer:
                              "limit"})
 
     def __call__(self, kind: str, f: dict[str, Any]) -> None:
-        if "dataset" in f and not self.verbose:
+        key = f.get("dataset") or f.get("fanout_target")  # -r's dataset, fan-out's target: side by side
+        if key is not None and not self.verbose:
             if kind == "progress":
-                self.tree[f["dataset"]] = f
+                self.unit = "datasets" if "dataset" in f else "targets"
+                self.tree[key] = f
                 return self._tree_bar()
             plain = kind == "dataset_plan" and not (f.get("dry_run") or f.get("rollback") or f.get("destroy_target"))
             if kind in self.PER_DATASET or plain:
                 return None
         handler = getattr(self, "on_" + kind, None)
         if handler is not None:
-            handler(f)
+            self.prefix = f"{f['fanout_target']}: " if "fanout_target" in f and kind != "dataset_done" else ""
+            try:
+                handler(f)
+            finally:
+                self.prefix = ""
 
     def _tree_bar(self) -> None:
         moving = self.tree.values()
         done, total = self.tree_done
         on = sum(p.get("on_target", p["raw_bytes"]) for p in moving)
         rate = sum(p["rate"] for p in moving)
-        head = f"datasets {done}/{total} done, " if total else "datasets: "
+        head = f"{self.unit} {done}/{total} done, " if total else f"{self.unit}: "
         self._bar(f"{head}{len(self.tree)} moving: {human_bytes(on)} on the target  {human_bytes(rate)}/s")
 
     def on_dataset_done(self, f: dict[str, Any]) -> None:
-        self.tree.pop(f["source"], None)
+        self.tree.pop(f.get("fanout_target") or f["source"], None)
         self.tree_done = (f["done"], f["total"])
         what = {"sent": f"sent {human_bytes(f['raw_bytes'])}", "up-to-date": "up to date"}.get(f["status"],
                                                                                                 f["status"])
-        self._line(f"[{f['done']}/{f['total']}] {f['source']} -> {f['target']}: {what} "
+        self._line(f"[{f['done']}/{f['total']}] {f['source']} -> {f.get('fanout_target') or f['target']}: {what} "
                    f"({human_duration(f['seconds'])})")
 
     def on_preflight(self, f: dict[str, Any]) -> None:

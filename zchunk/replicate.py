@@ -250,7 +250,7 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
         if isinstance(got, Side):
             dsts.append(got)
         elif isinstance(got, E.ZchunkError):  # unreachable, no zfs, ...: this target's outcome
-            emit.bound(to=str(t))("dataset_failed", source=source.dataset, target=t.dataset, error=str(got),
+            emit.bound(fanout_target=str(t))("dataset_failed", source=source.dataset, target=t.dataset, error=str(got),
                                   hint=got.hint)
             outcomes[str(t)] = DatasetOutcome(source.dataset, str(t), "failed", error=str(got),
                                               exit_code=got.exit_code)
@@ -260,7 +260,7 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
                     await side.host.close()
             raise got  # type: ignore[misc]
     for dst in dsts:
-        emit.bound(to=str(dst.endpoint))("preflight", source=src.rep.summary(), target=dst.rep.summary(),
+        emit.bound(fanout_target=str(dst.endpoint))("preflight", source=src.rep.summary(), target=dst.rep.summary(),
                                           identifier=identifier)
     short = None
     if ropts.sync_snap and dsts:
@@ -277,12 +277,12 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
 
             await around_snapshot(ropts.hooks, {"ZCHUNK_SOURCE": str(source), "ZCHUNK_TARGET": " ".join(
                 str(d.endpoint) for d in dsts), "ZCHUNK_SNAPSHOT": snap}, emit, take)
-    fan, pacer = Fanout(detach_after), Pacer()
+    fan, pacer, unreachable = Fanout(detach_after), Pacer(), len(outcomes)
     slots = [fan.slot() for _ in dsts]
 
     async def one(dst: Side, slot: Slot) -> None:
-        t = dst.endpoint
-        its = emit.bound(to=str(t))
+        t, started = dst.endpoint, time.monotonic()
+        its = emit.bound(fanout_target=str(t))
         try:
             finished = [] if ropts.dry_run else await _unfinished(source, t, opts, store, its)
             tag = f"zchunk_{identifier}_{hashlib.sha256(str(t).encode()).hexdigest()[:8]}"
@@ -298,6 +298,7 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
             await dst.host.close()
         outcome.target = str(t)
         outcomes[str(t)] = outcome
+        _done(its, outcome, time.monotonic() - started, len(outcomes) - unreachable, len(dsts))
 
     await asyncio.gather(*(one(d, slot) for d, slot in zip(dsts, slots)))
     if not ropts.dry_run and dsts:
