@@ -219,3 +219,69 @@ pre_snapshot = ["/bin/echo", "$(touch {pwned})", "`touch {pwned}`"]
     assert any(":6: jobs.a.target: invalid dataset name" in line and "contains '$('" in line for line in lines)
     assert not any("pre_snapshot" in line for line in lines), "a command's arguments may hold anything"
     assert not pwned.exists()
+
+
+def test_a_fan_out_job_lists_its_targets_and_bad_lists_are_refused(tmp_path: Path) -> None:
+    """``targets = [...]``: the job runs ``zchunk sync SOURCE T1 T2`` (one zfs send for both); a list of one,
+    a target named twice, the source among them, target and targets together, or -r are refused at their
+    line; a runbook given the job by name asks for the one target."""
+    good = """\
+[jobs.fan]
+source = "rpool/data"
+targets = ["b1:tank/data", "b2:tank/data"]
+every = "1h"
+detach_after = "10m"
+"""
+    checked = cfg.read(write(tmp_path, good))
+    assert checked.problems == [] and checked.config is not None, checked.problems
+    job = checked.config.jobs["fan"]
+    assert job.all_targets == ("b1:tank/data", "b2:tank/data") and job.target == "b1:tank/data, b2:tank/data"
+    from zchunk.service.runner import sync_argv
+
+    argv = sync_argv(job, tmp_path)
+    assert argv[3:7] == ["sync", "rpool/data", "b1:tank/data", "b2:tank/data"], argv
+    assert argv[argv.index("--detach-after") + 1] == "10m"
+    doctor = subprocess.run([sys.executable, "-m", "zchunk", "doctor", "fan", "--config",
+                             str(write(tmp_path, good))], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 2 and "several targets" in doctor.stderr, doctor.stderr
+    bad = """\
+[defaults]
+every = "1h"
+
+[jobs.one]
+source = "rpool/a"
+targets = ["b1:tank/a"]
+
+[jobs.twice]
+source = "rpool/b"
+targets = ["b1:tank/b", "b1:tank/b"]
+
+[jobs.both]
+source = "rpool/c"
+target = "b1:tank/c"
+targets = ["b1:tank/c", "b2:tank/c"]
+
+[jobs.self]
+source = "rpool/d"
+targets = ["rpool/d", "b2:tank/d"]
+
+[jobs.tree]
+source = "rpool/e"
+targets = ["b1:tank/e", "b2:tank/e"]
+recursive = true
+
+[jobs.late]
+source = "rpool/f"
+targets = ["b1:tank/f", "b2:tank/f"]
+detach_after = "soon"
+"""
+    path = write(tmp_path, bad)
+    run = check(path)
+    assert run.returncode == 16, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    for line, key, words in ((6, "jobs.one.targets", "two or more"), (10, "jobs.twice.targets", "named twice"),
+                             (15, "jobs.both.targets", "not both"), (19, "jobs.self.targets", "the source"),
+                             (23, "jobs.tree.targets", "recursive with several targets"),
+                             (29, "jobs.late.detach_after", "a duration")):
+        want = f"{path}:{line}: {key}: "
+        assert any(x.startswith(want) and words in x for x in lines), f"{want}... {words!r} in:\n" + "\n".join(lines)

@@ -817,7 +817,11 @@ def _named(cfg: jobs_file.Config, names: list[str]) -> list[str]:
 def _job(config: Path | None, name: str) -> tuple[jobs_file.Config, jobs_file.Job]:
     """The jobs file and its job ``name`` (UsageError naming the jobs there when it has none of that name)."""
     cfg = _load_config(config)
-    return cfg, cfg.jobs[_named(cfg, [name])[0]]
+    job = cfg.jobs[_named(cfg, [name])[0]]
+    if job.targets:  # a runbook works on one replica
+        raise E.UsageError(reason=f"job {job.name} replicates to several targets ({job.target}): give its source "
+                           "and the one target instead of the job")
+    return cfg, job
 
 
 def _job_options(cfg: jobs_file.Config, job: jobs_file.Job, *groups: tuple[Shared, ...]) -> SyncOptions:

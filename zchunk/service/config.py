@@ -58,7 +58,7 @@ SERVICE_KEYS: dict[str, int] = {"max_parallel": 4, "history_days": 90}
 JOB_KEYS = {
     "source": "[user@]host:pool/dataset or pool/dataset",
     "target": "where it is replicated to",
-    "targets": "a list of targets (fan-out: not yet supported, one target per job)",
+    "targets": "instead of target: two or more targets fed by one zfs send (fan-out)",
     "every": "a duration: 90s, 15m, 6h, 1d",
     "cron": "a cron expression: minute hour day-of-month month day-of-week",
     "timezone": "of cron and of a --bwlimit schedule, e.g. Europe/Berlin",
@@ -145,6 +145,12 @@ class Job:
     sync: dict[str, Any] = field(default_factory=dict)  # zchunk sync options by long name, as written
     origin: dict[str, tuple[str, ...]] = field(default_factory=dict)  # sync key -> where it was written
     line: int = 0
+    targets: tuple[str, ...] = ()  # fan-out: every target (``target`` then lists them, for people)
+
+    @property
+    def all_targets(self) -> tuple[str, ...]:
+        """Where the job replicates to: its target, or its fan-out's targets."""
+        return self.targets or (self.target,)
 
 
 @dataclass(frozen=True)
@@ -344,9 +350,13 @@ class _Checker:
             sync["timezone"], origin["timezone"] = merged["timezone"], at("timezone")
         self.options[name] = JobOptions(sync, origin)
         source, target = merged.get("source"), merged.get("target")
+        targets: tuple[str, ...] = ()
         if "targets" in merged:
-            self.bad(at("targets"), "fan-out to several targets is not supported yet: one target per job")
+            targets = self.fan_out(merged, at, target, source)
+            target = ", ".join(targets)
         for key, value in (("source", source), ("target", target)):
+            if key == "target" and "targets" in merged:
+                continue
             if value is None:
                 self.bad(("jobs", name), f"no {key}")
             elif not isinstance(value, str):
@@ -389,7 +399,29 @@ class _Checker:
             sync.pop("timezone", None)
         return Job(name, str(source), str(target), schedule, int(retries), retry_delay, hooks["pre_snapshot"],
                    hooks["post_snapshot"], keep["source"], keep["target"], bool(enabled), sync, origin,
-                   self.lines.of("jobs", name))
+                   self.lines.of("jobs", name), targets)
+
+    def fan_out(self, merged: dict[str, Any], at: Any, target: Any, source: Any) -> tuple[str, ...]:
+        """``targets = [...]``: two or more distinct endpoints, not the source, not with ``target`` or -r."""
+        value = merged["targets"]
+        if target is not None:
+            self.bad(at("targets"), "give target or targets, not both")
+        if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) for v in value):
+            self.bad(at("targets"), f"{value!r}: a list of two or more targets, e.g. [\"backup1:tank/x\", "
+                     "\"backup2:tank/x\"] (one target: use target)")
+            return ()
+        for v in value:
+            try:
+                parse_endpoint(v)
+            except E.ZchunkError as e:
+                self.bad(at("targets"), str(e))
+        if len(set(value)) != len(value):
+            self.bad(at("targets"), "a target is named twice")
+        if source in value:
+            self.bad(at("targets"), "the source is one of them")
+        if merged.get("recursive"):
+            self.bad(at("targets"), "recursive with several targets is not supported yet: one job per target")
+        return tuple(value)
 
     def schedule(self, merged: dict[str, Any], at: Any, tz: str | None) -> Schedule | None:
         every, cron = merged.get("every"), merged.get("cron")

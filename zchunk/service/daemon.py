@@ -63,8 +63,8 @@ class Service:
 
     def _start(self, job: Job, dry_run: bool = False) -> bool:
         """Started, unless the job runs already, its target is busy, or the runs are at max_parallel."""
-        targets = {r.job.target for r, _ in self.running.values()}
-        if job.name in self.running or job.target in targets or len(self.running) >= self.config.max_parallel:
+        busy = {t for r, _ in self.running.values() for t in r.job.all_targets}
+        if job.name in self.running or busy & set(job.all_targets) or len(self.running) >= self.config.max_parallel:
             return False
         run = JobRun(job, self.state_dir, self.history, self.say, dry_run)
         task = asyncio.ensure_future(run.run())

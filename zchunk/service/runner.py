@@ -41,7 +41,7 @@ LOG_ROTATE = 16 << 20
 def sync_argv(job: Job, state_dir: Path, dry_run: bool = False) -> list[str]:
     """``zchunk sync`` for the job: its options under their long names, sessions in the service's state
     directory unless the job names its own."""
-    argv = [sys.executable, "-m", "zchunk", "sync", job.source, job.target]
+    argv = [sys.executable, "-m", "zchunk", "sync", job.source, *job.all_targets]
     argv += ["--dry-run"] if dry_run else ["--json"]  # a plan is for a person: the text output
     options = {"state_dir": str(state_dir / "sessions"), **job.sync}
     for key, value in options.items():
