@@ -170,3 +170,29 @@ def test_one_target_unplugged_for_a_while_and_one_left_behind(zc: Zchunk, pools:
         for t in (t1, t2):
             assert_replica(src, t.split(":")[1], last)
         assert f"{src}@{base}" not in snapshots(src)
+
+
+def test_a_fan_out_job_runs_and_an_unreachable_target_fails_it_alone(zc: Zchunk, pools: Any,
+                                                                     tmp_path: Path) -> None:
+    """A job with ``targets = [...]`` run by the service's runner (``zchunk run``): the reachable target is
+    replicated, the unreachable one is the job's failure (exit 15, status failed naming it)."""
+    from tests.test_service import status, write_jobs, zchunk
+
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 2 * MiB, seed=66)
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(f"Host gone\n  HostName 127.0.0.1\n  Port {lab.free_port()}\n")  # nobody listens
+    near, far = f"{dst_pool.name}/near", f"gone:{dst_pool.name}/far"
+    config = write_jobs(tmp_path, zc, f"""
+[jobs.fan]
+source = "{src}"
+targets = ["{near}", "{far}"]
+ssh_config = "{ssh_config}"
+connect_patience = "2s"
+""")
+    run = zchunk("run", "--config", str(config), "--json")
+    assert run.returncode == 15, run.stdout[-3000:] + run.stderr
+    assert_replica(src, near, snapshots(src)[-1].split("@")[1])
+    row = status(config)["fan"]
+    assert row["state"] == "failed" and "1 of 2 targets failed" in row["last_error"], row
+    assert far in row["last_error"], row
