@@ -58,6 +58,11 @@ def test_two_targets_share_one_stream_and_repeat(zc: Zchunk, pools: Any, sshd_lo
     src = make_source(src_pool, 16 * MiB, seed=61, compressible=0.5)
     t1, t2 = f"local:{dst_pool.name}/one", f"local:{dst_pool.name}/two"
     args = ["--chunk-size", "1M", "--spool-max", "6M", "--ssh-config", str(sshd_local.ssh_config)]
+    before = snapshots(src)
+    plan = zc.run("sync", src, t1, t2, *args, "--dry-run")
+    assert plan.returncode == 0, plan.explain()
+    assert len(plan.of("would_snapshot")) == 1 and sorted(by_target(plan, "dataset_plan")) == sorted([t1, t2])
+    assert snapshots(src) == before and "one" not in zfs("list", "-H", "-o", "name"), "a dry run changes nothing"
     run = zc.run("sync", src, t1, t2, *args)
     assert run.returncode == 0, run.explain()
     assert len(run.of("snapshot")) == 1, "one sync snapshot for both targets"
@@ -196,3 +201,36 @@ connect_patience = "2s"
     row = status(config)["fan"]
     assert row["state"] == "failed" and "1 of 2 targets failed" in row["last_error"], row
     assert far in row["last_error"], row
+
+
+def test_a_fan_out_outlives_its_coordinator(zc: Zchunk, pools: Any, sshd_local: lab.Sshd) -> None:
+    """kill -9 of the coordinator mid-stream: the shared sender and both receivers go on; the same command
+    again reattaches to both targets' sessions (no stream starts anew) and finishes them from the same
+    group, then brings both to the new sync snapshot in one shared stream."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=67, compressible=0.0)
+    t1, t2 = f"local:{dst_pool.name}/one", f"local:{dst_pool.name}/two"
+    args = ["--chunk-size", "1M", "--ssh-config", str(sshd_local.ssh_config), "--bwlimit", "2M"]
+    bg = zc.start("sync", src, t1, t2, *args)
+    try:
+        def moved(events: list[dict[str, Any]]) -> bool:
+            got = by_target(events, "progress")
+            return all(got.get(t) and got[t][-1]["on_target"] >= 2 * MiB for t in (t1, t2))
+
+        bg.wait_for(lambda: moved(bg.events_so_far()), timeout=120, what="2 MiB on both targets")
+        first = bg.events_so_far()
+        bg.kill9()
+    finally:
+        bg.stop()
+    groups = {e["fanout"] for e in first if e["event"] == "session"}
+    assert len(groups) == 1, first
+    again = zc.run("sync", src, t1, t2, *args)
+    assert again.returncode == 0, again.explain()
+    assert sorted(by_target(again, "reattach")) == sorted([t1, t2]) and not again.of("restart"), again.explain()
+    ends = by_target(again, "stream_end")
+    assert {ends[t][0]["sender"].rsplit("/", 1)[1] for t in (t1, t2)} == groups, "the first run's group finished"
+    one_sender(again, [t1, t2])
+    newest = snapshots(src)[-1].split("@")[1]
+    for t in (t1, t2):
+        assert_replica(src, t.split(":")[1], newest)
+    assert zc.session_dirs() == []

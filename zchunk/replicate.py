@@ -242,34 +242,42 @@ async def replicate_many(source_spec: str, target_specs: list[str], opts: SyncOp
 
 async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: ReplicateOptions, opts: SyncOptions,
                    store: StateStore, emit: Emitter, detach_after: float) -> ReplicationResult:
-    source, identifier = src.endpoint, policy.identifier
     found = await asyncio.gather(*(_side(t, opts) for t in targets), return_exceptions=True)
-    outcomes: dict[str, DatasetOutcome] = {}
-    dsts: list[Side] = []
-    for t, got in zip(targets, found):
-        if isinstance(got, Side):
-            dsts.append(got)
-        elif isinstance(got, E.ZchunkError):  # unreachable, no zfs, ...: this target's outcome
-            emit.bound(fanout_target=str(t))("dataset_failed", source=source.dataset, target=t.dataset, error=str(got),
-                                  hint=got.hint)
-            outcomes[str(t)] = DatasetOutcome(source.dataset, str(t), "failed", error=str(got),
-                                              exit_code=got.exit_code)
-        else:
-            for side in found:
-                if isinstance(side, Side):
-                    await side.host.close()
-            raise got  # type: ignore[misc]
+    try:
+        outcomes: dict[str, DatasetOutcome] = {}
+        for t, got in zip(targets, found):
+            if isinstance(got, BaseException) and not isinstance(got, E.ZchunkError):
+                raise got
+            if isinstance(got, E.ZchunkError):  # unreachable, no zfs, ...: this target's outcome
+                emit.bound(fanout_target=str(t))("dataset_failed", source=src.endpoint.dataset, target=t.dataset,
+                                                 error=str(got), hint=got.hint)
+                outcomes[str(t)] = DatasetOutcome(src.endpoint.dataset, str(t), "failed", error=str(got),
+                                                  exit_code=got.exit_code)
+        dsts = [d for d in found if isinstance(d, Side)]
+        await _fan_out_to(src, dsts, policy, ropts, opts, store, emit, detach_after, outcomes)
+        return ReplicationResult([outcomes[str(t)] for t in targets])
+    finally:
+        for side in found:
+            if isinstance(side, Side):
+                await side.host.close()
+
+
+async def _fan_out_to(src: Side, dsts: list[Side], policy: Policy, ropts: ReplicateOptions, opts: SyncOptions,
+                      store: StateStore, emit: Emitter, detach_after: float,
+                      outcomes: dict[str, DatasetOutcome]) -> None:
+    """The reachable targets: one sync snapshot, then each target's flow side by side (``Fanout`` makes the
+    same streams one), then the source's retention once."""
+    source, identifier = src.endpoint, policy.identifier
     for dst in dsts:
-        emit.bound(fanout_target=str(dst.endpoint))("preflight", source=src.rep.summary(), target=dst.rep.summary(),
-                                          identifier=identifier)
+        emit.bound(fanout_target=str(dst.endpoint))("preflight", source=src.rep.summary(),
+                                                     target=dst.rep.summary(), identifier=identifier)
     short = None
     if ropts.sync_snap and dsts:
         src_ds = await src.zfs.require(source.dataset)
         short = await _fresh_name(identifier, src.rep.hostname, src_ds.snapshots)
         snap = f"{source.dataset}@{short}"
         if ropts.dry_run:
-            emit("would_snapshot", snapshot=snap)
-            short = None  # each target plans against it
+            emit("would_snapshot", snapshot=snap)  # every target plans against it
         else:
             async def take() -> None:
                 await src.zfs.snapshot(snap)
@@ -284,9 +292,13 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
         t, started = dst.endpoint, time.monotonic()
         its = emit.bound(fanout_target=str(t))
         try:
-            finished = [] if ropts.dry_run else await _unfinished(source, t, opts, store, its)
+            earlier = not ropts.dry_run and bool(store.leftovers_under(str(source), str(t))
+                                                 or store.active_under(str(source), str(t)))
+            finished = await _unfinished(source, t, opts, store, its) if earlier else []
             tag = f"zchunk_{identifier}_{hashlib.sha256(str(t).encode()).hexdigest()[:8]}"
-            run = Run(short=short, opts=opts, dst_sessions=dst.rep.sessions, pacer=pacer, fanout=slot)
+            # the target's session directories as they are after its unfinished sessions (not preflight's)
+            run = Run(short=short, opts=opts, dst_sessions=None if earlier else dst.rep.sessions, pacer=pacer,
+                      fanout=slot)
             outcome = await _dataset(src, dst, source.dataset, t.dataset, dataclasses.replace(policy, hold_tag=tag),
                                      ropts, run, store, its)
             _count_finished([outcome], finished)
@@ -295,7 +307,6 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
             outcome = DatasetOutcome(source.dataset, t.dataset, "failed", error=str(e), exit_code=e.exit_code)
         finally:
             slot.leave()
-            await dst.host.close()
         outcome.target = str(t)
         outcomes[str(t)] = outcome
         _done(its, outcome, time.monotonic() - started, len(outcomes) - unreachable, len(dsts))
@@ -303,7 +314,6 @@ async def _fan_out(src: Side, targets: list[Endpoint], policy: Policy, ropts: Re
     await asyncio.gather(*(one(d, slot) for d, slot in zip(dsts, slots)))
     if not ropts.dry_run and dsts:
         await _prune_fanout_source(src, source.dataset, identifier, ropts.keep_sync_snaps, emit)
-    return ReplicationResult([outcomes[str(t)] for t in targets])
 
 
 async def _prune_fanout_source(src: Side, dataset: str, identifier: str, keep: Retention, emit: Emitter) -> None:

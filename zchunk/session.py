@@ -69,6 +69,7 @@ class SessionRecord:
     # a resume must use it too, since the session's codec and checksum need it
     source_python: str | None = None
     target_python: str | None = None
+    fanout: str | None = None  # the fan-out group whose one zfs send feeds this session (zchunk.fanout)
 
     @property
     def active(self) -> bool:

@@ -199,7 +199,7 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
             await member.give_up()
         raise
     emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir,
-         **({"fanout": member.group_dir} if member is not None else {}))
+         **({"fanout": rec.fanout} if rec.fanout else {}))
     return await _run_session(rec, src_host, dst_host, opts, store, emit, early, pacer)
 
 
@@ -245,7 +245,7 @@ async def _start_agents(rec: SessionRecord, spec: StreamSpec, level: int | None,
     # A fan-out member's sender directory gets no daemon of its own: its group's daemon feeds it.
     configs = {role: agent_config(rec, role, level, spec, opts.agent_idle_timeout) for role in ("receive", "send")}
     if member is not None:
-        configs["send"]["member_of"] = member.group_dir
+        configs["send"]["member_of"] = rec.fanout = member.group_dir
     installed = await asyncio.gather(*(
         HostAgent(host).install(opts.spool_dir, f"{rec.id}-{role}", configs[role],
                                 start=role == "receive" or member is None)
@@ -305,7 +305,8 @@ async def _resume(rec: SessionRecord, opts: SyncOptions, store: StateStore, emit
             await _cleanup(rec, src_host, dst_host, dataclasses.replace(opts, keep=False), store, emit)
             raise E.AgentDied(host=src_host.name, role="send", session=rec.id,
                               state="the session never finished starting")
-        emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir, resumed=True)
+        emit("session", session=rec.id, source_dir=rec.source_dir, target_dir=rec.target_dir, resumed=True,
+             **({"fanout": rec.fanout} if rec.fanout else {}))
         return await _run_session(rec, src_host, dst_host, opts, store, emit)
 
 
