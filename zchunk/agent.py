@@ -31,6 +31,10 @@ Session directory layout (the spool; docs/chunk-format.md has the bytes)::
         chunks/...42.part         a chunk being received (target only)
         chunks/...42.chunk.<pid>.tmp  a chunk being written (source only)
 
+Fan-out (one ``zfs send`` for several targets): each target's sender directory is a *member* (``member_of``
+in its session.json, no daemon of its own); the *group*'s directory (``fanout``: its members) runs the daemon,
+which hard-links each chunk into every member's ``chunks/`` and copies its state into their ``sender.json``.
+
 State files are written temp file -> fsync -> rename -> fsync dir. Chunk files
 are written temp -> rename without fsync: they must be atomic, not durable (a
 host crash kills the zfs pipe they belong to, and a chunk is verified against
@@ -1020,11 +1024,6 @@ SLOW_LINK_AGE = 2.0
 #: Fan-out: how long the spool may be full while one target's chunks do not move before it is detached.
 DETACH_AFTER = 300.0
 
-
-def cpu_seconds() -> float:
-    """CPU this process and its waited-for children (zfs send) used: the sender's cost of a stream."""
-    t = os.times()
-    return round(t.user + t.system + t.children_user + t.children_system, 2)
 #: Adaptive levels (no --compress level given): the range the sender moves in, one step per chunk.
 ADAPT_LEVELS = {CODEC_ZSTD: (1, 9), CODEC_ZLIB: (1, 6)}
 #: Compressing must stay this many times faster than the link takes the stream: zfs send, the checksums
@@ -1033,6 +1032,12 @@ ADAPT_HEADROOM = 2.0
 #: Without a measurement at the next level, its speed is guessed as this share of the current one
 #: (zstd 1 -> 9 goes from ~500 to ~60 MB/s on one core: about 0.77 per level).
 ADAPT_STEP = 0.75
+
+
+def cpu_seconds() -> float:
+    """CPU this process and its waited-for children (zfs send) used: the sender's cost of a stream."""
+    t = os.times()
+    return round(t.user + t.system + t.children_user + t.children_system, 2)
 
 
 class LevelAdapter:
