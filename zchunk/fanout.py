@@ -24,6 +24,9 @@ from . import errors as E
 #: How long a source spool full of chunks one target does not take may hold the others back before that
 #: target is detached (its next run continues from its own common snapshot).
 DETACH_AFTER = 300.0
+#: How long the targets that know their next stream wait for the others to know theirs: a target still
+#: finishing an earlier session, or whose host answers slowly, is not waited for longer (it runs alone).
+JOIN_WAIT = 120.0
 
 Install = Callable[[str, dict[str, Any]], Awaitable[str]]
 
@@ -109,10 +112,15 @@ class Slot:
             return None
         fan, n = self._fanout, self.rounds
         self.rounds += 1
+        if fan.round(n).is_set():
+            return None  # the others went on without it (``JOIN_WAIT``): alone
         keys = fan.keys.setdefault(n, {})
         keys[key] = keys.get(key, 0) + 1
         fan.settle()
-        await fan.round(n).wait()
+        try:
+            await asyncio.wait_for(asyncio.shield(fan.round(n).wait()), fan.join_wait)
+        except asyncio.TimeoutError:
+            fan.round(n).set()  # a target still busy (reattaching, or its host slow to answer): not waited for
         if keys[key] < 2:
             return None
         group = fan.groups.setdefault((n, key), _Group(keys[key]))
@@ -127,8 +135,8 @@ class Slot:
 
 
 class Fanout:
-    def __init__(self, detach_after: float = DETACH_AFTER) -> None:
-        self.detach_after = detach_after
+    def __init__(self, detach_after: float = DETACH_AFTER, join_wait: float = JOIN_WAIT) -> None:
+        self.detach_after, self.join_wait = detach_after, join_wait
         self.slots: list[Slot] = []
         self.keys: dict[int, dict[tuple[Any, ...], int]] = {}  # round -> stream key -> targets
         self.groups: dict[tuple[int, tuple[Any, ...]], _Group] = {}

@@ -161,11 +161,6 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
     ``zfs send`` and source spool (``zchunk.fanout``)."""
     plan = spec.plan
     codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
-    member: Member | None = None
-    if fanout is not None:  # waits for the run's other targets to say which stream they need
-        member = await fanout.join((plan.snapshot.guid, plan.base.guid if plan.base else None, plan.intermediates,
-                                    spec.send_flags, spec.send_excluded, spec.resume_token, codec, level,
-                                    checksum, opts.chunk_size, opts.spool_max, opts.spool_dir))
     estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features, spec.send_flags)
     emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
          base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
@@ -178,6 +173,11 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         source_python=None if isinstance(src_host, LocalHost) else src_host.python,
         target_python=None if isinstance(dst_host, LocalHost) else dst_host.python)
     store.save(rec)
+    member: Member | None = None
+    if fanout is not None:  # waits for the run's other targets to say which stream they need
+        member = await fanout.join((plan.snapshot.guid, plan.base.guid if plan.base else None, plan.intermediates,
+                                    spec.send_flags, spec.send_excluded, spec.resume_token, codec, level,
+                                    checksum, opts.chunk_size, opts.spool_max, opts.spool_dir))
     early: dict[str, list[asyncio.Task[AgentChannel]]] = {}
     try:
         await _put_programs(src_host, dst_host, opts, emit)
