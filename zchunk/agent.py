@@ -749,8 +749,8 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json(path: str, obj: Dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(obj, sort_keys=True).encode())
+def write_json(path: str, obj: Dict[str, Any], durable: bool = True) -> None:
+    write_atomic(path, json.dumps(obj, sort_keys=True).encode(), durable=durable)
 
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:
@@ -1493,12 +1493,13 @@ class SenderDaemon(Daemon):
                 pass
 
     def save(self, **changes: Any) -> bool:
-        """The state file, and with fan-out each member's copy (what its target's coordinator reads)."""
+        """The state file, and with fan-out each member's copy (what its target's coordinator reads): atomic,
+        not fsynced (after a host crash this daemon is gone, and the one started again writes them anew)."""
         ok = super().save(**changes)
         for m in list(self.members or []):
             try:
                 with self.lock:
-                    write_json(m.state_path, dict(self.st))
+                    write_json(m.state_path, dict(self.st), durable=False)
             except FileNotFoundError:
                 self.drop(m, None)
             except OSError as e:

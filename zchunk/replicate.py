@@ -119,9 +119,13 @@ class Side:
 IDENTIFIER = re.compile(r"[A-Za-z0-9.:-]{1,40}")
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def default_identifier(target: Endpoint) -> str:
     """Unique per target, so two targets of one source never prune each other's base."""
-    return "t" + hashlib.sha256(str(target).encode()).hexdigest()[:8]
+    return "t" + _short_hash(str(target))
 
 
 def _regexes(patterns: list[str], what: str) -> tuple[re.Pattern[str], ...]:
@@ -217,8 +221,7 @@ async def replicate_many(source_spec: str, target_specs: list[str], opts: SyncOp
     if ropts.create_bookmark:
         raise E.UsageError(reason="--create-bookmark with several targets is not supported yet: their "
                            "bookmarks would share one name")
-    identifier = ropts.identifier or "f" + hashlib.sha256(
-        "\n".join(sorted(str(t) for t in targets)).encode()).hexdigest()[:8]
+    identifier = ropts.identifier or "f" + _short_hash("\n".join(sorted(str(t) for t in targets)))
     if not IDENTIFIER.fullmatch(identifier):
         raise E.UsageError(reason=f"--identifier {identifier!r}: use 1-40 letters, digits, '.', ':' or '-'")
     policy = Policy(identifier, ropts.stream, _regexes(ropts.include_snaps, "--include-snaps"),
@@ -295,7 +298,7 @@ async def _fan_out_to(src: Side, dsts: list[Side], policy: Policy, ropts: Replic
             earlier = not ropts.dry_run and bool(store.leftovers_under(str(source), str(t))
                                                  or store.active_under(str(source), str(t)))
             finished = await _unfinished(source, t, opts, store, its) if earlier else []
-            tag = f"zchunk_{identifier}_{hashlib.sha256(str(t).encode()).hexdigest()[:8]}"
+            tag = f"zchunk_{identifier}_{_short_hash(str(t))}"
             # the target's session directories as they are after its unfinished sessions (not preflight's)
             run = Run(short=short, opts=opts, dst_sessions=None if earlier else dst.rep.sessions, pacer=pacer,
                       fanout=slot)
