@@ -184,3 +184,23 @@ def test_the_link_rate_leaves_out_outages_and_pauses() -> None:
     assert meter.rate == pytest.approx(MiB), "a window of 1 s is too short to say"
     meter.sample(62.0, 23 * MiB, moving=True)
     assert meter.rate == pytest.approx(2 * MiB), "the outage is not in the window"
+
+
+def test_the_link_rate_forgets_a_slow_start_sooner_than_a_steady_past() -> None:
+    """A slow first few seconds (TCP finding the link, the chunks' ramp) leave the rate once the window,
+    half the time moved so far, has passed them; later the window is the full 10 s."""
+    meter = LinkRate()
+    moved = 0.0
+    for tenth in range(0, 81):  # 0..8 s: 0.5 MiB/s for 3 s, then 2 MiB/s
+        t = tenth / 10
+        moved += (0.5 if t <= 3 else 2.0) * MiB / 10 if tenth else 0
+        meter.sample(t, int(moved), moving=True)
+    assert meter.window(8.0) == pytest.approx(4.0)
+    assert meter.rate == pytest.approx(2 * MiB, rel=0.02), "at 8 s the window (4 s) holds only the fast part"
+    assert moved / 8 < 1.7 * MiB, "what a fixed 10 s window said (everything since 0) was far below"
+    for tenth in range(81, 301):  # 30 s: the window is 10 s, a dip of 1 s moves the rate by a tenth at most
+        t = tenth / 10
+        moved += (0.0 if 25 <= t < 26 else 2.0) * MiB / 10
+        meter.sample(t, int(moved), moving=True)
+    assert meter.window(30.0) == pytest.approx(10.0)
+    assert meter.rate == pytest.approx(1.8 * MiB, rel=0.02)

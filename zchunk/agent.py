@@ -586,6 +586,9 @@ FRAME_TYPES = (FRAME_HELLO, FRAME_REQUEST, FRAME_REPLY, FRAME_ERROR, FRAME_DATA)
 MAX_JSON_FRAME = 1024 * 1024
 MAX_DATA_FRAME = 4 * 1024 * 1024
 DATA_PIECE = 1024 * 1024
+# A chunk going to a receiver is framed in quarters of a piece: the receiver reads a whole frame before
+# writing it to its .part file, so this is the step in which the bytes on the target (progress) move.
+PUT_FRAME = 256 * 1024
 
 
 def frame_header(ftype: int, req_id: int, length: int) -> bytes:

@@ -38,9 +38,12 @@ class AgentSide:
         """On this machine: the coordinator may read this side's spool itself."""
         return isinstance(self.host, LocalHost)
 
-    async def open_channel(self, stall_timeout: float, source: bytes | None = None) -> AgentChannel:
-        """A ``serve`` process's channel to this side's agent (``HostAgent.serve``)."""
-        return await HostAgent(self.host).serve(self.session_dir, self.needs, stall_timeout, source)
+    async def open_channel(self, stall_timeout: float, source: bytes | None = None,
+                           control: bool = False) -> AgentChannel:
+        """A ``serve`` process's channel to this side's agent (``HostAgent.serve``); ``control``: over the
+        host's connection for short requests (``Host.control``), not the one the chunks take."""
+        host = self.host.control() if control else self.host
+        return await HostAgent(host).serve(self.session_dir, self.needs, stall_timeout, source)
 
 
 Opener = Callable[[AgentSide], Awaitable[Channel]]
@@ -95,6 +98,12 @@ class ChannelSet:
 
     async def close(self) -> None:
         await self.reset()
+
+
+def early_key(role: str, control: bool) -> str:
+    """Where the channels opened during install wait for their user: the workers' under the role, the
+    status poller's (over the control connection) under ``<role>-control``."""
+    return f"{role}-control" if control else role
 
 
 async def close_early(early: dict[str, list[asyncio.Task[AgentChannel]]]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from .aio import quietly
-from .channels import AgentSide, ChannelSet, close_early
+from .channels import AgentSide, ChannelSet, close_early, early_key
 from .client import AgentClient, AgentStatus, HostAgent, ReceiverClient, SenderClient
 from .errors import (
     AgentDied,
@@ -229,16 +229,17 @@ class Transfer:
             outage_seconds=self.outage.total, discarded_chunks=int(receiver.get("discarded", 0)),
             receiver=receiver)
 
-    async def _open(self, side: AgentSide) -> AgentChannel:
+    async def _open(self, side: AgentSide, control: bool = False) -> AgentChannel:
         """A channel to ``side``'s agent: one opened during install if any is left, else a new one
-        (also when that one failed: a new one says what is wrong, or is retried on a dead link)."""
-        pending = self.early.get(side.role) or []
+        (also when that one failed: a new one says what is wrong, or is retried on a dead link).
+        ``control``: the status poller's, over the host's control connection (``Host.control``)."""
+        pending = self.early.get(early_key(side.role, control)) or []
         while pending:
             try:
                 return await pending.pop(0)
             except (ZchunkError, LinkDown):
                 continue
-        return await side.open_channel(self.opts.stall_timeout)
+        return await side.open_channel(self.opts.stall_timeout, control=control)
 
     async def _guard(self, coro: Any) -> None:
         try:
@@ -253,7 +254,8 @@ class Transfer:
     async def _poll_loop(self) -> None:
         async def opener(side: AgentSide) -> AgentChannel | InProcessChannel:
             # an agent on this machine is asked in process: no serve process to start
-            return InProcessChannel(side.session_dir, side.name) if side.local else await self._open(side)
+            return (InProcessChannel(side.session_dir, side.name) if side.local
+                    else await self._open(side, control=True))
 
         chans = ChannelSet([self.src, self.dst], opener)
 

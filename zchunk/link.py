@@ -246,24 +246,39 @@ class LinkControl:
 
 
 class LinkRate:
-    """The link's rate as the user should see it: bytes moved over the last ``WINDOW`` seconds in which the
-    link was up and the session not paused. An outage or a pause starts the window afresh (the last rate
-    stands meanwhile), so the ETA it gives counts neither."""
+    """The link's rate as the user should see it: bytes moved over the recent seconds in which the link
+    was up and the session not paused. An outage or a pause starts afresh (the last rate stands
+    meanwhile), so the ETA it gives counts neither.
+
+    The window is half the time moved so far, from ``MIN_WINDOW`` up to ``WINDOW`` seconds: a transfer's
+    first seconds (TCP finding the link's rate, the chunks' ramp) say little about the rest, and a fixed
+    10 s window kept them in the rate, and the ETA pessimistic, for the first quarter of a half-minute
+    transfer. Later the long window smooths the steps in which the target's bytes move."""
 
     WINDOW = 10.0
+    MIN_WINDOW = 3.0
     MIN_SPAN = 1.5  # seconds of samples before a first rate is said
 
     def __init__(self) -> None:
         self.samples: deque[tuple[float, int]] = deque()
         self.rate = 0.0
+        self.moving_since: float | None = None
+
+    def window(self, now: float) -> float:
+        moved_for = now - self.moving_since if self.moving_since is not None else 0.0
+        return min(self.WINDOW, max(self.MIN_WINDOW, moved_for / 2))
 
     def sample(self, now: float, moved: int, moving: bool) -> float:
         """``moved``: bytes moved so far (a counter); ``moving``: the link is up and not paused."""
         if not moving:
             self.samples.clear()
+            self.moving_since = None
             return self.rate
+        if self.moving_since is None:
+            self.moving_since = now
         self.samples.append((now, moved))
-        while len(self.samples) > 2 and self.samples[1][0] <= now - self.WINDOW:
+        window = self.window(now)
+        while len(self.samples) > 2 and self.samples[1][0] <= now - window:
             self.samples.popleft()
         (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
         if t1 - t0 >= self.MIN_SPAN:

@@ -125,9 +125,13 @@ class AgentChannel:
         return payload
 
     async def write_data(self, req_id: int, payload: bytes) -> None:
-        """One data frame of request ``req_id`` (a chunk going to the agent), drained."""
-        self.pipe.write(agent.frame_header(agent.FRAME_DATA, req_id, len(payload)))
-        self.pipe.write(payload)  # apart, not header + payload: that copied every forwarded byte once more
+        """``payload`` of request ``req_id`` (a chunk going to the agent) as data frames of at most
+        ``agent.PUT_FRAME`` bytes, drained."""
+        step = agent.PUT_FRAME
+        parts = [payload] if len(payload) <= step else [payload[at:at + step] for at in range(0, len(payload), step)]
+        for part in parts:
+            self.pipe.write(agent.frame_header(agent.FRAME_DATA, req_id, len(part)))
+            self.pipe.write(part)  # apart, not header + part: that copied every forwarded byte once more
         await self.pipe.drain()
 
     def drop_connection(self) -> None:

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from . import agent
 from . import errors as E
 from .aio import all_of, raise_first
-from .channels import AgentSide, close_early
+from .channels import AgentSide, close_early, early_key
 from .client import AGENT_SOURCE, AgentClient, HostAgent
 from .endpoint import parse_endpoint
 from .engine import EngineOptions, Transfer, TransferResult
@@ -224,11 +224,13 @@ def _open_early(rec: SessionRecord, src_host: Host, dst_host: Host,
     early: dict[str, list[asyncio.Task[AgentChannel]]] = {}
     for host, role in ((src_host, "send"), (dst_host, "receive")):
         local = isinstance(host, LocalHost)
-        count = (0 if local else 1) + (0 if local and role == "send" else 1)  # the poller's, worker 0's
+        wanted = [] if local else [True]  # the poller's, over the control connection (Host.control)
+        wanted += [] if local and role == "send" else [False]  # worker 0's
         side = AgentSide(host, posixpath.normpath(posixpath.join(opts.spool_dir, f"{rec.id}-{role}")), role,
                          _needs(rec))
-        early[role] = [asyncio.create_task(side.open_channel(opts.stall_timeout, AGENT_SOURCE))
-                       for _ in range(count)]
+        for control in wanted:
+            early[early_key(role, control)] = [
+                asyncio.create_task(side.open_channel(opts.stall_timeout, AGENT_SOURCE, control=control))]
     return early
 
 
