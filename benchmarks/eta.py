@@ -1,6 +1,7 @@
 """Does zchunk's progress tell the truth? The shown ETA and rate against what really happened.
 
     .venv/bin/python benchmarks/eta.py [--size 200M] [--rate 30] [--runs 2] [--out benchmarks/eta.json]
+                                       [--sync-args "--chunk-size 32M --parallel 4"]
 
 Builds the benchmark lab (``run.py``'s: zfs-fuse pools, the WAN, an sshd in the "dst" namespace), writes
 the dataset (half compressible, as run.py's), limits the link to ``--rate`` Mbit/s and runs one ``zchunk
@@ -10,6 +11,11 @@ shown rate with the link's rate (``--rate`` Mbit/s, which carries SSH and TCP he
 rate is a few per cent below it). Prints a table and, with ``--out``, writes the events' summary as JSON.
 Targets (issue "link control", item 3): ETA within 15 % of the real remaining time, rate within 10 % of the
 link's.
+
+Smoothness: how far the bytes on the target moved from one progress event to the next (the median and
+largest step, against the chunk size), and how many events before the stream's end showed no movement:
+with whole chunks counted, a bar would stand still and then jump a chunk (32 MiB with ``--sync-args
+"--chunk-size 32M --parallel 4"``, the issue's case).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,12 +60,21 @@ def judge(events: list[dict[str, Any]], link: float) -> list[dict[str, Any]]:
     return rows
 
 
+def steps(series: list[list[float]]) -> dict[str, float]:
+    """On-target steps between progress events, in MiB (the first and last events left out: before the
+    first byte and where the end is in sight), and the count of events that showed no movement."""
+    moves = [b[1] - a[1] for a, b in zip(series, series[1:]) if a[1] < a[3]][1:-1]
+    return {"median_step_mib": round(statistics.median(moves) / 2**20, 2),
+            "largest_step_mib": round(max(moves) / 2**20, 2), "standing": sum(1 for m in moves if m <= 0)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="200M")
     ap.add_argument("--rate", type=float, default=30.0, help="tbf limit in Mbit/s [30]")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--sync-args", default="", help="more zchunk sync arguments, e.g. \"--chunk-size 32M\"")
     args = ap.parse_args()
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "zchunk")], check=True)
     b = bench.Bench(bench.parse_args(["--size", args.size, "--out", str(HERE / "out" / "eta")]))
@@ -72,7 +89,7 @@ def main() -> int:
         for r in range(args.runs):
             job = Job(ds, "s1", None, f"{b.dst.name}/eta{r}", b.work / f"run{r}")
             job.workdir.mkdir(parents=True)
-            argv = tool.argv(job, b.far)
+            argv = [*tool.argv(job, b.far), *shlex.split(args.sync_args)]
             started = time.monotonic()
             proc = subprocess.run(argv, env={**os.environ, "PATH": PATH, "LC_ALL": "C"}, cwd=job.workdir,
                                   capture_output=True, text=True)
@@ -86,9 +103,12 @@ def main() -> int:
             start = next(e["time"] for e in events if e["event"] == "session")
             series = [[round(e["time"] - start, 2), e["on_target"], e["wire_bytes"], e["expected"], e["rate"]]
                       for e in events if e["event"] == "progress"]
-            results.append({"run": r + 1, "seconds": round(took, 1), "rows": rows,
+            smooth = steps(series)
+            results.append({"run": r + 1, "seconds": round(took, 1), "rows": rows, "steps": smooth,
                             "series [t, on_target, wire_bytes, expected, rate]": series})
-            print(f"run {r + 1}: {took:.1f} s")
+            print(f"run {r + 1}: {took:.1f} s; on-target steps between events: median "
+                  f"{smooth['median_step_mib']} MiB, largest {smooth['largest_step_mib']} MiB, "
+                  f"{smooth['standing']} events without movement")
             for row in rows:
                 print(f"  at {row['share']:.0%} ({row['shown_at']:5.1f} s): ETA {row['eta']} s, really "
                       f"{row['really_left']} s ({row['eta_error']:+.1%}); rate {row['rate'] / 1e6:.2f} MB/s vs "
@@ -96,7 +116,8 @@ def main() -> int:
             b.cleanup(tool, job, tool.needles(job, b.far), keep_target=False)
     shutil.rmtree(b.work, ignore_errors=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"size": args.size, "rate_mbit": args.rate, "runs": results},
+        Path(args.out).write_text(json.dumps({"size": args.size, "rate_mbit": args.rate, "sync_args": args.sync_args,
+                                              "runs": results},
                                              indent=1) + "\n")
     return 1 if failed else 0
 
