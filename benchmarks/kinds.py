@@ -2,6 +2,7 @@
 whose python has no zstandard, syncoid, and the physical limit, on the same datasets in the same run.
 
     .venv/bin/python benchmarks/kinds.py [--size 128M] [--rate 100] [--runs 2] [--kinds text,random,...]
+                                         [--no-fixed]
 
 For each kind (benchmarks/datakinds.py: text, random, vmimage, smallfiles) a dataset of ``--size`` bytes is
 written on the lab's source pool (run.py's lab: zfs-fuse, the WAN limited to ``--rate`` Mbit/s by tbf,
@@ -17,7 +18,8 @@ Measured: wall time, bytes on the WAN veth (both directions). The physical limit
 stream compressed by ``zstd -T1`` at the best level that one core sustains at the link's rate, over that
 rate (no SSH, TCP or IP overhead; the best of levels 1, 3, 6, 9, 12, 15, 19). Writes ``--out`` (JSON:
 every run, the limits, the command) and prints a table per kind: medians, and ratios to syncoid and to
-the limit.
+the limit. ``--rate 0``: no limit on the link (and no physical limit computed); ``--no-fixed``: without
+the fixed-level variants.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def bare_python(work: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="128M")
-    ap.add_argument("--rate", type=float, default=100.0, help="tbf limit in Mbit/s [100]")
+    ap.add_argument("--rate", type=float, default=100.0, help="tbf limit in Mbit/s [100]; 0: none")
+    ap.add_argument("--no-fixed", action="store_true", help="leave out the fixed zstd levels")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(datakinds.KINDS))
     ap.add_argument("--out", default=str(HERE / "kinds.json"))
@@ -101,20 +104,23 @@ def main() -> int:
         ("zchunk, target python without zstandard", "zchunk", ["--python", bare]),
         ("syncoid", "syncoid", []),
     ]
+    if args.no_fixed:
+        variants = [v for v in variants if "zstd:" not in v[0]]
     report: dict[str, Any] = {"command": " ".join([".venv/bin/python", "benchmarks/kinds.py", *sys.argv[1:]]),
                               "size": args.size, "rate_mbit": args.rate, "kinds": {}}
     failed = 0
     with b.lab():
-        b.wan.rate("dst", args.rate)
+        b.wan.rate("dst", args.rate or None)
         for kind in args.kinds.split(","):
             ds = f"{b.src.name}/{kind}"
             bench.zfs("create", ds)
             datakinds.write(bench.mountpoint(ds), kind, b.size)
             bench.zfs("snapshot", f"{ds}@s1")
             b.digests["s1"] = lab.snapshot_digest(f"{ds}@s1")
-            limit = physical_limit(f"{ds}@s1", rate_bytes, b.work)
-            print(f"{kind}: stream {limit['stream_bytes'] / MiB:.1f} MiB, limit {limit['seconds']:.1f} s "
-                  f"(zstd -{limit['level']}: {limit['compressed_bytes'] / MiB:.1f} MiB)", flush=True)
+            limit = physical_limit(f"{ds}@s1", rate_bytes, b.work) if rate_bytes else None
+            if limit is not None:
+                print(f"{kind}: stream {limit['stream_bytes'] / MiB:.1f} MiB, limit {limit['seconds']:.1f} s "
+                      f"(zstd -{limit['level']}: {limit['compressed_bytes'] / MiB:.1f} MiB)", flush=True)
             runs: list[dict[str, Any]] = []
             for r in range(args.runs):
                 for i, (name, tool_name, extra) in enumerate(variants):
@@ -162,12 +168,13 @@ def table(report: dict[str, Any]) -> str:
                 med[name] = (statistics.median(r["seconds"] for r in ok),
                              statistics.median(r["wire_bytes"] for r in ok))
         sy = med.get("syncoid", (0.0, 0.0))[0]
-        lim = k["limit"]["seconds"]
+        lim = k["limit"]["seconds"] if k["limit"] else None
         for name, (t, w) in med.items():
             lines.append(f"| {kind} | {name} | {t:.1f} | {w / MiB:.1f} | "
-                         f"{t / sy if sy else float('nan'):.2f} | {t / lim:.2f} |")
-        lines.append(f"| {kind} | physical limit (zstd -{k['limit']['level']}, "
-                     f"{k['limit']['compressed_bytes'] / MiB:.1f} MiB) | {lim:.1f} | | | 1.00 |")
+                         f"{t / sy if sy else float('nan'):.2f} | {f'{t / lim:.2f}' if lim else '-'} |")
+        if k["limit"]:
+            lines.append(f"| {kind} | physical limit (zstd -{k['limit']['level']}, "
+                         f"{k['limit']['compressed_bytes'] / MiB:.1f} MiB) | {lim:.1f} | | | 1.00 |")
     return "\n".join(lines)
 
 

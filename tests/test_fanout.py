@@ -7,6 +7,9 @@ target has its own session, retries, verification and holds."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.zc import Run, Zchunk
+from tests.zc import Run, Zchunk, kill_matching
 from tests.zfsutil import add_change, assert_replica, make_source, snapshots, zfs
 from zchunk import lab
 
@@ -234,3 +237,40 @@ def test_a_fan_out_outlives_its_coordinator(zc: Zchunk, pools: Any, sshd_local: 
     for t in (t1, t2):
         assert_replica(src, t.split(":")[1], newest)
     assert zc.session_dirs() == []
+
+
+def test_a_fan_out_sender_killed_mid_stream_is_started_again_once(zc: Zchunk, pools: Any,
+                                                                   sshd_local: lab.Sshd) -> None:
+    """The shared sender daemon and its zfs send killed (as a reboot of the source would) while both
+    targets' zfs receive run: the targets' engines both see it dead and ask for it again; the group's
+    daemon lock lets one start happen, whose daemon runs zfs send anew, skips what it cut before and feeds
+    both targets. One stream per target, both replicas verified, nothing left behind."""
+    src_pool, dst_pool = pools
+    src = make_source(src_pool, 12 * MiB, seed=68, compressible=0.0)
+    t1, t2 = f"local:{dst_pool.name}/one", f"local:{dst_pool.name}/two"
+    args = ["--chunk-size", "1M", "--spool-max", "3M", "--ssh-config", str(sshd_local.ssh_config),
+            "--bwlimit", "2M"]
+    bg = zc.start("sync", src, t1, t2, *args)
+    try:
+        def moved(events: list[dict[str, Any]]) -> bool:
+            got = by_target(events, "progress")
+            return all(got.get(t) and got[t][-1]["on_target"] >= 3 * MiB for t in (t1, t2))
+
+        bg.wait_for(lambda: moved(bg.events_so_far()), timeout=120, what="3 MiB on both targets")
+        group = next(d for d in zc.session_dirs() if d.name.startswith("fanout-"))
+        pid = int(json.loads((group / "sender.json").read_text())["pid"])
+        os.killpg(os.getpgid(pid), signal.SIGKILL)  # the daemon and its zfs send (setsid'ed at its start)
+        run = bg.finish()
+    finally:
+        bg.stop()
+    assert run.returncode == 0, run.explain()
+    restarts = by_target(run, "sender_restart")
+    assert restarts and sum(len(r) for r in restarts.values()) <= 2, run.explain()
+    assert not run.of("restart"), "no target's stream started anew"
+    one_sender(run, [t1, t2])
+    ends = by_target(run, "stream_end")
+    assert {ends[t][0]["sender"].rsplit("/", 1)[1] for t in (t1, t2)} == {group.name}, "the killed group finished"
+    snap = snapshots(src)[-1].split("@")[1]
+    for t in (t1, t2):
+        assert_replica(src, t.split(":")[1], snap)
+    assert zc.session_dirs() == [] and kill_matching(str(zc.spool_dir) + "/") == []
