@@ -133,7 +133,8 @@ EVENTS = _kinds(
         "on_target": "chunk bytes that have crossed the link, half-moved chunks included (from the agents)",
         "expected": "chunk bytes the whole stream will move: exact once zfs send ended, else the estimate at "
         "the compression ratio seen so far", "percent": "on_target of expected; never 100 before it is exact",
-        "rate": "bytes/s on the link over the last 10 s it was up and not paused",
+        "rate": "bytes/s reaching the target while the link was up and not paused, over the last 10 s (at the "
+                "start, over half the time moved so far, at least 3 s)",
         "eta": "seconds left: (expected - on_target) / rate, or null", "eta_seconds": "the same as eta",
         "chunks_spooled": "chunks the sender has written",
         "chunks_moved": "chunks the target holds or has consumed", "chunks_received": "chunks fed to zfs receive",
