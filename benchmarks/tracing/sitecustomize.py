@@ -60,11 +60,12 @@ def _install() -> None:
 
     open_channel = channels.AgentSide.open_channel
 
-    async def traced_channel(self, stall_timeout, source=None):  # noqa: ANN001, ANN202
+    async def traced_channel(self, stall_timeout, source=None, control=False):  # noqa: ANN001, ANN202
         t = time.monotonic()
-        ch = await open_channel(self, stall_timeout, source)
+        ch = await open_channel(self, stall_timeout, source, control)
         early = " (opened with install)" if source else ""
-        _say(t, time.monotonic() - t, f"{self.name}: {self.role} channel ready{early}")
+        kind = " control" if control else ""
+        _say(t, time.monotonic() - t, f"{self.name}: {self.role}{kind} channel ready{early}")
         return ch
 
     channels.AgentSide.open_channel = traced_channel
