@@ -158,7 +158,8 @@ def main() -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"At {f'{report['rate_mbit']:g} Mbit/s' if report['rate_mbit'] else 'no rate limit'}, {report['size']} per kind; medians of the completed runs.", "",
+    rate = f"{report['rate_mbit']:g} Mbit/s" if report["rate_mbit"] else "no rate limit"
+    lines = [f"At {rate}, {report['size']} per kind; medians of the completed runs.", "",
              "| kind | variant | time s | wire MiB | / syncoid time | / limit |", "|---|---|---:|---:|---:|---:|"]
     for kind, k in report["kinds"].items():
         med: dict[str, tuple[float, float]] = {}
