@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.zc import Run, Zchunk, kill_matching
+from tests.zc import Background, Run, Zchunk, kill_matching
 from tests.zfsutil import add_change, assert_replica, make_source, snapshots, zfs
 from zchunk import lab
 
@@ -50,6 +50,15 @@ def one_sender(run: Run, targets: list[str]) -> None:
         assert len({e["raw_bytes"] for e in streams}) == 1, streams
     groups = [e.get("fanout") for e in run.of("session")]
     assert None not in groups and len(groups) == len(targets) * len(set(groups)), groups
+
+
+def wait_until_on_targets(bg: Background, targets: list[str], nbytes: int) -> None:
+    """Until every target's last progress event shows ``nbytes`` on it (a fan-out run in the background)."""
+    def moved() -> bool:
+        got = by_target(bg.events_so_far(), "progress")
+        return all(got.get(t) and got[t][-1]["on_target"] >= nbytes for t in targets)
+
+    bg.wait_for(moved, timeout=120, what=f"{nbytes // MiB} MiB on every target")
 
 
 def held_by(snapshot: str) -> int:
@@ -216,11 +225,7 @@ def test_a_fan_out_outlives_its_coordinator(zc: Zchunk, pools: Any, sshd_local: 
     args = ["--chunk-size", "1M", "--ssh-config", str(sshd_local.ssh_config), "--bwlimit", "2M"]
     bg = zc.start("sync", src, t1, t2, *args)
     try:
-        def moved(events: list[dict[str, Any]]) -> bool:
-            got = by_target(events, "progress")
-            return all(got.get(t) and got[t][-1]["on_target"] >= 2 * MiB for t in (t1, t2))
-
-        bg.wait_for(lambda: moved(bg.events_so_far()), timeout=120, what="2 MiB on both targets")
+        wait_until_on_targets(bg, [t1, t2], 2 * MiB)
         first = bg.events_so_far()
         bg.kill9()
     finally:
@@ -252,11 +257,7 @@ def test_a_fan_out_sender_killed_mid_stream_is_started_again_once(zc: Zchunk, po
             "--bwlimit", "2M"]
     bg = zc.start("sync", src, t1, t2, *args)
     try:
-        def moved(events: list[dict[str, Any]]) -> bool:
-            got = by_target(events, "progress")
-            return all(got.get(t) and got[t][-1]["on_target"] >= 3 * MiB for t in (t1, t2))
-
-        bg.wait_for(lambda: moved(bg.events_so_far()), timeout=120, what="3 MiB on both targets")
+        wait_until_on_targets(bg, [t1, t2], 3 * MiB)
         group = next(d for d in zc.session_dirs() if d.name.startswith("fanout-"))
         pid = int(json.loads((group / "sender.json").read_text())["pid"])
         os.killpg(os.getpgid(pid), signal.SIGKILL)  # the daemon and its zfs send (setsid'ed at its start)
