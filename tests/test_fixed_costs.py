@@ -295,11 +295,22 @@ def test_commands_run_on_an_acking_connection(sshd_local: lab.Sshd) -> None:
 
 
 def test_the_liboqs_lookup_is_put_back_after_asyncssh_imports() -> None:
-    code = ("import ctypes.util; f = ctypes.util.find_library; import zchunk.transport, asyncssh; "
+    code = ("import ctypes.util, sys; f = ctypes.util.find_library; import zchunk.transport as t; "
+            "assert 'asyncssh' not in sys.modules; ssh = t._asyncssh(); assert ssh is sys.modules['asyncssh']; "
             "assert ctypes.util.find_library is f, 'find_library left swapped'; print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
     assert _in_ld_cache("c") is not None, "libc is in ld.so's cache: the lookup itself works"
+
+
+def test_a_run_without_ssh_never_imports_asyncssh(tmp_path: Path) -> None:
+    """asyncssh is 40 % of the coordinator's start (7 s of every command in the TCG test VM): a local run,
+    `sessions` and the rest import it only when a host is reached over SSH."""
+    code = ("import sys; from zchunk.cli import app; "
+            "app(['sessions', '--state-dir', sys.argv[1]], standalone_mode=False); print('asyncssh' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                       timeout=60)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "False", (p.stdout, p.stderr)
 
 
 def test_the_local_bootstrap_imports_the_coordinators_agent_from_anywhere(tmp_path: Path) -> None:

@@ -17,12 +17,16 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from .endpoint import Endpoint
 from .errors import AuthError, HostKeyError, HostUnreachable, UsageError
+
+if TYPE_CHECKING:
+    import asyncssh
 
 
 def _in_ld_cache(name: str) -> str | None:
@@ -30,16 +34,24 @@ def _in_ld_cache(name: str) -> str | None:
     return ctypes.util._findSoname_ldconfig(name)  # type: ignore[attr-defined]
 
 
-# asyncssh looks for liboqs (post-quantum key exchange) at import with find_library, which on Linux asks
-# ldconfig, then runs gcc, then ld: ~25 ms of every command's start where a compiler is installed. A
-# liboqs installed as a package is in ld.so's cache, which is all that is asked while asyncssh imports.
-_find_library = ctypes.util.find_library
-if hasattr(ctypes.util, "_findSoname_ldconfig"):
-    ctypes.util.find_library = _in_ld_cache
-try:
-    import asyncssh  # noqa: E402  (after the lookup is swapped)
-finally:
-    ctypes.util.find_library = _find_library
+def _asyncssh() -> ModuleType:
+    """asyncssh, imported when the first SSH host needs it. It is 40 % of the coordinator's start (80 ms
+    here; 7 s in the TCG test VM, a slow NAS CPU is in between), which a run between local datasets,
+    ``sessions``, ``pause`` or ``--help`` never needs.
+
+    asyncssh looks for liboqs (post-quantum key exchange) at import with find_library, which on Linux
+    asks ldconfig, then runs gcc, then ld: ~25 ms where a compiler is installed. A liboqs installed as a
+    package is in ld.so's cache, which is all that is asked while asyncssh imports."""
+    if "asyncssh" in sys.modules:
+        return sys.modules["asyncssh"]
+    find_library = ctypes.util.find_library
+    if hasattr(ctypes.util, "_findSoname_ldconfig"):
+        ctypes.util.find_library = _in_ld_cache
+    try:
+        import asyncssh
+    finally:
+        ctypes.util.find_library = find_library
+    return asyncssh
 
 
 class LinkDown(Exception):
@@ -109,19 +121,19 @@ class AgentPipe:
             return bytes(await self.reader.readexactly(n))
         except asyncio.IncompleteReadError as e:
             raise LinkDown(self.host, "the agent channel closed") from e
-        except _TRANSIENT as e:
+        except _transient() as e:
             raise LinkDown(self.host, _describe(e)) from e
 
     def write(self, data: bytes) -> None:
         try:
             self.writer.write(data)
-        except _TRANSIENT as e:
+        except _transient() as e:
             raise LinkDown(self.host, _describe(e)) from e
 
     async def drain(self) -> None:
         try:
             await self.writer.drain()
-        except _TRANSIENT as e:
+        except _transient() as e:
             raise LinkDown(self.host, _describe(e)) from e
 
     def drop_connection(self) -> None:
@@ -209,8 +221,13 @@ def _widen_pipe(reader: Any) -> None:
         pass
 
 
-_TRANSIENT = (OSError, asyncio.TimeoutError, asyncssh.ConnectionLost, asyncssh.DisconnectError,
-              asyncssh.ChannelOpenError, socket.gaierror, EOFError, asyncssh.BreakReceived)
+def _transient() -> tuple[type[BaseException], ...]:
+    """The failures a link can cure: asyncssh's among them once it is imported (before, none can occur)."""
+    base: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError, socket.gaierror, EOFError)
+    ssh = sys.modules.get("asyncssh")
+    if ssh is None:
+        return base
+    return base + (ssh.ConnectionLost, ssh.DisconnectError, ssh.ChannelOpenError, ssh.BreakReceived)
 
 
 class SshHost(Host):
@@ -295,28 +312,30 @@ class SshHost(Host):
     async def _open(self) -> asyncssh.SSHClientConnection:
         host = self.endpoint.host or ""
         kw = self._connect_kwargs()
+        ssh = _asyncssh()
         try:
-            return _acking_promptly(await asyncssh.connect(host, **kw))
-        except asyncssh.HostKeyNotVerifiable as e:
+            return _acking_promptly(await ssh.connect(host, **kw))
+        except ssh.HostKeyNotVerifiable as e:
             if self._strict_host_key_checking() == "accept-new":
                 return await self._accept_new(host, kw)
             raise HostKeyError(host=self.name, reason=str(e), port=kw.get("port", 22),
                                hostname=host) from e
-        except asyncssh.PermissionDenied as e:
+        except ssh.PermissionDenied as e:
             raise AuthError(host=self.name, user=kw.get("username", "(default)"), reason=str(e)) from e
-        except asyncssh.KeyImportError as e:
+        except ssh.KeyImportError as e:
             # an encrypted --ssh-key: zchunk never asks for a passphrase (an agent would hang on it)
             keys = ", ".join(kw.get("client_keys", [])) or "the key"
             raise AuthError(host=self.name, user=kw.get("username", "(default)"),
                             reason=f"cannot use {keys}: {e} (zchunk never prompts for passphrases)") from e
-        except _TRANSIENT as e:
+        except _transient() as e:
             raise LinkDown(self.name, _describe(e)) from e
 
     async def _accept_new(self, host: str, kw: dict[str, Any]) -> asyncssh.SSHClientConnection:
         """OpenSSH's accept-new: trust a host with no entry yet, and record its key."""
         known = Path(kw.get("known_hosts") or os.path.expanduser("~/.ssh/known_hosts"))
         port = int(kw.get("port", 22))
-        key = await asyncssh.get_server_host_key(host, port)
+        ssh = _asyncssh()
+        key = await ssh.get_server_host_key(host, port)
         if key is None:
             raise HostKeyError(host=self.name, reason="server sent no host key", port=port, hostname=host)
         entry = host if port == 22 else f"[{host}]:{port}"
@@ -326,7 +345,7 @@ class SshHost(Host):
         with known.open("a") as f:
             f.write(f"{entry} {key.export_public_key().decode().strip()}\n")
         kw = dict(kw, known_hosts=str(known))
-        return _acking_promptly(await asyncssh.connect(host, **kw))
+        return _acking_promptly(await ssh.connect(host, **kw))
 
     def drop(self, conn: asyncssh.SSHClientConnection | None = None) -> None:
         """Forget a connection that failed, so the next use reconnects.
@@ -360,7 +379,7 @@ class SshHost(Host):
         try:
             res = await asyncio.wait_for(
                 conn.run(shlex.join(argv), input=stdin, encoding=None, check=False), timeout)
-        except _TRANSIENT as e:
+        except _transient() as e:
             self.drop(conn)
             raise LinkDown(self.name, _describe(e)) from e
         if res.exit_status is None and res.exit_signal is None:
@@ -373,8 +392,8 @@ class SshHost(Host):
         conn = await self.connection()
         try:
             proc = await conn.create_process(shlex.join(argv), encoding=None, window=8 << 20,
-                                             max_pktsize=256 << 10, stderr=asyncssh.DEVNULL)
-        except _TRANSIENT as e:
+                                             max_pktsize=256 << 10, stderr=_asyncssh().DEVNULL)
+        except _transient() as e:
             self.drop(conn)
             raise LinkDown(self.name, _describe(e)) from e
 
@@ -383,7 +402,7 @@ class SshHost(Host):
             proc.close()
             try:
                 await asyncio.wait_for(proc.wait_closed(), 5)
-            except (asyncio.TimeoutError, *_TRANSIENT):
+            except _transient():  # timeouts among them
                 pass
 
         return AgentPipe(proc.stdout, proc.stdin, closer, self.name, lambda: self.drop(conn))
@@ -395,7 +414,7 @@ class SshHost(Host):
             self._conn.close()
             try:
                 await asyncio.wait_for(self._conn.wait_closed(), 5)
-            except (asyncio.TimeoutError, *_TRANSIENT):
+            except _transient():  # timeouts among them
                 pass
             self._conn = None
 
@@ -446,7 +465,7 @@ def preferred_ciphers() -> list[str]:
     what OpenSSH picks) costs twice the CPU of AES-GCM per byte: 0.26 vs 0.13 s for 100 MiB,
     0.49 vs 0.31 s wall, on the benchmark machine, and chunks are moved at CPU speed on fast links.
     """
-    algs = [a.decode() for a in asyncssh.encryption.get_default_encryption_algs()]
+    algs = [a.decode() for a in _asyncssh().encryption.get_default_encryption_algs()]
     if not _cpu_has_aes():
         return algs
     gcm = [a for a in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if a in algs]
