@@ -9,6 +9,11 @@ an sshd behind it, no rate limit). Each tool then, in turn and into its own fres
 - ``full``: the first recursive run (each tool takes its own sync snapshots, as a user runs it);
 - ``incremental``: after a tenth of the datasets got a new file, the second recursive run.
 
+``--tools`` may also name ``pipe``: the floor of any tool that moves each dataset as its own stream. One
+``zfs snapshot -r``, then per dataset ``zfs send | ssh dst zfs receive -F`` over one ssh ControlMaster
+connection, ``--jobs`` of them at once (default 4), a child after its parent: no listing, no holds, no
+spool, no agent, no retry. What that costs is what per-dataset streams cost on this machine.
+
 Measured: wall time per run, and per dataset in the tree. Written: ``--out`` (JSON, every run and the
 command), a Markdown table on stdout, and ``tree.png`` beside ``--out`` (time against dataset count, both
 tools, both kinds of run).
@@ -17,10 +22,12 @@ tools, both kinds of run).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -124,13 +131,46 @@ def destroy(name: str) -> None:
     raise lab.LabError(f"could not destroy {name}")
 
 
+def pipe_run(kind: str, names: list[str], root: str, target: str, b: bench.Bench, work: Path, jobs: int,
+             env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """The ``pipe`` floor: one ``zfs snapshot -r``, then each dataset's own send into ssh, a child after its
+    parent, ``jobs`` at once, every ssh over one ControlMaster connection. The first failure is returned."""
+    snap, prev = ("pipe-1", None) if kind == "full" else ("pipe-2", "pipe-1")
+    ssh = ["ssh", "-F", str(b.far.ssh_config), "-o", "ControlMaster=auto", "-o", f"ControlPath={work}/ctl",
+           "-o", "ControlPersist=120", b.far.alias]
+    done: dict[str, threading.Event] = {n: threading.Event() for n in names}
+    failures: list[subprocess.CompletedProcess[bytes]] = []
+
+    def one(name: str) -> None:
+        parent = name.rsplit("/", 1)[0]
+        if parent in done:
+            done[parent].wait()
+        send = ["zfs", "send"] + (["-i", f"@{prev}"] if prev else []) + [f"{name}@{snap}"]
+        recv = " ".join(ssh + ["zfs", "receive", "-F", target + name[len(root):]])
+        proc = subprocess.run(["sh", "-c", f"{' '.join(send)} | {recv}"], env=env, capture_output=True)
+        if proc.returncode:
+            failures.append(proc)
+        done[name].set()
+
+    first = subprocess.run(["zfs", "snapshot", "-r", f"{root}@{snap}"], env=env, capture_output=True)
+    if first.returncode:
+        return first
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, names))  # parents come first in names: a waiting child never holds up its parent
+    subprocess.run(ssh[:-1] + ["-O", "exit", b.far.alias], env=env, capture_output=True)
+    return failures[0] if failures else first
+
+
 def one_run(tool: str, kind: str, count: int, root: str, target: str, b: bench.Bench, work: Path,
-            jobs: int | None) -> dict[str, Any]:
+            jobs: int | None, names: list[str]) -> dict[str, Any]:
     env = {**os.environ, "PATH": bench.PATH, "LC_ALL": "C"}
     work.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    proc = subprocess.run(argv(tool, root, target, b, work, jobs), env=env, cwd=work, capture_output=True,
-                          timeout=3600)
+    if tool == "pipe":
+        proc = pipe_run(kind, names, root, target, b, work, jobs or 4, env)
+    else:
+        proc = subprocess.run(argv(tool, root, target, b, work, jobs), env=env, cwd=work, capture_output=True,
+                              timeout=3600)
     took = time.monotonic() - start
     (work / f"{tool}-{kind}.out").write_bytes(proc.stdout)
     (work / f"{tool}-{kind}.err").write_bytes(proc.stderr)
@@ -145,8 +185,8 @@ def main() -> int:
     ap.add_argument("--counts", default="10,50,200")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--file", default="64K", help="bytes written per dataset, and per changed dataset [64K]")
-    ap.add_argument("--tools", default="zchunk,syncoid")
-    ap.add_argument("--jobs", type=int, help="zchunk --jobs (default: zchunk's own)")
+    ap.add_argument("--tools", default="zchunk,syncoid", help="of zchunk, syncoid, pipe [zchunk,syncoid]")
+    ap.add_argument("--jobs", type=int, help="zchunk --jobs (default: zchunk's own), pipe's (default 4)")
     ap.add_argument("--out", default=str(HERE / "tree.json"))
     ap.add_argument("--report-only", action="store_true", help="the table and plot again from --out")
     args = ap.parse_args()
@@ -173,7 +213,7 @@ def main() -> int:
                     for kind in ("full", "incremental"):
                         if kind == "incremental":
                             change(names, file_size, r)
-                        res = one_run(tool, kind, count, root, target, b, work, args.jobs)
+                        res = one_run(tool, kind, count, root, target, b, work, args.jobs, names)
                         if res["ok"] and (bad := verify(names, root, target)):
                             res.update(ok=False, why=bad)
                         report["runs"].append(res)
