@@ -291,6 +291,34 @@ def test_commands_run_on_an_acking_connection(sshd_local: lab.Sshd) -> None:
     assert asyncio.run(go()) == [b"0\n", b"1\n", b"2\n"]
 
 
+def test_the_control_connection_imports_the_program_the_data_connection_put(sshd_local: lab.Sshd,
+                                                                           tmp_path: Path) -> None:
+    """The status poller's channel goes over a second connection to the host (``Host.control``). It must
+    import the agent program put on the host once per run, not send and compile the agent's source for
+    every stream: that cost a tree of 200 datasets 15 s (benchmarks/README.md, "The floor for a tree")."""
+    from zchunk.endpoint import parse_endpoint
+    from zchunk.transport import SshOptions, make_host
+
+    spool = str(tmp_path / "spool")
+
+    async def go() -> tuple[list[str], bytes | None, dict[str, Any]]:
+        host = make_host(parse_endpoint("local:pool/x"), SshOptions(config=sshd_local.ssh_config))
+        try:
+            assert await HostAgent(host).program(spool) is not None, "put on the host the first time"
+            ctl = HostAgent(host.control())
+            assert ctl.host is not host and ctl.host.machine is host
+            assert await ctl.program(spool) is None, "already there: not put again"
+            argv, stdin = ctl.command("probe", spool)
+            res = await ctl.host.run(argv, stdin=stdin)  # over the control connection itself
+            return argv, stdin, json.loads(res.stdout.decode().splitlines()[-1])
+        finally:
+            await host.close()
+
+    argv, stdin, reply = asyncio.run(go())
+    assert argv[2] == agent.IMPORT_BOOTSTRAP and stdin is None, "the control connection sent the source"
+    assert reply.get("ok", True) and "capabilities" in json.dumps(reply), reply
+
+
 # -- imports and bootstraps ------------------------------------------------------------------------
 
 

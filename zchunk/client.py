@@ -82,7 +82,7 @@ class HostAgent:
     @property
     def installed(self) -> tuple[str, str] | None:
         """(directory, module) of the agent program on this host, when ``program`` put it there."""
-        return _PROGRAMS.get(self.host)
+        return _PROGRAMS.get(self.host.machine)  # a control connection's host too
 
     def command(self, *args: str) -> tuple[list[str], bytes | None]:
         """A one-shot agent command and its stdin: by importing the installed program when there is one
@@ -100,13 +100,13 @@ class HostAgent:
         coordinator's own copy)."""
         if self.installed is not None or self.bootstrap()[2] is LOCAL_BOOTSTRAP:
             return None
-        lock = _PROGRAM_LOCKS.setdefault(self.host, asyncio.Lock())
+        lock = _PROGRAM_LOCKS.setdefault(self.host.machine, asyncio.Lock())
         async with lock:
             if self.installed is not None:
                 return None
             res = await self.host.run(self.bootstrap("program", spool_dir), stdin=AGENT_SOURCE)
             reply = self._reply(res.stdout, res.err_text)
-            _PROGRAMS[self.host] = (str(reply["program"]), str(reply["module"]))
+            _PROGRAMS[self.host.machine] = (str(reply["program"]), str(reply["module"]))
             return reply
 
     @agent_call("probe")

@@ -168,6 +168,12 @@ class Host:
         its bulk data shares a connection with them (``SshHost``)."""
         return self
 
+    @property
+    def machine(self) -> Host:
+        """The host this connection is one to: itself, or the host a control connection was opened for.
+        What is put on the machine (the agent program, ``HostAgent.program``) is known under this."""
+        return self
+
     async def close(self) -> None:
         return None
 
@@ -241,6 +247,7 @@ class SshHost(Host):
         self._lock = asyncio.Lock()
         self.patience = 0.0  # > 0 once reached: one-shot commands then ride through outages
         self._control: SshHost | None = None
+        self._of: SshHost | None = None  # set on a control connection: the host it was opened for
 
     def control(self) -> Host:
         """A second connection to this host for the status poller. On one connection a status request
@@ -249,8 +256,13 @@ class SshHost(Host):
         connection it waits only behind the link's queue. Opened on first use, closed with this one."""
         if self._control is None:
             self._control = SshHost(self.endpoint, self.opts)
+            self._control._of = self
         self._control.python = self.python
         return self._control
+
+    @property
+    def machine(self) -> Host:
+        return self._of or self
 
     def _connect_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
