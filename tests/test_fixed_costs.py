@@ -295,7 +295,8 @@ def test_the_control_connection_imports_the_program_the_data_connection_put(sshd
                                                                            tmp_path: Path) -> None:
     """The status poller's channel goes over a second connection to the host (``Host.control``). It must
     import the agent program put on the host once per run, not send and compile the agent's source for
-    every stream: that cost a tree of 200 datasets 15 s (benchmarks/README.md, "The floor for a tree")."""
+    every stream: that cost a 200-dataset sync -r 3.7 s (full) and 7.7 s (incremental); see
+    benchmarks/README.md, "The floor for a tree"."""
     from zchunk.endpoint import parse_endpoint
     from zchunk.transport import SshOptions, make_host
 

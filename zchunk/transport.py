@@ -35,8 +35,8 @@ def _in_ld_cache(name: str) -> str | None:
 
 
 def _asyncssh() -> ModuleType:
-    """asyncssh, imported when the first SSH host needs it. It is 40 % of the coordinator's start (80 ms
-    here; 7 s in the TCG test VM, a slow NAS CPU is in between), which a run between local datasets,
+    """asyncssh, imported when the first SSH host needs it. It is 40 % of the coordinator's start (80 of
+    200 ms on the benchmark machine, 7 s in the TCG test VM), which a run between local datasets,
     ``sessions``, ``pause`` or ``--help`` never needs.
 
     asyncssh looks for liboqs (post-quantum key exchange) at import with find_library, which on Linux
