@@ -148,10 +148,12 @@ def pipe_run(kind: str, names: list[str], root: str, target: str, b: bench.Bench
             done[parent].wait()
         send = ["zfs", "send"] + (["-i", f"@{prev}"] if prev else []) + [f"{name}@{snap}"]
         recv = " ".join(ssh + ["zfs", "receive", "-F", target + name[len(root):]])
-        proc = subprocess.run(["sh", "-c", f"{' '.join(send)} | {recv}"], env=env, capture_output=True)
-        if proc.returncode:
-            failures.append(proc)
-        done[name].set()
+        try:  # a send that fails shows as a failed receive, and verify() checks every replica anyway
+            proc = subprocess.run(["sh", "-c", f"{' '.join(send)} | {recv}"], env=env, capture_output=True)
+            if proc.returncode:
+                failures.append(proc)
+        finally:
+            done[name].set()  # its children must not wait forever, whatever happened
 
     first = subprocess.run(["zfs", "snapshot", "-r", f"{root}@{snap}"], env=env, capture_output=True)
     if first.returncode:
