@@ -129,6 +129,10 @@ STREAM_OPTIONS = (
         "created 0700, must not be group/world-writable.")),
     Shared("chunk_size", str, typer.Option(
         "32M", "--chunk-size", help="Raw bytes of zfs send stream per chunk (64K-256M).")),
+    Shared("direct_max", str, typer.Option(
+        "4M", "--direct-max", help="A stream estimated at this size or less goes without a session: zfs send "
+        "piped straight into zfs receive, nothing spooled or installed, sent again whole after a failure "
+        "(a small dataset, an incremental of a few files). 0: every stream gets a session.")),
     Shared("compress", str, typer.Option(
         "auto", "--compress", help="Chunk compression: zstd[:LEVEL] (default when both agents can), "
         "zlib[:LEVEL] or none. Without a LEVEL it adapts per chunk: 1 while the link takes chunks as fast as "
@@ -170,6 +174,11 @@ def sync_options(values: Mapping[str, Any]) -> SyncOptions:
         changes["chunk_size"] = parse_size(v.pop("chunk_size"), "--chunk-size")
         if not (64 << 10) <= changes["chunk_size"] <= (256 << 20):
             raise E.UsageError(reason=f"--chunk-size {human_bytes(changes['chunk_size'])}: must be 64K to 256M")
+    if "direct_max" in v:
+        changes["direct_max"] = parse_size(v.pop("direct_max"), "--direct-max")
+        if changes["direct_max"] > (256 << 20):
+            raise E.UsageError(reason=f"--direct-max {human_bytes(changes['direct_max'])}: at most 256M (a "
+                               "direct stream is sent again whole after a failure)")
     if "spool_max" in v:
         changes["spool_max"] = parse_size(v.pop("spool_max"), "--spool-max")
         if changes["spool_max"] < changes.get("chunk_size", opts.chunk_size):
@@ -238,8 +247,9 @@ def _finish(result: streams.SyncResult, json_out: bool) -> None:
     if result.up_to_date or result.transfer is None:
         return
     t = result.transfer
+    how = f"in {t.total_chunks} chunks" if result.session is not None else "directly, without a session"
     sys.stderr.write(
-        f"done: {result.target_snapshot} ({human_bytes(t.raw_bytes)} in {t.total_chunks} chunks, "
+        f"done: {result.target_snapshot} ({human_bytes(t.raw_bytes)} {how}, "
         f"{human_bytes(t.wire_bytes)} on the wire, {human_duration(t.elapsed)}"
         + (f", {t.outages} outages {human_duration(t.outage_seconds)}" if t.outages else "")
         + (f", {t.discarded_chunks} damaged chunks moved again" if t.discarded_chunks else "") + ")\n")

@@ -120,7 +120,9 @@ EVENTS = _kinds(
     EventKind("plan", "One stream is about to start: what is sent and how.", {
         "plan": "a sentence", "send_kind": "full, incremental or resume", "snapshot": "the snapshot sent",
         "base": "the incremental base, or null", "estimate": "estimated stream bytes (zfs send -nP, else "
-        "referenced)", "codec": "chunk compression", "checksum": "chunk checksum"}),
+        "referenced)", "codec": "chunk compression (null: direct)", "checksum": "chunk checksum (null: direct)",
+        "direct": "present and true: the stream goes without a session (--direct-max), zfs send piped into "
+        "zfs receive; if it stops, a second plan event follows for its session"}),
     EventKind("session", "The agents of a stream run (or were reattached to).", {
         "session": "session id (zchunk sessions, resume, abort)", "source_dir": "session directory on the source",
         "target_dir": "session directory on the target", "resumed": "present and true when reattached",
@@ -169,11 +171,11 @@ EVENTS = _kinds(
         "raw_bytes": "the stream's bytes", "seconds": "how long it took",
         "done": "the import is complete"}),
     EventKind("stream_end", "zfs send has finished: the stream's size is known.", {
-        "chunks": "chunks in the stream", "raw_bytes": "stream bytes",
+        "chunks": "chunks in the stream (0: sent directly)", "raw_bytes": "stream bytes",
         "sender_cpu": "CPU seconds the sender daemon and its zfs send used", "sender": "with fan-out: the "
         "group's sender directory on the source (one zfs send for the targets whose events name it), else null"}),
     EventKind("verified", "The target snapshot's guid equals the source's, after the whole-stream checksum.", {
-        "snapshot": "the source snapshot", "guid": "its guid", "stream_hash": "the whole-stream checksum"}),
+        "snapshot": "the source snapshot", "guid": "its guid", "stream_hash": "the whole-stream checksum (null for a direct stream: SSH's own integrity checks carried it)"}),
     EventKind("cleaned", "The session's agents are gone and its directories removed (or kept: --keep).", {
         "kept": "the directories were kept for inspection"}),
     EventKind("removed", "zchunk abort: a session directory was removed.", {
@@ -185,7 +187,8 @@ EVENTS = _kinds(
     EventKind("demo_step", "zchunk demo: what the demo does next.", {"text": "a sentence"}),
     # -- printed by the CLI at the end (--json) ------------------------------------------------------
     EventKind("result", "One stream's (or, for abort, the session's) outcome.", {
-        "session": "session id", "plan": "what was sent", "up_to_date": "nothing was sent",
+        "session": "session id (null: sent directly, without a session)", "plan": "what was sent",
+        "up_to_date": "nothing was sent",
         "transfer": "raw_bytes, wire_bytes, total_chunks, stream_hash, elapsed, outages, outage_seconds, "
         "discarded_chunks, receiver", "target_snapshot": "the replica's snapshot", "guid": "its guid",
         "state": "(abort, limit, pause, resume) the session's state", "paused": "(limit, pause, resume) "

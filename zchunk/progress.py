@@ -136,7 +136,8 @@ class TextRenderer:
                            f"agent capabilities {' '.join(r['capabilities'])}")
 
     def on_plan(self, f: dict[str, Any]) -> None:
-        self._line(f"plan: {f['plan']} (about {human_bytes(f['estimate'])}, {f['codec']}, {f['checksum']})")
+        how = "direct, no session" if f.get("direct") else f"{f['codec']}, {f['checksum']}"
+        self._line(f"plan: {f['plan']} (about {human_bytes(f['estimate'])}, {how})")
 
     def on_up_to_date(self, f: dict[str, Any]) -> None:
         self._line(f["detail"])

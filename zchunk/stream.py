@@ -26,6 +26,7 @@ from . import errors as E
 from .aio import all_of, raise_first
 from .channels import AgentSide, close_early, early_key
 from .client import AGENT_SOURCE, AgentClient, HostAgent
+from .direct import run_direct
 from .endpoint import parse_endpoint
 from .engine import EngineOptions, Transfer, TransferResult
 from .events import Emitter, Sink
@@ -69,6 +70,7 @@ class SyncOptions:
     verbose: bool = False
     bwlimit: str | None = None  # a rate or a weekly schedule (link.Bandwidth); None: unlimited
     timezone: str | None = None  # for the schedule; None: this machine's local time
+    direct_max: int = 4 << 20  # a stream estimated at most this goes without a session (zchunk.direct); 0: never
 
 
 @dataclass
@@ -103,6 +105,24 @@ class StreamSpec:
     def describe(self) -> str:
         return (f"resume of {self.plan.snapshot.name} from its receive token" if self.resume_token
                 else self.plan.describe())
+
+
+def _goes_direct(spec: StreamSpec, estimate: int, opts: SyncOptions, fanout: Slot | None) -> bool:
+    """A stream small enough to skip the session (``zchunk.direct``): not a fan-out's, whose targets share
+    one zfs send, nor a resumed or a ``-R`` one."""
+    return (0 < estimate <= opts.direct_max and fanout is None and spec.resume_token is None
+            and "-R" not in spec.send_flags)
+
+
+def _fields(spec: StreamSpec, role: str) -> dict[str, Any]:
+    """The ``send`` or ``receive`` fields of an agent's config (``agent.zfs_argv``) for a direct stream:
+    its receive without -s, since a partial direct stream is never resumed but sent again."""
+    plan = spec.plan
+    if role == "send":
+        return {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
+                "intermediates": plan.intermediates, "flags": list(spec.send_flags), "token": None, "exclude": []}
+    return {"target": plan.target, "flags": [f for f in spec.recv_flags if f != "-s"],
+            "props": dict(spec.recv_props), "excluded": list(spec.recv_excluded)}
 
 
 def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamSpec, idle: float) -> dict[str, Any]:
@@ -162,6 +182,15 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
     plan = spec.plan
     codec, level, checksum = negotiate(opts.compress, src_rep, dst_rep)
     estimate = await Zfs(src_host).estimate(plan.snapshot, plan.base, src_rep.features, spec.send_flags)
+    if _goes_direct(spec, estimate, opts, fanout):
+        emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
+             base=plan.base.name if plan.base else None, estimate=estimate, codec=None, checksum=None, direct=True)
+        sent = await run_direct(src_host, dst_host, plan.snapshot.name, plan.snapshot.guid, plan.target_snapshot,
+                                _fields(spec, "send"), _fields(spec, "receive"), estimate, opts.direct_max,
+                                opts.bwlimit, opts.timezone, opts.stall_timeout, pacer, emit)
+        if sent is not None:
+            return SyncResult(None, spec.describe(), transfer=sent[0], target_snapshot=plan.target_snapshot,
+                              guid=sent[1])
     emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
          base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
     rec = SessionRecord(

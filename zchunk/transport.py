@@ -13,8 +13,11 @@ import asyncio
 import ctypes.util
 import os
 import shlex
+import signal
 import socket
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -145,6 +148,61 @@ class AgentPipe:
         await self._closer()
 
 
+class Process:
+    """A command whose stdin and stdout the caller streams (``Host.start``); its stderr is collected.
+    ``pid`` is its process id on its host: after the link under it failed, ``Host.stop`` ends it there."""
+
+    def __init__(self, host: str, pid: int, stdout: Any, stdin: Any, stderr: Any,
+                 finished: Callable[[], Awaitable[int | None]], close_stdin: Callable[[], None],
+                 abandon: Callable[[], None]) -> None:
+        self.host, self.pid = host, pid
+        self._stdout, self._stdin = stdout, stdin
+        self._stderr = asyncio.ensure_future(stderr.read())
+        self._finished, self._close_stdin, self._abandon = finished, close_stdin, abandon
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of its stdout; b"" at the end."""
+        try:
+            return bytes(await self._stdout.read(n))
+        except _transient() as e:
+            raise LinkDown(self.host, _describe(e)) from e
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._stdin.write(data)
+            await self._stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:  # it ended: wait() says how
+            raise EOFError(str(e)) from e
+        except _transient() as e:
+            raise LinkDown(self.host, _describe(e)) from e
+
+    def close_stdin(self) -> None:
+        try:
+            self._close_stdin()
+        except (OSError, *_transient()):  # type: ignore[misc]  # a tuple of exception classes
+            pass  # ended already: wait() says how
+
+    async def wait(self) -> CommandResult:
+        """Its exit status and stderr; ``LinkDown`` when the link ended it before it said its status."""
+        try:
+            status = await self._finished()
+            err = await self._stderr
+        except _transient() as e:
+            raise LinkDown(self.host, _describe(e)) from e
+        if status is None:
+            raise LinkDown(self.host, "the command's channel closed before it finished")
+        return CommandResult(status, b"", _as_bytes(err))
+
+    def abandon(self) -> None:
+        """Stop caring: a local process is terminated, a remote one's channel closed (``Host.stop`` makes
+        sure it ended)."""
+        self._stderr.cancel()
+        try:
+            self._abandon()
+        except (OSError, *_transient()):  # type: ignore[misc]  # a tuple of exception classes
+            pass
+
+
 class Host:
     """Common interface; ``name`` is how messages refer to the host.
 
@@ -161,6 +219,16 @@ class Host:
         raise NotImplementedError
 
     async def open_pipe(self, argv: list[str]) -> AgentPipe:
+        raise NotImplementedError
+
+    async def start(self, argv: list[str]) -> Process:
+        """``argv`` running, its stdin and stdout for the caller to stream (a direct stream's zfs send
+        and zfs receive)."""
+        raise NotImplementedError
+
+    async def stop(self, pid: int, patience: float = 30.0) -> bool:
+        """End process ``pid`` (SIGTERM: zfs receive discards a partial stream) and wait up to
+        ``patience`` seconds until it is gone. True when it is."""
         raise NotImplementedError
 
     def control(self) -> Host:
@@ -210,6 +278,47 @@ class LocalHost(Host):
                 await proc.wait()
 
         return AgentPipe(proc.stdout, proc.stdin, closer, self.name)
+
+    async def start(self, argv: list[str]) -> Process:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=1 << 22)
+        _widen_pipe(proc.stdout)
+        assert proc.stdin is not None
+
+        def abandon() -> None:
+            if proc.returncode is None:
+                proc.terminate()
+
+        return Process(self.name, proc.pid, proc.stdout, proc.stdin, proc.stderr, proc.wait, proc.stdin.close,
+                       abandon)
+
+    async def stop(self, pid: int, patience: float = 30.0) -> bool:
+        return await _stop_pid(lambda sig: _local_kill(pid, sig), patience)
+
+
+def _local_kill(pid: int, sig: int) -> bool:
+    try:  # a child of ours is reaped by the event loop's child watcher while _stop_pid sleeps
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def _stop_pid(kill: Callable[[int], Any], patience: float) -> bool:
+    """SIGTERM, then poll with signal 0 until the process is gone or ``patience`` passed."""
+    if not await _maybe_await(kill(signal.SIGTERM)):
+        return True
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        if not await _maybe_await(kill(0)):
+            return True
+    return False
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if asyncio.iscoroutine(value) else value
 
 
 def _widen_pipe(reader: Any) -> None:
@@ -418,6 +527,36 @@ class SshHost(Host):
                 pass
 
         return AgentPipe(proc.stdout, proc.stdin, closer, self.name, lambda: self.drop(conn))
+
+    async def start(self, argv: list[str]) -> Process:
+        # The shell says its pid, then becomes the command: the pid ``stop`` ends after a link failure
+        # (sshd may not notice a dead link for hours, and zfs receive would wait on its stdin till then).
+        conn = await self.connection()
+        try:
+            proc = await conn.create_process(shlex.join(["sh", "-c", 'echo $$; exec "$@"', "zchunk", *argv]),
+                                             encoding=None, window=8 << 20, max_pktsize=256 << 10)
+            line = await proc.stdout.readline()
+        except _transient() as e:
+            self.drop(conn)
+            raise LinkDown(self.name, _describe(e)) from e
+        if not line.strip().isdigit():
+            proc.close()
+            raise LinkDown(self.name, "the command's channel closed before it started")
+
+        async def finished() -> int | None:
+            await proc.wait_closed()
+            if proc.exit_status is not None and proc.exit_status >= 0:
+                return int(proc.exit_status)
+            return 255 if proc.exit_signal is not None else None  # killed by a signal; None: no status at all
+
+        return Process(self.name, int(line), proc.stdout, proc.stdin, proc.stderr, finished, proc.stdin.write_eof,
+                       proc.close)
+
+    async def stop(self, pid: int, patience: float = 30.0) -> bool:
+        async def kill(sig: int) -> bool:
+            return (await self.run(["kill", f"-{sig}", str(pid)], timeout=30)).status == 0
+
+        return await _stop_pid(kill, patience)
 
     async def close(self) -> None:
         if self._control is not None:
