@@ -127,13 +127,13 @@ def test_receive_failure_is_reported_with_zfs_stderr(zc: Zchunk, pools: tuple[la
     """The replica is written to after planning, before the stream's first bytes reach zfs receive (a slow
     link: the first chunk takes seconds): zfs receive refuses ("destination ... has been modified"), and
     zchunk reports its stderr and cleans up. (Written before the run, it is refused at planning: exit 4,
-    tests/test_replicate.py.)"""
+    tests/test_replicate.py.) A session's: a direct stream's receive would start before anything is written."""
     src_pool, dst_pool = pools
     src = make_source(src_pool, 2 * MiB, seed=11)
     dst = f"{dst_pool.name}/replica"
     assert zc.run("sync", src, dst).returncode == 0
     add_change(src, 1 * MiB, seed=12, snap="s2")
-    bg = zc.start("sync", src, dst, "--bwlimit", "128K")
+    bg = zc.start("sync", src, dst, "--bwlimit", "128K", "--direct-max", "0")
     try:
         bg.wait_for(lambda: zc.agent_state("receive") is not None, 120, "the receiver agent")
         with mounted(dst) as files:

@@ -48,7 +48,8 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
     dst = f"{dst_pool.name}/big"
     where = f"local:{dst}"
     ssh = ("--ssh-config", str(sshd_local.ssh_config))
-    run = zc.run("sync", "-r", root, where, *ssh, "--jobs", "4", "--identifier", "big")
+    # every stream through a session here (32 KiB datasets would go without: --direct-max, below)
+    run = zc.run("sync", "-r", root, where, *ssh, "--jobs", "4", "--identifier", "big", "--direct-max", "0")
     assert run.returncode == 0, run.explain()
     done = run.of("dataset_done")
     assert len(done) == 50 and {e["status"] for e in done} == {"sent"}
@@ -64,7 +65,8 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
     assert [e["host"] for e in run.of("agent_program")] == ["local"], run.of("agent_program")
     assert len(run.of("session")) == 50
 
-    # one replica cannot take more: its receive fails (out of space), the 49 others go on
+    # one replica cannot take more: its receive fails (out of space), the 49 others go on. Every stream is
+    # small enough to go without a session; the failed one is sent again through one, which says why
     victim = names[7]
     zfs("set", "quota=1M", dst + victim[len(root):])
     lab.write_dataset(mountpoint(victim) / "big", 2 * MiB, seed=99, compressible_fraction=0.0)
@@ -75,6 +77,8 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
     assert "1 of 50 datasets failed" in run.stderr and victim in run.stderr
     failed = run.of("dataset_failed")
     assert [e["source"] for e in failed] == [victim] and "space" in failed[0]["error"], failed
+    assert len([p for p in run.of("plan") if p.get("direct")]) == 50
+    assert [e["dataset"] for e in run.of("session")] == [victim], "a session for the failed direct stream only"
     statuses = {e["source"]: e["status"] for e in run.of("dataset_done")}
     assert statuses.pop(victim) == "failed" and set(statuses.values()) == {"sent"} and len(statuses) == 49
     short = newest(root)
