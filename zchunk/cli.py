@@ -263,8 +263,8 @@ def sync(
                                         "\\[user@]host:pool/dataset; several: fan-out (one zfs send feeds them all)"),
     recursive: bool = typer.Option(False, "-r", "--recursive", help="Also replicate every child dataset: "
                                    "one sync snapshot for the whole tree (zfs snapshot -r, one moment), "
-                                   "--jobs datasets at a time, each after its parent, one stream session each (none for a stream "
-                                   "within --direct-max); "
+                                   "--jobs datasets at a time, each after its parent, one stream session each "
+                                   "(none for a stream within --direct-max); "
                                    "a dataset that fails does not stop the others (exit 15)."),
     jobs: int = typer.Option(4, "-j", "--jobs", metavar="N", help="With -r: replicate up to N datasets at "
                              "once. They share --spool-max (each stream gets 1/N of it) and --bwlimit (the "
