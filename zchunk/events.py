@@ -175,8 +175,8 @@ EVENTS = _kinds(
         "sender_cpu": "CPU seconds the sender daemon and its zfs send used", "sender": "with fan-out: the "
         "group's sender directory on the source (one zfs send for the targets whose events name it), else null"}),
     EventKind("verified", "The target snapshot's guid equals the source's, after the whole-stream checksum.", {
-        "snapshot": "the source snapshot", "guid": "its guid", "stream_hash": "the whole-stream checksum (null for a direct stream: SSH's own integrity checks "
-        "carried it)"}),
+        "snapshot": "the source snapshot", "guid": "its guid",
+        "stream_hash": "the whole-stream checksum (null for a direct stream: SSH's own integrity checks carried it)"}),
     EventKind("cleaned", "The session's agents are gone and its directories removed (or kept: --keep).", {
         "kept": "the directories were kept for inspection"}),
     EventKind("removed", "zchunk abort: a session directory was removed.", {
