@@ -156,7 +156,8 @@ def test_a_failed_install_leaves_no_early_channel_behind(tmp_path: Path, pool_fa
     zc.spool_dir.mkdir(mode=0o700)
     os.chmod(zc.spool_dir, 0o777)
     try:
-        run = zc.run("sync", src, f"local:{dst_pool.name}/replica", "--ssh-config", str(sshd_local.ssh_config))
+        run = zc.run("sync", src, f"local:{dst_pool.name}/replica", "--ssh-config", str(sshd_local.ssh_config),
+                     "--direct-max", "0")  # a session's install, however small the stream
         assert run.returncode != 0 and "writable by group or others" in run.stderr + run.stdout, run.explain()
         deadline = time.monotonic() + 20
         while (left := serving(zc.spool_dir)) and time.monotonic() < deadline:

@@ -204,7 +204,7 @@ def test_hostile_option_values_are_never_run(zc: Zchunk, pool_factory: Any, sshd
     zc.spool_dir = tmp_path / f"spool $(touch {canary}) `touch {canary}`; '\"x"
     zc.spool_dir.parent.mkdir(parents=True)  # (the canary's path has slashes)
     run = zc.run("sync", src, f"local:{dst_pool.name}/r", "--no-sync-snap", "-o", f"ProxyCommand=touch {canary}",
-                 *cfg)
+                 "--direct-max", "0", *cfg)  # a session, whose directory is in the spool
     assert run.returncode == 0, run.explain()
     assert_replica(src, f"{dst_pool.name}/r", "s1")
     assert zc.spool_dir.is_dir() and zc.session_dirs() == []

@@ -60,16 +60,18 @@ async def run_direct(src_host: Host, dst_host: Host, snapshot: str, snapshot_gui
     try:
         running.append((dst_host, await dst_host.start(recv_argv)))
         running.append((src_host, await src_host.start(send_argv)))
-        moved = await _pump(running[1][1], running[0][1], pacer, max(2 * limit, estimate + PIECE), stall)
-        recv_res, send_res = await asyncio.wait_for(all_of(running[0][1].wait(), running[1][1].wait()), stall)
-        for host, res, what in ((src_host, send_res, "zfs send"), (dst_host, recv_res, "zfs receive")):
-            if res.status != 0:
-                running.clear()  # both have ended
+        (_, receiver), (_, sender) = running
+        moved, whole = await _pump(sender, receiver, pacer, max(2 * limit, estimate + PIECE), stall)
+        if not whole:  # zfs receive stopped reading: it says why (the send is of no more use)
+            sender.abandon()
+        recv_res, send_res = await asyncio.wait_for(all_of(receiver.wait(), sender.wait()), stall)
+        running.clear()  # both have ended
+        for host, res, what in ((dst_host, recv_res, "zfs receive"), (src_host, send_res, "zfs send")):
+            if res.status != 0 or not whole:
                 raise _Stopped(f"{host.name}: {what} failed (status {res.status}): {_last_line(res)}")
-    except (LinkDown, EOFError, asyncio.TimeoutError, _Stopped) as e:
+    except (LinkDown, asyncio.TimeoutError, _Stopped) as e:
         why = (f"link to {e.host} failed: {e.reason}" if isinstance(e, LinkDown)
-               else f"no byte moved for {stall:.0f} s" if isinstance(e, asyncio.TimeoutError)
-               else str(e) or "zfs receive ended early")
+               else f"no byte moved for {stall:.0f} s" if isinstance(e, asyncio.TimeoutError) else str(e))
         await _end(running, emit)
         emit("note", host=dst_host.name, detail=f"the direct stream of {snapshot} stopped ({why}): "
              "sending it through a session")
@@ -87,17 +89,21 @@ async def run_direct(src_host: Host, dst_host: Host, snapshot: str, snapshot_gui
                           outages=0, outage_seconds=0.0, discarded_chunks=0), guid
 
 
-async def _pump(send: Process, recv: Process, pacer: Pacer, cutoff: int, stall: float) -> int:
-    """zfs send's stdout into zfs receive's stdin, paced; the bytes moved."""
+async def _pump(send: Process, recv: Process, pacer: Pacer, cutoff: int, stall: float) -> tuple[int, bool]:
+    """zfs send's stdout into zfs receive's stdin, paced: the bytes moved, and whether that was all of them
+    (False: zfs receive stopped reading first)."""
     moved = 0
     while data := await asyncio.wait_for(send.read(PIECE), stall):
         moved += len(data)
         if moved > cutoff:
             raise _Stopped(f"it is larger than its estimate: over {moved} bytes")
         await pacer.take(len(data))
-        await asyncio.wait_for(recv.write(data), stall)
+        try:
+            await asyncio.wait_for(recv.write(data), stall)
+        except EOFError:
+            return moved, False
     recv.close_stdin()
-    return moved
+    return moved, True
 
 
 async def _end(running: list[tuple[Host, Process]], emit: Emitter) -> None:
