@@ -75,8 +75,8 @@ JOB_KEYS = {
 #: ``zchunk sync`` options a job may set, under their long names, with the TOML type each takes.
 SYNC_KEYS: dict[str, type] = {
     "state_dir": str, "ssh_config": str, "ssh_key": str, "ssh_port": int, "ssh_option": list, "python": str,
-    "spool_dir": str, "chunk_size": str, "direct_max": str, "compress": str, "spool_max": str, "parallel": int, "patience": str,
-    "connect_patience": str, "agent_idle_timeout": str, "bwlimit": str, "verbose": bool,
+    "spool_dir": str, "chunk_size": str, "direct_max": str, "compress": str, "spool_max": str, "parallel": int,
+    "patience": str, "connect_patience": str, "agent_idle_timeout": str, "bwlimit": str, "verbose": bool,
     "recursive": bool, "jobs": int, "exclude": list, "identifier": str, "no_sync_snap": bool, "no_stream": bool,
     "include_snaps": list, "exclude_snaps": list, "rollback": bool, "force_delete": bool,
     "create_bookmark": bool, "preserve_properties": bool, "no_raw": bool, "send_option": list,
