@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,9 +123,10 @@ def test_a_started_command_streams_and_says_its_status_and_stderr() -> None:
         res = await failing.wait()
         assert (res.status, res.err_text) == (3, "refused")
         sleeper = await host.start(["sleep", "60"])
-        sleeper.abandon()
-        assert await host.stop(sleeper.pid, patience=10)
-        assert not Path(f"/proc/{sleeper.pid}").exists() or "sleep" not in Path(
-            f"/proc/{sleeper.pid}/cmdline").read_text(errors="replace")
+        sleeper.abandon()  # terminated: a direct stream's local side after a failure
+        assert (await asyncio.wait_for(sleeper.wait(), 10)).status != 0
+        other = await asyncio.create_subprocess_exec("sleep", "60")  # Host.stop: what ends a remote one
+        assert await host.stop(other.pid, patience=10)
+        assert await other.wait() != 0
 
     asyncio.run(main())

@@ -114,10 +114,13 @@ async def _end(running: list[tuple[Host, Process]], emit: Emitter) -> None:
         proc.abandon()
     for host, proc in running:
         try:
-            if not await host.stop(proc.pid):
+            if not proc.remote:  # terminated by abandon; reaped here, and its pid never signalled again
+                await asyncio.wait_for(proc.wait(), 30)
+            elif not await host.stop(proc.pid):
                 emit("warning", host=host.name, detail=f"process {proc.pid} of a direct stream did not end")
-        except (E.ZchunkError, LinkDown) as e:
-            emit("warning", host=host.name, detail=f"could not end process {proc.pid} of a direct stream: {e}")
+        except (E.ZchunkError, LinkDown, asyncio.TimeoutError) as e:
+            emit("warning", host=host.name, detail=f"could not end process {proc.pid} of a direct stream: "
+                 f"{e or 'it did not exit'}")
 
 
 def _last_line(res: CommandResult) -> str:

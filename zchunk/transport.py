@@ -154,10 +154,10 @@ class Process:
 
     def __init__(self, host: str, pid: int, stdout: Any, stdin: Any, stderr: Any,
                  finished: Callable[[], Awaitable[int | None]], close_stdin: Callable[[], None],
-                 abandon: Callable[[], None]) -> None:
-        self.host, self.pid = host, pid
+                 abandon: Callable[[], None], remote: bool) -> None:
+        self.host, self.pid, self.remote = host, pid, remote
         self._stdout, self._stdin = stdout, stdin
-        self._stderr = asyncio.ensure_future(stderr.read())
+        self._stderr = asyncio.ensure_future(_read_all(stderr))
         self._finished, self._close_stdin, self._abandon = finished, close_stdin, abandon
 
     async def read(self, n: int) -> bytes:
@@ -194,13 +194,20 @@ class Process:
         return CommandResult(status, b"", _as_bytes(err))
 
     def abandon(self) -> None:
-        """Stop caring: a local process is terminated, a remote one's channel closed (``Host.stop`` makes
-        sure it ended)."""
-        self._stderr.cancel()
+        """Stop caring: a local process is terminated (``wait`` then says when it ended), a remote one's
+        channel closed (``Host.stop`` makes sure it ended: ``remote``)."""
         try:
             self._abandon()
         except (OSError, *_transient()):  # type: ignore[misc]  # a tuple of exception classes
             pass
+
+
+async def _read_all(stream: Any) -> bytes:
+    """A command's stderr, whatever became of its channel (what it said until then)."""
+    try:
+        return _as_bytes(await stream.read())
+    except Exception:  # the link's failure is wait()'s to say
+        return b""
 
 
 class Host:
@@ -291,7 +298,7 @@ class LocalHost(Host):
                 proc.terminate()
 
         return Process(self.name, proc.pid, proc.stdout, proc.stdin, proc.stderr, proc.wait, proc.stdin.close,
-                       abandon)
+                       abandon, remote=False)
 
     async def stop(self, pid: int, patience: float = 30.0) -> bool:
         return await _stop_pid(lambda sig: _local_kill(pid, sig), patience)
@@ -550,7 +557,7 @@ class SshHost(Host):
             return 255 if proc.exit_signal is not None else None  # killed by a signal; None: no status at all
 
         return Process(self.name, int(line), proc.stdout, proc.stdin, proc.stderr, finished, proc.stdin.write_eof,
-                       proc.close)
+                       proc.close, remote=True)
 
     async def stop(self, pid: int, patience: float = 30.0) -> bool:
         async def kill(sig: int) -> bool:
