@@ -348,6 +348,7 @@ class Run:
     enc_roots: dict[str, str] = field(default_factory=dict)  # source dataset -> its encryption root (-R seeds)
     dst_sessions: list[dict[str, Any]] | None = None  # the target's session directories, as probed at preflight
     streamed: set[str] = field(default_factory=set)  # source datasets whose first stream started
+    received: set[str] = field(default_factory=set)  # target datasets that exist: listed, or received in this run
     seeded: dict[str, DatasetOutcome] = field(default_factory=dict)  # members of an encrypted tree's -R seed
     fanout: Slot | None = None  # one target of several: its streams may share the others' zfs send
 
@@ -402,7 +403,8 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
     if top is not None and top.locked:  # before the tree's snapshot: a refused run leaves the source as it was
         raise E.TargetLocked(target=_label(dst, top.name), lock=top.locked)
     run = Run(opts=dataclasses.replace(opts, spool_max=opts.spool_max // jobs), pacer=Pacer(), jobs=jobs,
-              pairs=pairs, enc_roots=enc_roots, dst_sessions=dst.rep.sessions, dst_tree=dst_tree)
+              pairs=pairs, enc_roots=enc_roots, dst_sessions=dst.rep.sessions, dst_tree=dst_tree,
+              received=set(dst_tree))
     if ropts.sync_snap and pairs:
         run.short = await _fresh_name(policy.identifier, src.rep.hostname, root_ds.snapshots)
         members = [s for s, _ in pairs]
@@ -695,7 +697,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     # Read-only checks, all at once; the first failing in this order is the one reported. Before the sync
     # snapshot and any agent: what the target's zfs cannot receive is refused, naming the feature.
     await all_of(
-        _check_target_parent(dst, dst_name, dst_ds, ropts),
+        _check_target_parent(dst, dst_name, dst_ds, ropts, run.received),
         _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts),
         compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name))
     if not ropts.dry_run:
@@ -779,6 +781,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
             await dst.zfs.run("inherit", SEEDING_PROPERTY, dst_name, dataset=dst_name, action="set properties on")
         if not dst.rep.features.receive_unmounted:
             await _keep_unmounted(dst, dst_name, step.base is None, emit)
+    if plan.steps:
+        run.received.add(dst_name)
     newest = plan.newest
     if newest is not None:
         await _move_holds(src, dst, tag, plan, newest, dst_name)
@@ -870,9 +874,14 @@ def _given_up(store: StateStore, sid: str) -> bool:
         return False
 
 
-async def _check_target_parent(dst: Side, dst_name: str, dst_ds: Dataset | None, ropts: ReplicateOptions) -> None:
+async def _check_target_parent(dst: Side, dst_name: str, dst_ds: Dataset | None, ropts: ReplicateOptions,
+                               known: set[str] | None = None) -> None:
+    """The parent a new replica is received under exists (``known``: target datasets the run knows exist,
+    a tree's parents, asked nothing)."""
     if dst_ds is None and "/" in dst_name:
         parent = dst_name.rsplit("/", 1)[0]
+        if parent in (known or ()):
+            return
         if await dst.zfs.dataset(parent) is None and not (ropts.recursive and ropts.dry_run):
             raise E.UnknownDataset(host=dst.label, dataset=parent, dataset_parent=parent.split("/")[0])
 
@@ -907,7 +916,8 @@ async def _target_changed(dst: Side, dst_ds: Dataset | None, dry_run: bool) -> b
     """Was the target written after its newest snapshot? None: no target, or this zfs cannot tell."""
     if dst_ds is None or dst_ds.newest is None:
         return None
-    return await dst.zfs.changed_since(dst_ds.name, dst_ds.newest.name, probe=not dry_run)
+    return await dst.zfs.changed_since(dst_ds.name, dst_ds.newest.name, probe=not dry_run,
+                                       written=dst.rep.features.openzfs)  # else one command fewer per dataset
 
 
 async def _stream_flags(src: Side, dst: Side, src_name: str, dst_name: str, dst_ds: Dataset | None,
