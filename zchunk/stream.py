@@ -189,8 +189,8 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
                                 _fields(spec, "send"), _fields(spec, "receive"), estimate, opts.direct_max,
                                 opts.bwlimit, opts.timezone, opts.stall_timeout, pacer, emit)
         if sent is not None:
-            return SyncResult(None, spec.describe(), transfer=sent[0], target_snapshot=plan.target_snapshot,
-                              guid=sent[1])
+            return SyncResult(None, f"{plan.snapshot.name} -> {plan.target}", transfer=sent[0],
+                              target_snapshot=plan.target_snapshot, guid=sent[1])
     emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
          base=plan.base.name if plan.base else None, estimate=estimate, codec=codec, checksum=checksum)
     rec = SessionRecord(

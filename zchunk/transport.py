@@ -1,7 +1,9 @@
 """How the coordinator reaches a host: a local subprocess or one SSH connection.
 
-The only module that imports asyncssh. A ``Host`` runs one-shot commands and
-opens long-lived byte streams to agent processes; an SSH host keeps one
+The only module that imports asyncssh. A ``Host`` runs one-shot commands,
+opens long-lived byte streams to agent processes and starts commands whose
+stdin and stdout the caller streams (``start``: a direct stream's zfs send and
+receive); an SSH host keeps one
 connection and reconnects on demand. Connection trouble is raised as
 ``LinkDown`` (retryable: the caller decides how long to be patient); host key
 and authentication failures are final.

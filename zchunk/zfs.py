@@ -407,7 +407,10 @@ class Zfs:
         try:
             res = await self.host.run(["sh", "-c", script, self.command, snapshot, name])
         except BaseException:
-            await self.run("destroy", name, check=False)  # if the link let it take the snapshot at all
+            try:  # the snapshot, if the link let the command take it at all
+                await self.run("destroy", name, check=False)
+            except Exception:
+                pass  # what the caller hears is the first failure
             raise
         if res.status == 3:
             return None
