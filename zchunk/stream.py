@@ -114,14 +114,16 @@ def _goes_direct(spec: StreamSpec, estimate: int, opts: SyncOptions, fanout: Slo
             and "-R" not in spec.send_flags)
 
 
-def _fields(spec: StreamSpec, role: str) -> dict[str, Any]:
-    """The ``send`` or ``receive`` fields of an agent's config (``agent.zfs_argv``) for a direct stream:
-    its receive without -s, since a partial direct stream is never resumed but sent again."""
+def _fields(spec: StreamSpec, role: str, direct: bool = False) -> dict[str, Any]:
+    """The ``send`` or ``receive`` fields of an agent's config (``agent.zfs_argv``). ``direct``: a direct
+    stream's receive, without -s, since a partial direct stream is never resumed but sent again."""
     plan = spec.plan
     if role == "send":
         return {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
-                "intermediates": plan.intermediates, "flags": list(spec.send_flags), "token": None, "exclude": []}
-    return {"target": plan.target, "flags": [f for f in spec.recv_flags if f != "-s"],
+                "intermediates": plan.intermediates,
+                "flags": [] if spec.resume_token else list(spec.send_flags), "token": spec.resume_token,
+                "exclude": list(spec.send_excluded)}
+    return {"target": plan.target, "flags": [f for f in spec.recv_flags if not (direct and f == "-s")],
             "props": dict(spec.recv_props), "excluded": list(spec.recv_excluded)}
 
 
@@ -131,15 +133,7 @@ def agent_config(rec: SessionRecord, role: str, level: int | None, spec: StreamS
                            "first_chunk": min(rec.chunk_size, FIRST_CHUNK), "expected_bytes": rec.estimate,
                            "spool_max": rec.spool_max,
                            "idle_timeout": idle}
-    plan = spec.plan
-    if role == "send":
-        cfg["send"] = {"snapshot": plan.snapshot.name, "base": plan.base.name if plan.base else None,
-                       "intermediates": plan.intermediates,
-                       "flags": [] if spec.resume_token else list(spec.send_flags), "token": spec.resume_token,
-                       "exclude": list(spec.send_excluded)}
-    else:
-        cfg["receive"] = {"target": rec.target_dataset, "flags": list(spec.recv_flags),
-                          "props": dict(spec.recv_props), "excluded": list(spec.recv_excluded)}
+    cfg[role] = _fields(spec, role)  # the receive's target: rec.target_dataset, which is the plan's
     return cfg
 
 
@@ -186,7 +180,7 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
         emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
              base=plan.base.name if plan.base else None, estimate=estimate, codec=None, checksum=None, direct=True)
         sent = await run_direct(src_host, dst_host, plan.snapshot.name, plan.snapshot.guid, plan.target_snapshot,
-                                _fields(spec, "send"), _fields(spec, "receive"), estimate, opts.direct_max,
+                                _fields(spec, "send"), _fields(spec, "receive", direct=True), estimate, opts.direct_max,
                                 opts.bwlimit, opts.timezone, opts.stall_timeout, pacer, emit)
         if sent is not None:
             return SyncResult(None, f"{plan.snapshot.name} -> {plan.target}", transfer=sent[0],
