@@ -366,6 +366,10 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
         assert [e["snapshot"] for e in taken] == [f"{root}@{short}"] and taken[0]["datasets"] >= 4
         for child in members:
             assert_replica(root + child, dst + child, short)
+            # held on both sides (a new replica's first hold comes at the run's end, with the others')
+            assert (userrefs(f"{root + child}@{short}"), userrefs(f"{dst + child}@{short}")) == (1, 1), child
+            if tier == "zfs-fuse":  # no receive -u: kept from mounting (also set at the run's end)
+                assert zfs("get", "-H", "-o", "value", "canmount", dst + child).strip() == "noauto", child
         done = {e["source"]: e["status"] for e in run.of("dataset_done")}
         assert set(done.values()) == {"sent"}, done
         assert all("dataset" in e for e in run.of("dataset_plan")), "a dataset's events name it"

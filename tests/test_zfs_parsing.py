@@ -12,6 +12,7 @@ import pytest
 from zchunk.progress import describe_zfs
 from zchunk.zfs import (
     Features,
+    _batches,
     dataset_from_props,
     parse_commands,
     parse_get_output,
@@ -152,6 +153,16 @@ GET_OUTPUT = (
     "tank/database@y\tguid\t6666\n"
     "tank/database@y\tcreatetxg\t500\n"
 )
+
+
+def test_many_names_go_in_as_few_commands_as_fit_the_shells_limit() -> None:
+    """A tree's holds and settings name every dataset at once; one ``sh -c`` argument holds 128 KiB."""
+    names = [f"tank/replica/dataset{i:05d}@zchunk_x_h_20261204T000000Z" for i in range(5000)]
+    batches = _batches(names)
+    assert [n for b in batches for n in b] == names, "every name once, in order"
+    assert len(batches) > 1 and all(len(" ".join(b)) <= 64 * 1024 for b in batches)
+    assert _batches(["a", "b"]) == [["a", "b"]] and _batches([]) == []
+    assert _batches(["x" * 100, "y"], limit=10) == [["x" * 100], ["y"]], "a name longer than the limit alone"
 
 
 def test_parse_get_output() -> None:

@@ -333,6 +333,19 @@ async def _prune_fanout_source(src: Side, dataset: str, identifier: str, keep: R
 
 
 @dataclass
+class Later:
+    """What a tree run does for all its datasets at once at its end, one command per side instead of one per
+    dataset: the hold of a replica's first base (a first stream: no older hold to move, so nothing is let go
+    before it), and on a zfs without ``receive -u`` a new replica's ``canmount=noauto`` (it is unmounted at
+    once, before its children arrive). A run stopped before the end leaves them to the next run, which holds
+    the common snapshot before its stream."""
+
+    src_holds: list[str] = field(default_factory=list)
+    dst_holds: list[str] = field(default_factory=list)
+    noauto: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Run:
     """What the datasets of one run share: the tree's sync snapshot (its short name, taken at one moment for
     them all, or None: each takes its own), each side's listing read once for the whole tree (a dataset's
@@ -351,6 +364,7 @@ class Run:
     received: set[str] = field(default_factory=set)  # target datasets that exist: listed, or received in this run
     seeded: dict[str, DatasetOutcome] = field(default_factory=dict)  # members of an encrypted tree's -R seed
     fanout: Slot | None = None  # one target of several: its streams may share the others' zfs send
+    later: Later | None = None  # a tree run's work for all datasets at its end (None: each does its own)
 
     def listed(self, src_name: str, dst_name: str) -> tuple[Dataset, Dataset | None] | None:
         """A dataset's first look at both sides, from the run's listings (None: read it)."""
@@ -404,7 +418,7 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
         raise E.TargetLocked(target=_label(dst, top.name), lock=top.locked)
     run = Run(opts=dataclasses.replace(opts, spool_max=opts.spool_max // jobs), pacer=Pacer(), jobs=jobs,
               pairs=pairs, enc_roots=enc_roots, dst_sessions=dst.rep.sessions, dst_tree=dst_tree,
-              received=set(dst_tree))
+              received=set(dst_tree), later=Later())
     if ropts.sync_snap and pairs:
         run.short = await _fresh_name(policy.identifier, src.rep.hostname, root_ds.snapshots)
         members = [s for s, _ in pairs]
@@ -461,7 +475,31 @@ async def _in_parallel(src: Side, dst: Side, pairs: list[tuple[str, str]], polic
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    if run.later is not None:
+        await _at_the_end(src, dst, run.later, policy.tag, emit)
     return [outcomes[s] for s, _ in pairs]
+
+
+async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitter) -> None:
+    """The run's ``Later``: every replica is there, so a refusal here fails no dataset; it is said instead
+    (the next run holds its base before its stream, and a replica left mountable may need --rollback)."""
+    async def target() -> None:
+        if later.noauto:
+            await dst.zfs.set(later.noauto[0], "canmount", "noauto", *later.noauto[1:])
+            emit("note", host=dst.label, detail=f"this zfs has no `receive -u`: {len(later.noauto)} new "
+                 "replica(s) unmounted and set canmount=noauto, so they stay unchanged between syncs")
+        if later.dst_holds:
+            await _hold_all(dst, tag, later.dst_holds, emit)
+
+    async def source() -> None:
+        if later.src_holds:
+            await _hold_all(src, tag, later.src_holds, emit)
+
+    for side, step in ((src, source()), (dst, target())):
+        try:
+            await step
+        except E.ZchunkError as e:
+            emit("note", host=side.label, detail=f"at the end of the run: {e}")
 
 
 def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
@@ -659,9 +697,12 @@ async def _check_tree(src: Side, dst: Side, tree: Tree, short: str) -> None:
 
 
 async def _hold_all(side: Side, tag: str, snapshots: list[str], emit: Emitter) -> None:
-    if await _hold(side, tag, snapshots[0], emit):
-        for snapshot in snapshots[1:]:
-            await side.zfs.hold(tag, snapshot)
+    """Hold them all, in one command once this side is known to have holds (the first use asks)."""
+    if side.holds is None:
+        await _hold(side, tag, snapshots[0], emit)
+        snapshots = snapshots[1:]
+    if side.holds and snapshots:
+        await side.zfs.hold(tag, *snapshots)
 
 
 async def _prompt_for_keys(dst: Side, target: str) -> None:
@@ -780,12 +821,12 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         if force:
             await dst.zfs.run("inherit", SEEDING_PROPERTY, dst_name, dataset=dst_name, action="set properties on")
         if not dst.rep.features.receive_unmounted:
-            await _keep_unmounted(dst, dst_name, step.base is None, emit)
+            await _keep_unmounted(dst, dst_name, step.base is None, run.later, emit)
     if plan.steps:
         run.received.add(dst_name)
     newest = plan.newest
     if newest is not None:
-        await _move_holds(src, dst, tag, plan, newest, dst_name)
+        await _move_holds(src, dst, tag, plan, newest, dst_name, run.later)
         await _release_seed(src, src_ds, dst_ds)
         if ropts.create_bookmark:
             await _bookmark(src, newest, policy.identifier, emit)
@@ -1014,13 +1055,19 @@ async def _set_props(dst: Side, dst_name: str, props: tuple[tuple[str, str], ...
         await dst.zfs.run("set", f"{k}={v}", dst_name, dataset=dst_name, action="set properties on")
 
 
-async def _keep_unmounted(dst: Side, dst_name: str, first: bool, emit: Emitter) -> None:
+async def _keep_unmounted(dst: Side, dst_name: str, first: bool, later: Later | None, emit: Emitter) -> None:
     """What ``zfs receive -u`` does, for a zfs without it (zfs-fuse): a mounted replica changes as soon as
-    anything touches it (atime, a child's mountpoint directory) and then refuses the next incremental."""
+    anything touches it (atime, a child's mountpoint directory) and then refuses the next incremental. A new
+    replica of a tree run gets its canmount=noauto at the run's end, with the others'."""
+    await dst.zfs.unmount(dst_name)
     if not first:
-        await dst.zfs.unmount(dst_name)
         return
-    await _both(dst.zfs.unmount(dst_name), dst.zfs.set(dst_name, "canmount", "noauto"))  # either order works
+    if later is not None:
+        later.noauto.append(dst_name)
+        return
+    # After the unmount, not beside it: the two at once on one dataset left its unmount hanging in the kernel
+    # for good, once (a 50-dataset tree, 2026-12-04; not seen again). A round trip buys that out.
+    await dst.zfs.set(dst_name, "canmount", "noauto")
     emit("note", host=dst.label, detail=f"{dst_name}: this zfs has no `receive -u`: unmounted the replica "
          "and set canmount=noauto so it stays unchanged between syncs")
 
@@ -1058,9 +1105,14 @@ async def _hold(side: Side, tag: str, snapshot: str, emit: Emitter) -> bool:
 
 
 async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, newest: Snapshot,
-                      dst_name: str) -> None:
-    """Hold the new common snapshot on both sides, then release the old base: always one held."""
+                      dst_name: str, later: Later | None) -> None:
+    """Hold the new common snapshot on both sides, then release the old base: always one held. A first base
+    of a tree run (no old one) is held at the run's end, with the others'."""
     dst_snap = f"{dst_name}@{newest.short}"
+    if later is not None and plan.common is None:
+        later.src_holds.append(newest.name)
+        later.dst_holds.append(dst_snap)
+        return
     await _both(_hold(src, tag, newest.name, Emitter(None)), _hold(dst, tag, dst_snap, Emitter(None)))
     if plan.common is not None and plan.common.guid != newest.guid:
         # the old base, and any other snapshot still holding our tag (a run killed between the hold of

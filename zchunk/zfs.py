@@ -8,6 +8,7 @@ do is read from its own usage text once per session (``Features``).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import CommandFailed, MissingZfs, PermissionDenied, UnknownDataset
@@ -159,6 +160,23 @@ def parse_commands(text: str) -> frozenset[str]:
         if word.isalpha() and word.islower() and line.startswith(("\t", " ")):
             names.add(word)
     return frozenset(names)
+
+
+#: Bytes of names in one command: a remote command is one argument of ``sh -c``, which Linux caps at 128 KiB.
+ARGS_MAX = 64 * 1024
+
+
+def _batches(names: Sequence[str], limit: int = ARGS_MAX) -> list[list[str]]:
+    """``names`` in order, cut into runs whose joined length stays within ``limit`` (one name each at least)."""
+    out: list[list[str]] = []
+    size = limit + 1
+    for name in names:
+        if size + len(name) + 1 > limit:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += len(name) + 1
+    return out
 
 
 def parse_get_output(text: str) -> dict[str, dict[str, str]]:
@@ -469,11 +487,15 @@ class Zfs:
         rows = [line.split("\t") for line in res.stdout.decode().splitlines()]
         return [r[0] for r in rows if len(r) == 2 and r[1].isdigit() and int(r[1]) > 0]
 
-    async def hold(self, tag: str, snapshot: str) -> None:
-        res = await self.run("hold", tag, snapshot, check=False)
-        if res.status != 0 and "tag already exists" not in res.err_text:
-            raise CommandFailed(host=self.host.name, command=f"zfs hold {tag} {snapshot}", status=res.status,
-                                stderr=res.err_text)
+    async def hold(self, tag: str, *snapshots: str) -> None:
+        """Hold every one (zfs holds each name on its own: one refused leaves the others held); a hold of
+        ``tag`` already there is no failure. Many names go in as few commands as the shell's limit allows."""
+        for names in _batches(snapshots):
+            res = await self.run("hold", tag, *names, check=False)
+            refused = [line for line in res.err_text.splitlines() if line and "tag already exists" not in line]
+            if res.status != 0 and refused:
+                raise CommandFailed(host=self.host.name, command=f"zfs hold {tag} {' '.join(names)}",
+                                    status=res.status, stderr="\n".join(refused))
 
     async def release(self, tag: str, snapshot: str) -> None:
         await self.run("release", tag, snapshot, check=False)  # no such tag: nothing to release
@@ -509,8 +531,10 @@ class Zfs:
                                     stderr=res.err_text)
             await asyncio.sleep(1.0)
 
-    async def set(self, name: str, prop: str, value: str) -> None:
-        await self.run("set", f"{prop}={value}", name, dataset=name, action="set properties on")
+    async def set(self, name: str, prop: str, value: str, *more: str) -> None:
+        """``prop=value`` on ``name`` and on the datasets in ``more``, in as few commands as fit."""
+        for names in _batches((name, *more)):
+            await self.run("set", f"{prop}={value}", *names, dataset=name, action="set properties on")
 
     async def rollback(self, snapshot: str, destroy_newer: bool) -> None:
         await self.run("rollback", *(["-r"] if destroy_newer else []), snapshot, dataset=snapshot,
