@@ -130,15 +130,35 @@ def _last_line(text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else ""
 
 
+#: What a stream's compatibility is decided from, per source dataset.
+STREAM_PROPS = "type,version,dnodesize,mounted,mountpoint"
+
+
+async def tree_props(src: Zfs, root: str) -> dict[str, dict[str, str]]:
+    """``STREAM_PROPS`` of every dataset under ``root``, in one command (a tree run asks once, not per
+    dataset). zfs-fuse's ``zfs get`` has no ``-t``: snapshots come too and are left out."""
+    res = await src.run("get", "-H", "-p", "-r", "-o", "name,property,value", STREAM_PROPS, root, check=False,
+                        dataset=root)
+    out: dict[str, dict[str, str]] = {}
+    for line in res.stdout.decode().splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and "@" not in parts[0]:
+            out.setdefault(parts[0], {})[parts[1]] = parts[2]
+    return out
+
+
 async def check_stream(src: Zfs, src_features: Features, src_name: str,
-                       dst: Zfs, dst_features: Features, dst_name: str) -> None:
+                       dst: Zfs, dst_features: Features, dst_name: str,
+                       props: dict[str, str] | None = None) -> None:
     """Raise StreamIncompatible when ``dst``'s zfs cannot receive a plain send of ``src_name``, and
-    RootObjectIncompatible / RootObjectUnknown when it could receive but not read it."""
+    RootObjectIncompatible / RootObjectUnknown when it could receive but not read it. ``props``: the
+    source's ``STREAM_PROPS``, when already read (``tree_props``)."""
     if dst_features.openzfs:
         return
-    res = await src.run("get", "-H", "-p", "-o", "property,value", "type,version,dnodesize,mounted,mountpoint",
-                        src_name, check=False, dataset=src_name)
-    props = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+    if props is None:
+        res = await src.run("get", "-H", "-p", "-o", "property,value", STREAM_PROPS, src_name, check=False,
+                            dataset=src_name)
+        props = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
     await _check_features(src, src_features, src_name, props, dst, dst_features, dst_name)
     if src_features.openzfs and props.get("type") == "filesystem":
         await _check_root(src, src_name, props, f"{dst.host.name}:{dst_name}", dst_features.implementation)

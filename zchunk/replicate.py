@@ -365,6 +365,7 @@ class Run:
     seeded: dict[str, DatasetOutcome] = field(default_factory=dict)  # members of an encrypted tree's -R seed
     fanout: Slot | None = None  # one target of several: its streams may share the others' zfs send
     later: Later | None = None  # a tree run's work for all datasets at its end (None: each does its own)
+    stream_props: dict[str, dict[str, str]] = field(default_factory=dict)  # compat.tree_props of the source
 
     def listed(self, src_name: str, dst_name: str) -> tuple[Dataset, Dataset | None] | None:
         """A dataset's first look at both sides, from the run's listings (None: read it)."""
@@ -430,7 +431,10 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
                 emit("snapshot", snapshot=f"{root}@{run.short}", datasets=len(members))
 
             await around_snapshot(ropts.hooks, _hook_env(src, dst, f"{root}@{run.short}"), emit, take)
-    run.src_tree = await src.zfs.tree(root)
+    if dst.rep.features.openzfs:  # receives any stream: compat asks nothing
+        run.src_tree = await src.zfs.tree(root)
+    else:
+        run.src_tree, run.stream_props = await all_of(src.zfs.tree(root), compat.tree_props(src.zfs, root))
     gone = sorted(set(dst_tree) - {t for _, t in pairs} - {dst.endpoint.dataset + s[len(root):]
                                                                for s in left_out})
     if gone:
@@ -495,11 +499,13 @@ async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitte
         if later.src_holds:
             await _hold_all(src, tag, later.src_holds, emit)
 
-    for side, step in ((src, source()), (dst, target())):
+    async def said(side: Side, step: Awaitable[None]) -> None:
         try:
             await step
         except E.ZchunkError as e:
             emit("note", host=side.label, detail=f"at the end of the run: {e}")
+
+    await _both(said(src, source()), said(dst, target()))
 
 
 def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
@@ -740,7 +746,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     await all_of(
         _check_target_parent(dst, dst_name, dst_ds, ropts, run.received),
         _check_delegation(src, dst, src_name, dst_name, dst_ds, ropts),
-        compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name))
+        compat.check_stream(src.zfs, src.rep.features, src_name, dst.zfs, dst.rep.features, dst_name,
+                            run.stream_props.get(src_name) if first else None))
     if not ropts.dry_run:
         # before anything is planned or taken: a target another session is receiving looks like one without
         # a common snapshot, and a refused run must leave no sync snapshot behind
@@ -837,7 +844,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
 
     async def prune_target() -> None:
         prunes = dst_prunes
-        if plan.steps and ours:  # what the target really holds now decides, not the forecast
+        only = dst_ds is None and len(plan.steps) == 1  # a new replica: one snapshot, the newest, kept
+        if plan.steps and ours and not only:  # what the target really holds now decides, not the forecast
             after = await dst.zfs.require(dst_name)
             prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_target,
                                 {newest.guid} if newest is not None else set())
