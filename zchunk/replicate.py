@@ -487,25 +487,25 @@ async def _in_parallel(src: Side, dst: Side, pairs: list[tuple[str, str]], polic
 async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitter) -> None:
     """The run's ``Later``: every replica is there, so a refusal here fails no dataset; it is said instead
     (the next run holds its base before its stream, and a replica left mountable may need --rollback)."""
-    async def target() -> None:
-        if later.noauto:
-            await dst.zfs.set(later.noauto[0], "canmount", "noauto", *later.noauto[1:])
-            emit("note", host=dst.label, detail=f"this zfs has no `receive -u`: {len(later.noauto)} new "
-                 "replica(s) unmounted and set canmount=noauto, so they stay unchanged between syncs")
-        if later.dst_holds:
-            await _hold_all(dst, tag, later.dst_holds, emit)
-
-    async def source() -> None:
-        if later.src_holds:
-            await _hold_all(src, tag, later.src_holds, emit)
-
     async def said(side: Side, step: Awaitable[None]) -> None:
         try:
             await step
         except E.ZchunkError as e:
             emit("note", host=side.label, detail=f"at the end of the run: {e}")
 
-    await _both(said(src, source()), said(dst, target()))
+    async def noauto() -> None:
+        await dst.zfs.set(later.noauto[0], "canmount", "noauto", *later.noauto[1:])
+        emit("note", host=dst.label, detail=f"this zfs has no `receive -u`: {len(later.noauto)} new "
+             "replica(s) unmounted and set canmount=noauto, so they stay unchanged between syncs")
+
+    async def target() -> None:  # one after the other: zfs-fuse's mount code is touchy (_keep_unmounted)
+        if later.noauto:
+            await said(dst, noauto())
+        if later.dst_holds:
+            await said(dst, _hold_all(dst, tag, later.dst_holds, emit))
+
+    await _both(said(src, _hold_all(src, tag, later.src_holds, emit)) if later.src_holds else asyncio.sleep(0),
+                target())
 
 
 def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
