@@ -64,6 +64,10 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
     # agent is the coordinator's own module), and every stream's agents imported it
     assert [e["host"] for e in run.of("agent_program")] == ["local"], run.of("agent_program")
     assert len(run.of("session")) == 50
+    # zfs-fuse has no receive -u: the 50 new replicas' canmount=noauto is one command at the run's end
+    noauto = [e["detail"] for e in run.of("note") if "receive -u" in e["detail"]]
+    assert len(noauto) == 1 and "50 new replica(s)" in noauto[0], noauto
+    assert {zfs("get", "-H", "-o", "value", "canmount", dst + n[len(root):]).strip() for n in names} == {"noauto"}
 
     # one replica cannot take more: its receive fails (out of space), the 49 others go on. Every stream is
     # small enough to go without a session; the failed one is sent again through one, which says why
