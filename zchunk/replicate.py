@@ -1073,8 +1073,8 @@ async def _keep_unmounted(dst: Side, dst_name: str, first: bool, later: Later | 
     if later is not None:
         later.noauto.append(dst_name)
         return
-    # After the unmount, not beside it: the two at once on one dataset left its unmount hanging in the kernel
-    # for good, once (a 50-dataset tree, 2026-12-04; not seen again). A round trip buys that out.
+    # After the unmount, not beside it: one change to a replica's mount state at a time. (An unmount that hung
+    # for good on 2026-12-04 ran beside its set; the cause was zfs-fuse losing mounts, docs/reliability.md.)
     await dst.zfs.set(dst_name, "canmount", "noauto")
     emit("note", host=dst.label, detail=f"{dst_name}: this zfs has no `receive -u`: unmounted the replica "
          "and set canmount=noauto so it stays unchanged between syncs")
