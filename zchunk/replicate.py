@@ -498,14 +498,17 @@ async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitte
         emit("note", host=dst.label, detail=f"this zfs has no `receive -u`: {len(later.noauto)} new "
              "replica(s) unmounted and set canmount=noauto, so they stay unchanged between syncs")
 
+    async def source() -> None:
+        if later.src_holds:
+            await said(src, _hold_all(src, tag, later.src_holds, emit))
+
     async def target() -> None:  # one after the other: zfs-fuse's mount code is touchy (_keep_unmounted)
         if later.noauto:
             await said(dst, noauto())
         if later.dst_holds:
             await said(dst, _hold_all(dst, tag, later.dst_holds, emit))
 
-    await _both(said(src, _hold_all(src, tag, later.src_holds, emit)) if later.src_holds else asyncio.sleep(0),
-                target())
+    await _both(source(), target())
 
 
 def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
