@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,26 @@ def test_the_probe_reports_what_each_other_interpreter_can_import(tmp_path: Path
     found = {Path(i["path"]).name: (i["zstd"], i["xxhash"]) for i in agent.other_interpreters()}
     assert found["py-no-zstd"] == (False, True) and found["py-none"] == (False, False)
     assert "missing" not in found
+
+
+def test_the_probe_stops_asking_at_the_first_interpreter_with_both(tmp_path: Path, monkeypatch: Any) -> None:
+    """All are asked at once; the first in order with both speed-ups is the answer, and the ones after it
+    are stopped (a pyenv shim per python3.N costs a tenth of a second each)."""
+    system_python_has_both()
+    marker = tmp_path / "slow-ran"
+    no_zstd = hiding(tmp_path, "py-no-zstd", "zstandard")
+    slow = tmp_path / "py-slow"  # slow, and without zstandard
+    slow.write_text(f"#!/bin/sh\nsleep 3\ntouch {marker}\nexec {no_zstd} \"$@\"\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(agent, "INTERPRETERS", [no_zstd, SYSTEM_PYTHON, str(slow)])
+    found = [Path(i["path"]).name for i in agent.other_interpreters()]
+    assert found == ["py-no-zstd", "python3"], found
+    time.sleep(4)  # what the slow one would have needed to leave its mark
+    assert not marker.exists(), "the interpreter after the chosen one was not stopped"
+    # and with the slow one first, it is waited for and reported: order decides, not speed
+    monkeypatch.setattr(agent, "INTERPRETERS", [str(slow), SYSTEM_PYTHON])
+    assert [Path(i["path"]).name for i in agent.other_interpreters()] == ["py-slow", "python3"]
+    assert marker.exists()
 
 
 def probe(sshd: lab.Sshd, python: str, choose: bool, spool: Path) -> Any:
