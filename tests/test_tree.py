@@ -4,6 +4,7 @@ alone; every stream rides out an outage of the link."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 
 from tests.zc import Background, Zchunk
 from tests.zfsutil import assert_replica, mountpoint, snapshots, zfs
-from zchunk import lab
+from zchunk import compat, lab
+from zchunk.transport import LocalHost
+from zchunk.zfs import Zfs
 
 pytestmark = [pytest.mark.zfs]
 
@@ -91,6 +94,18 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
             assert_replica(name, dst + name[len(root):], short)
     assert short in [s.split("@")[1] for s in snapshots(victim)], \
         "the failed dataset's share of the tree snapshot stays (its stream started: a later run may need it)"
+
+
+def test_the_source_trees_stream_properties_come_in_one_command_on_zfs_fuse(pools: Any) -> None:
+    """zfs-fuse refuses a ``zfs get`` whose list names ``dnodesize`` (it has none): the tree's properties are
+    asked again without it, so a tree run needs no ``zfs get`` per dataset, and the ZPL version is known."""
+    src_pool, _ = pools
+    root = f"{src_pool.name}/props"
+    names = make_tree(root, 4, 4096)
+    props = asyncio.run(compat.tree_props(Zfs(LocalHost()), root))
+    assert set(props) == set(names), props
+    assert all(p["type"] == "filesystem" and p["version"].isdigit() and "dnodesize" not in p
+               for p in props.values()), props
 
 
 def _wire(events: list[dict[str, Any]]) -> int:

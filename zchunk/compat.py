@@ -132,15 +132,24 @@ def _last_line(text: str) -> str:
 
 #: What a stream's compatibility is decided from, per source dataset.
 STREAM_PROPS = "type,version,dnodesize,mounted,mountpoint"
+#: The same for a zfs that has no ``dnodesize`` (zfs-fuse; it refuses the whole list for that one name).
+STREAM_PROPS_NO_DNODE = "type,version,mounted,mountpoint"
+
+
+async def _get_stream_props(src: Zfs, dataset: str, *how: str) -> bytes:
+    """``zfs get -H -p HOW... STREAM_PROPS dataset``'s output; again without ``dnodesize`` where that zfs
+    has none. Empty when the source will not say (the checks then ask nothing of the target)."""
+    res = await src.run("get", "-H", "-p", *how, STREAM_PROPS, dataset, check=False, dataset=dataset)
+    if res.status != 0 and "dnodesize" in res.err_text:
+        res = await src.run("get", "-H", "-p", *how, STREAM_PROPS_NO_DNODE, dataset, check=False, dataset=dataset)
+    return res.stdout
 
 
 async def tree_props(src: Zfs, root: str) -> dict[str, dict[str, str]]:
     """``STREAM_PROPS`` of every dataset under ``root``, in one command (a tree run asks once, not per
     dataset). zfs-fuse's ``zfs get`` has no ``-t``: snapshots come too and are left out."""
-    res = await src.run("get", "-H", "-p", "-r", "-o", "name,property,value", STREAM_PROPS, root, check=False,
-                        dataset=root)
     out: dict[str, dict[str, str]] = {}
-    for line in res.stdout.decode().splitlines():
+    for line in (await _get_stream_props(src, root, "-r", "-o", "name,property,value")).decode().splitlines():
         parts = line.split("\t")
         if len(parts) == 3 and "@" not in parts[0]:
             out.setdefault(parts[0], {})[parts[1]] = parts[2]
@@ -156,9 +165,8 @@ async def check_stream(src: Zfs, src_features: Features, src_name: str,
     if dst_features.openzfs:
         return
     if props is None:
-        res = await src.run("get", "-H", "-p", "-o", "property,value", STREAM_PROPS, src_name, check=False,
-                            dataset=src_name)
-        props = dict(line.split("\t", 1) for line in res.stdout.decode().splitlines() if "\t" in line)
+        out = await _get_stream_props(src, src_name, "-o", "property,value")
+        props = dict(line.split("\t", 1) for line in out.decode().splitlines() if "\t" in line)
     await _check_features(src, src_features, src_name, props, dst, dst_features, dst_name)
     if src_features.openzfs and props.get("type") == "filesystem":
         await _check_root(src, src_name, props, f"{dst.host.name}:{dst_name}", dst_features.implementation)
