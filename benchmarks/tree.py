@@ -92,9 +92,14 @@ def syncoid_key(b: bench.Bench) -> Path:
     return b.sshd.add_key("syncoid", options=f'environment="PATH={wrap}:{lab.SYSTEM_PATH}"')
 
 
+#: The copy of zchunk/ the runs use (``main``), compiled as an installed zchunk is; None: the working tree's.
+CODE: Path | None = None
+
+
 def argv(tool: str, root: str, target: str, b: bench.Bench, work: Path, jobs: int | None) -> list[str]:
     if tool == "zchunk":
-        return [str(VENV_BIN / "zchunk"), "sync", "-r", root, f"dst:{target}", "--ssh-config",
+        cli = [sys.executable, "-m", "zchunk"] if CODE else [str(VENV_BIN / "zchunk")]
+        return cli + ["sync", "-r", root, f"dst:{target}", "--ssh-config",
                 str(b.far.ssh_config), "--json", "--identifier", "bench", "--spool-dir", str(work / "spool"),
                 "--state-dir", str(work / "state")] + (["--jobs", str(jobs)] if jobs else [])
     return ["syncoid", "-r", "--sshkey", str(b.syncoid_key), "--sshport", "22",
@@ -164,9 +169,17 @@ def pipe_run(kind: str, names: list[str], root: str, target: str, b: bench.Bench
     return failures[0] if failures else first
 
 
+def commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when zchunk/ has changes not committed."""
+    git = ["git", "-C", str(HERE.parent)]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "zchunk"], capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
 def one_run(tool: str, kind: str, count: int, root: str, target: str, b: bench.Bench, work: Path,
             jobs: int | None, names: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "PATH": bench.PATH, "LC_ALL": "C"}
+    env = {**os.environ, "PATH": bench.PATH, "LC_ALL": "C", **({"PYTHONPATH": str(CODE)} if CODE else {})}
     work.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     if tool == "pipe":
@@ -201,8 +214,15 @@ def main() -> int:
     file_size = lab.parse_size(args.file)
     b = bench.Bench(bench.parse_args(["--size", "256M", "--out", str(HERE / "out" / "tree")]))
     b.work.mkdir(parents=True, exist_ok=True)
+    # zchunk runs from a copy of zchunk/ taken now and compiled, as run.py's do: edits made meanwhile do not
+    # reach it, and no run compiles the coordinator's modules anew (as one would under PYTHONDONTWRITEBYTECODE
+    # or with sources newer than their .pyc: 0.07 s a run here, which an installed zchunk never pays)
+    global CODE
+    code = bench.snapshot_code(b.work / "code")
+    CODE = b.work / "code"
     report: dict[str, Any] = {"command": " ".join([".venv/bin/python", "benchmarks/tree.py", *sys.argv[1:]]),
-                              "file": args.file, "runs": []}
+                              "file": args.file, "zchunk_commit": commit(), "zchunk_code": code,
+                              "runs": []}
     failed = 0
     with b.lab():
         b.syncoid_key = syncoid_key(b)  # type: ignore[attr-defined]
