@@ -393,8 +393,8 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
                 run = Run(opts=opts, dst_sessions=dst.rep.sessions)
                 return ReplicationResult([await _dataset(src, dst, source.dataset, target.dataset, policy, ropts,
                                                          run, store, emit)])
-            pairs, left_out = await _datasets(src, dst, excludes, emit)
-            run = await _tree_run(src, dst, pairs, left_out, policy, ropts, opts, emit)
+            root_ds, pairs, left_out = await _datasets(src, dst, excludes, emit)
+            run = await _tree_run(src, dst, root_ds, pairs, left_out, policy, ropts, opts, emit)
             return ReplicationResult(await _in_parallel(src, dst, pairs, policy, ropts, run, store, emit))
         finally:
             await dst.host.close()
@@ -402,8 +402,8 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
         await src.host.close()
 
 
-async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out: list[str], policy: Policy,
-                    ropts: ReplicateOptions, opts: SyncOptions, emit: Emitter) -> Run:
+async def _tree_run(src: Side, dst: Side, root_ds: Dataset, pairs: list[tuple[str, str]], left_out: list[str],
+                    policy: Policy, ropts: ReplicateOptions, opts: SyncOptions, emit: Emitter) -> Run:
     """-r: the tree's sync snapshot, at one moment for every dataset; both sides' listings; the run's shares
     of the spool cap and of the bandwidth limit."""
     root, jobs = src.endpoint.dataset, max(1, ropts.jobs)
@@ -412,8 +412,7 @@ async def _tree_run(src: Side, dst: Side, pairs: list[tuple[str, str]], left_out
         emit("note", host=src.label, detail=f"--spool-max {opts.spool_max >> 20} MiB holds {fits} chunk(s) "
              f"of --chunk-size: {fits} dataset(s) at a time instead of --jobs {jobs}")
         jobs = fits
-    (enc_roots, root_ds), dst_tree = await _both(all_of(_encryption_roots(src, pairs, ropts), src.zfs.require(root)),
-                                                 dst.zfs.tree(dst.endpoint.dataset))
+    enc_roots, dst_tree = await _both(_encryption_roots(src, pairs, ropts), dst.zfs.tree(dst.endpoint.dataset))
     top = dst_tree.get(dst.endpoint.dataset)
     if top is not None and top.locked:  # before the tree's snapshot: a refused run leaves the source as it was
         raise E.TargetLocked(target=_label(dst, top.name), lock=top.locked)
@@ -502,13 +501,15 @@ async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitte
         if later.src_holds:
             await said(src, _hold_all(src, tag, later.src_holds, emit))
 
-    async def target() -> None:  # one after the other: zfs-fuse's mount code is touchy (_keep_unmounted)
-        if later.noauto:
-            await said(dst, noauto())
+    async def target() -> None:
         if later.dst_holds:
             await said(dst, _hold_all(dst, tag, later.dst_holds, emit))
 
-    await _both(source(), target())
+    async def unmountable() -> None:  # beside the holds: canmount mounts nothing, the replicas are unmounted
+        if later.noauto:
+            await said(dst, noauto())
+
+    await all_of(source(), target(), unmountable())
 
 
 def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
@@ -555,13 +556,14 @@ async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
 
 
 async def _datasets(src: Side, dst: Side, excludes: tuple[re.Pattern[str], ...],
-                    emit: Emitter) -> tuple[list[tuple[str, str]], list[str]]:
-    """-r: the (source, target) pairs of the tree, parents first, and the datasets of the tree left out."""
+                    emit: Emitter) -> tuple[Dataset, list[tuple[str, str]], list[str]]:
+    """-r: the root, the (source, target) pairs of the tree, parents first, and the datasets of the tree left
+    out. A missing root is said as such (its listing's failure comes second)."""
     root, troot = src.endpoint.dataset, dst.endpoint.dataset
-    await src.zfs.require(root)
+    root_ds, listed = await all_of(src.zfs.require(root), src.zfs.children(root))
     pairs = []
     skipped: list[str] = []  # a skipped dataset's children go too (as zfs send -X): their parent is missing
-    for name, _type, prop in await src.zfs.children(root):
+    for name, _type, prop in listed:
         rel = name[len(root):]
         under = next((s for s in skipped if name.startswith(s + "/")), None)
         reason = (f"its parent {under} is skipped" if under is not None
@@ -572,7 +574,7 @@ async def _datasets(src: Side, dst: Side, excludes: tuple[re.Pattern[str], ...],
             skipped.append(name)
             continue
         pairs.append((name, check_dataset_name(troot + rel)))
-    return pairs, skipped
+    return root_ds, pairs, skipped
 
 
 MAX_RESTARTS = 3
@@ -706,11 +708,8 @@ async def _check_tree(src: Side, dst: Side, tree: Tree, short: str) -> None:
 
 
 async def _hold_all(side: Side, tag: str, snapshots: list[str], emit: Emitter) -> None:
-    """Hold them all, in one command once this side is known to have holds (the first use asks)."""
-    if side.holds is None:
-        await _hold(side, tag, snapshots[0], emit)
-        snapshots = snapshots[1:]
-    if side.holds and snapshots:
+    """Hold them all in one command, where this side has holds (the first use asks)."""
+    if await _has_holds(side, snapshots[0], emit):
         await side.zfs.hold(tag, *snapshots)
 
 
@@ -1104,13 +1103,18 @@ async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, tag: 
         await dst.zfs.rollback(plan.rollback_to.name, destroy_newer=bool(plan.destroys))
 
 
-async def _hold(side: Side, tag: str, snapshot: str, emit: Emitter) -> bool:
+async def _has_holds(side: Side, snapshot: str, emit: Emitter) -> bool:
+    """Whether holds work on this side, asked of ``snapshot`` the first time (and said when they do not)."""
     if side.holds is None:
         side.holds = await side.zfs.holds_supported(snapshot)
         if not side.holds:
             emit("note", host=side.label, detail="this zfs has no working holds: the base is not protected "
                  "against `zfs destroy`")
-    if side.holds:
+    return bool(side.holds)
+
+
+async def _hold(side: Side, tag: str, snapshot: str, emit: Emitter) -> bool:
+    if await _has_holds(side, snapshot, emit):
         await side.zfs.hold(tag, snapshot)
     return bool(side.holds)
 
