@@ -74,7 +74,7 @@ CATEGORIES: dict[str, tuple[int, set[str]]] = {
     "patience": (11, {"PatienceExhausted"}),
     "zfs failed": (12, {"ZfsSendFailed", "ZfsReceiveFailed", "AgentDied", "TargetFull"}),
     "integrity": (13, {"IntegrityError", "StreamChecksumMismatch"}),
-    "remote/command": (14, {"RemoteError", "CommandFailed", "SpoolFull", "ChunkCorrupt", "NoChunk"}),
+    "remote/command": (14, {"RemoteError", "CommandFailed", "CommandHung", "SpoolFull", "ChunkCorrupt", "NoChunk"}),
     "partial": (15, {"PartialFailure"}),
     "configuration": (16, {"ConfigError"}),
     "run history": (17, {"HistoryError"}),

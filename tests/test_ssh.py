@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pty
 import select
@@ -13,9 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.zc import REPO, Zchunk
+from tests.zc import REPO, Zchunk, kill_matching
 from tests.zfsutil import assert_replica, exists, make_source
+from zchunk import errors as E
 from zchunk import lab
+from zchunk.endpoint import parse_endpoint
+from zchunk.transport import SshHost, SshOptions, first_contact, make_host
 
 pytestmark = [pytest.mark.zfs]
 
@@ -124,3 +128,33 @@ def test_aes_gcm_is_preferred_unless_the_user_chose_ciphers(tmp_path: Path, monk
     assert host._connect_kwargs()["encryption_algs"] == ["aes192-ctr", "aes128-ctr"]
     monkeypatch.setattr(transport, "_cpu_has_aes", lambda: False)
     assert transport.preferred_ciphers()[0] == "chacha20-poly1305@openssh.com"
+
+
+def test_a_command_hung_on_a_host_that_answers_is_said_and_the_connection_stays(sshd_local: lab.Sshd) -> None:
+    """A command silent past its timeout, on a link that still runs ``true``, is hung there (zfs-fuse losing a
+    mount does this to ``zfs unmount``): CommandHung names it, and the connection every other stream of the
+    run rides on is kept. Before, it counted as a dead link: the connection was dropped and the command run
+    again, hanging again, until --patience ran out as "host unreachable"."""
+    marker = "7.3125"  # this test's sleep, found and killed at the end
+
+    async def go() -> tuple[E.CommandHung, bytes, bool]:
+        host = make_host(parse_endpoint("local:pool/x"), SshOptions(config=sshd_local.ssh_config))
+        try:
+            await first_contact(host, patience=60)
+            assert isinstance(host, SshHost)
+            before = await host.connection()
+            with pytest.raises(E.CommandHung) as hung:
+                await host.run(["sleep", marker], timeout=1)
+            after = await host.connection()
+            return hung.value, (await host.run(["echo", "still"])).stdout, after is before
+        finally:
+            await host.close()
+
+    try:
+        err, out, same = asyncio.run(go())
+    finally:
+        kill_matching(f"sleep {marker}")
+    assert str(err) == f"local: `sleep {marker}` did not finish in 1 s, though the host answers other commands", \
+        str(err)
+    assert err.exit_code == 14 and "docs/reliability.md" in err.hint
+    assert out == b"still\n" and same, "the connection was dropped"

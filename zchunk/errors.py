@@ -345,6 +345,14 @@ class CommandFailed(ZchunkError):
     exit_code = 14
 
 
+class CommandHung(ZchunkError):
+    """{host}: `{command}` did not finish in {seconds} s, though the host answers other commands"""
+
+    exit_code = 14
+    fix = ("see what it waits on there (ps -o pid,stat,wchan:20,args -C zfs); a zfs command that never returns "
+           "is zfs's own hang (zfs-fuse can lose a mount made beside another: docs/reliability.md)")
+
+
 class PartialFailure(ZchunkError):
     """{failed} of {total} {what} failed: {names}"""
 

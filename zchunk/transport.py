@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from .endpoint import Endpoint
-from .errors import AuthError, HostKeyError, HostUnreachable, UsageError
+from .errors import AuthError, CommandHung, HostKeyError, HostUnreachable, UsageError
 
 if TYPE_CHECKING:
     import asyncssh
@@ -345,6 +345,19 @@ def _widen_pipe(reader: Any) -> None:
         pass
 
 
+#: How long a host may take to run ``true`` before its link counts as down (``_answers``).
+ANSWER_TIMEOUT = 15.0
+
+
+async def _answers(conn: Any) -> bool:
+    """Whether the connection still runs a command: ``true``, within ``ANSWER_TIMEOUT``."""
+    try:
+        res = await asyncio.wait_for(conn.run("true", check=False), ANSWER_TIMEOUT)
+    except _transient():
+        return False
+    return res.exit_status == 0
+
+
 def _transient() -> tuple[type[BaseException], ...]:
     """The failures a link can cure: asyncssh's among them once it is imported (before, none can occur)."""
     base: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError, socket.gaierror, EOFError)
@@ -509,6 +522,13 @@ class SshHost(Host):
         try:
             res = await asyncio.wait_for(
                 conn.run(shlex.join(argv), input=stdin, encoding=None, check=False), timeout)
+        except asyncio.TimeoutError as e:
+            # a command silent this long on a link that still answers is hung there, not cut off: said as
+            # such, and the connection (every other stream's) stays; run again, it would hang again
+            if await _answers(conn):
+                raise CommandHung(host=self.name, command=shlex.join(argv)[:200], seconds=f"{timeout or 0:.0f}") from e
+            self.drop(conn)
+            raise LinkDown(self.name, _describe(e)) from e
         except _transient() as e:
             self.drop(conn)
             raise LinkDown(self.name, _describe(e)) from e
