@@ -130,3 +130,59 @@ def test_a_started_command_streams_and_says_its_status_and_stderr() -> None:
         assert await other.wait() != 0
 
     asyncio.run(main())
+
+
+class _Logged(LocalHost):
+    """This machine, noting when each started command's stdin closes and when it has exited."""
+
+    def __init__(self, log: list[tuple[float, str, str]]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def start(self, argv: list[str]) -> Any:
+        proc = await super().start(argv)
+        name, close, wait = argv[-1], proc.close_stdin, proc.wait
+
+        def closing() -> None:
+            self.log.append((time.monotonic(), "close", name))
+            close()
+
+        async def waiting() -> Any:
+            res = await wait()
+            self.log.append((time.monotonic(), "exit", name))
+            return res
+
+        proc.close_stdin, proc.wait = closing, waiting  # type: ignore[method-assign]
+        return proc
+
+
+def test_on_a_zfs_without_receive_u_the_receives_end_one_at_a_time(pools: Any) -> None:
+    """zfs-fuse mounts what it received as zfs receive ends, and can lose a mount made at the same moment as
+    another (every access to it then hangs: docs/reliability.md). Four full direct streams at once: the
+    bytes move together, but each receive's end, from its last piece to its exit, comes after the other's."""
+    from zchunk.direct import run_direct
+    from zchunk.events import Emitter
+
+    src_pool, dst_pool = pools
+    sources = [make_source(src_pool, 256 << 10, seed=60 + i, name=f"m{i}") for i in range(4)]
+    log: list[tuple[float, str, str]] = []
+
+    async def main() -> list[Any]:
+        src, dst = LocalHost(), _Logged(log)
+        return list(await asyncio.gather(*(
+            run_direct(src, dst, f"{s}@s1", guid(f"{s}@s1"), f"{dst_pool.name}/m{i}@s1",
+                       {"snapshot": f"{s}@s1", "base": None, "intermediates": False, "flags": [], "token": None,
+                        "exclude": []},
+                       {"target": f"{dst_pool.name}/m{i}", "flags": [], "props": {}, "excluded": []},
+                       256 << 10, 4 * MiB, None, None, 60.0, None, Emitter(None))
+            for i, s in enumerate(sources))))
+
+    results = asyncio.run(main())
+    assert all(r is not None for r in results), results
+    closed = {name: t for t, what, name in log if what == "close"}
+    exited = {name: t for t, what, name in log if what == "exit"}
+    spans = sorted((closed[name], exited[name]) for name in closed)
+    assert len(spans) == 4 and set(closed) == set(exited), log
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    for i, s in enumerate(sources):
+        assert_replica(s, f"{dst_pool.name}/m{i}", "s1")

@@ -18,7 +18,10 @@ out outages and reports a failure the way every stream does. At most twice ``--d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import weakref
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -61,10 +64,14 @@ async def run_direct(src_host: Host, dst_host: Host, snapshot: str, snapshot_gui
         running.append((dst_host, await dst_host.start(recv_argv)))
         running.append((src_host, await src_host.start(send_argv)))
         (_, receiver), (_, sender) = running
-        moved, whole = await _pump(sender, receiver, pacer, max(2 * limit, estimate + PIECE), stall)
-        if not whole:  # zfs receive stopped reading: it says why (the send is of no more use)
-            sender.abandon()
-        recv_res, send_res = await asyncio.wait_for(all_of(receiver.wait(), sender.wait()), stall)
+        moved, whole, last = await _pump(sender, receiver, pacer, max(2 * limit, estimate + PIECE), stall)
+        async with _mounting(dst_host, receive):
+            if whole:
+                whole = await _put(receiver, pacer, last, stall)
+                receiver.close_stdin()
+            if not whole:  # zfs receive stopped reading: it says why (the send is of no more use)
+                sender.abandon()
+            recv_res, send_res = await asyncio.wait_for(all_of(receiver.wait(), sender.wait()), stall)
         running.clear()  # both have ended
         for host, res, what in ((dst_host, recv_res, "zfs receive"), (src_host, send_res, "zfs send")):
             if res.status != 0 or not whole:
@@ -89,21 +96,44 @@ async def run_direct(src_host: Host, dst_host: Host, snapshot: str, snapshot_gui
                           outages=0, outage_seconds=0.0, discarded_chunks=0), guid
 
 
-async def _pump(send: Process, recv: Process, pacer: Pacer, cutoff: int, stall: float) -> tuple[int, bool]:
-    """zfs send's stdout into zfs receive's stdin, paced: the bytes moved, and whether that was all of them
-    (False: zfs receive stopped reading first)."""
-    moved = 0
+async def _pump(send: Process, recv: Process, pacer: Pacer, cutoff: int, stall: float) -> tuple[int, bool, bytes]:
+    """zfs send's stdout into zfs receive's stdin, paced, but for its last piece (the one with the stream's
+    END record, after which zfs receive mounts: ``_mounting``): the bytes read, whether every piece before
+    the last went in (False: zfs receive stopped reading first), and the last piece."""
+    moved, held = 0, b""
     while data := await asyncio.wait_for(send.read(PIECE), stall):
         moved += len(data)
         if moved > cutoff:
             raise _Stopped(f"it is larger than its estimate: over {moved} bytes")
-        await pacer.take(len(data))
-        try:
-            await asyncio.wait_for(recv.write(data), stall)
-        except EOFError:
-            return moved, False
-    recv.close_stdin()
-    return moved, True
+        if held and not await _put(recv, pacer, held, stall):
+            return moved, False, b""
+        held = data
+    return moved, True, held
+
+
+async def _put(recv: Process, pacer: Pacer, data: bytes, stall: float) -> bool:
+    """One piece into zfs receive, paced; False when it stopped reading."""
+    await pacer.take(len(data))
+    try:
+        await asyncio.wait_for(recv.write(data), stall)
+    except EOFError:
+        return False
+    return True
+
+
+#: One lock per target machine (``Host.machine``) for the ends of its receives that mount (``_mounting``).
+_MOUNT_LOCKS: weakref.WeakKeyDictionary[Host, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _mounting(host: Host, receive: dict[str, object]) -> AbstractAsyncContextManager[object]:
+    """Where zfs receive has no ``-u`` (zfs-fuse), it mounts what it received as it ends, and zfs-fuse can
+    lose a mount made at the same moment as another (docs/reliability.md): every access to it then hangs.
+    So on such a target the receives of a run end one at a time, from their last piece to their exit; the
+    bytes before move at once."""
+    flags = receive.get("flags")
+    if isinstance(flags, list) and "-u" in flags:
+        return contextlib.nullcontext()
+    return _MOUNT_LOCKS.setdefault(host.machine, asyncio.Lock())
 
 
 async def _end(running: list[tuple[Host, Process]], emit: Emitter) -> None:
