@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -281,8 +282,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for tool in dict.fromkeys(r["tool"] for r in report["runs"]):
         for kind, style in (("full", "-o"), ("incremental", "--s")):
-            pts = sorted((r["datasets"], r["seconds"]) for r in report["runs"]
-                         if r["ok"] and r["tool"] == tool and r["kind"] == kind)
+            times: dict[int, list[float]] = {}
+            for r in report["runs"]:
+                if r["ok"] and r["tool"] == tool and r["kind"] == kind:
+                    times.setdefault(r["datasets"], []).append(r["seconds"])
+            pts = sorted((count, statistics.median(ts)) for count, ts in times.items())  # of --runs
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{tool} {kind}")
     ax.set_xlabel("datasets in the tree")
