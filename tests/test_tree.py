@@ -5,6 +5,7 @@ alone; every stream rides out an outage of the link."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -94,6 +95,33 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
             assert_replica(name, dst + name[len(root):], short)
     assert short in [s.split("@")[1] for s in snapshots(victim)], \
         "the failed dataset's share of the tree snapshot stays (its stream started: a later run may need it)"
+
+
+def test_session_streams_end_one_at_a_time_on_a_zfs_without_receive_u(zc: Zchunk, pools: Any,
+                                                                       sshd_local: lab.Sshd) -> None:
+    """zfs-fuse mounts what it received as zfs receive ends, and can lose a mount made at the same moment as
+    another (docs/reliability.md). A receiving agent holds back the stream's end until the coordinator's
+    finish, then feeds it, closes and waits under the spool base's ``.mount.lock``: the ends of a run's
+    session streams, each in its own daemon, come one after another while their bytes move together."""
+    src_pool, dst_pool = pools
+    root = f"{src_pool.name}/ends"
+    names = make_tree(root, 8, 256 << 10)
+    dst = f"{dst_pool.name}/ends"
+    run = zc.run("sync", "-r", root, f"local:{dst}", "--ssh-config", str(sshd_local.ssh_config), "--jobs", "4",
+                 "--identifier", "ends", "--direct-max", "0", "--keep")
+    assert run.returncode == 0, run.explain()
+    starts = {e["dataset"]: e["time"] for e in run.of("session")}
+    ends = {e["source"]: e["time"] for e in run.of("dataset_done")}
+    assert len(starts) == 8 and max(sum(starts[n] <= starts[m] < ends[n] for n in starts) for m in starts) >= 2, \
+        "the sessions ran one after another: nothing for the lock to order"
+    kept = [json.loads(p.read_text()) for p in zc.spool_dir.glob("*/receiver.json")]
+    spans = sorted(tuple(r["mount_end"]) for r in kept)
+    assert len(spans) == 8 and all(r["state"] == "done" for r in kept), kept
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    assert (zc.spool_dir / ".mount.lock").is_file()
+    short = newest(root)
+    for name in names:
+        assert_replica(name, dst + name[len(root):], short)
 
 
 def test_the_source_trees_stream_properties_come_in_one_command_on_zfs_fuse(pools: Any) -> None:

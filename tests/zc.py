@@ -96,10 +96,10 @@ class Zchunk:
 
     def session_dirs(self) -> list[Path]:
         """What the runs left in the spool directory, but the agent program (``.agent``: kept for the next
-        run, see docs/protocol.md ``program``)."""
+        run, see docs/protocol.md ``program``) and the receives' mount lock (``.mount.lock``)."""
         if not self.spool_dir.exists():
             return []
-        return sorted(p for p in self.spool_dir.iterdir() if p.name != ".agent")
+        return sorted(p for p in self.spool_dir.iterdir() if p.name not in (".agent", ".mount.lock"))
 
     def agent_state(self, role: str) -> dict[str, Any] | None:
         for d in self.session_dirs():

@@ -45,6 +45,7 @@ O_EXCL (``open_nofollow``, docs/chunk-format.md "Safety rules").
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -670,6 +671,11 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 PIPE_SIZE = 1 << 20
+#: (receive without ``-u``) the stream's last bytes, held back from zfs receive until its end: far more than
+#: the END record (312 bytes) that makes zfs receive finish, and mount.
+HELD_TAIL = 64 << 10
+#: Seconds a receive waits for the host's mount lock before it ends without it (``ReceiverDaemon.ending``).
+MOUNT_LOCK_WAIT = 120
 
 
 def widen_pipe(fd: int) -> None:
@@ -1636,6 +1642,10 @@ class ReceiverDaemon(Daemon):
     def run(self) -> None:
         sess = self.sess
         argv = zfs_argv(sess.cfg)
+        # Without -u (zfs-fuse) zfs receive mounts what it received as it ends, and zfs-fuse can lose a
+        # mount made at the same moment as another (docs/reliability.md): the stream's end is held back
+        # (``Feeder.held``) and fed under the host's mount lock (``ending``).
+        self.guarded = "-u" not in sess.cfg["receive"].get("flags", [])
         self.save(argv=argv, next_seq=0, raw_bytes=0)
         self.proc = self.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         assert self.proc.stdin is not None
@@ -1675,7 +1685,7 @@ class ReceiverDaemon(Daemon):
         if feeder.failed:
             return self.finish_failed(feeder.stream, feeder.seq, feeder.raw_total,
                                       "zfs receive closed its input")
-        self.finish(feeder.stream, feeder.seq, feeder.raw_total, end or {})
+        self.finish(feeder, end or {})
 
     def discard(self, path: str, seq: int, why: str) -> None:
         """A bad chunk never reaches zfs receive: drop it so the coordinator moves it again."""
@@ -1686,24 +1696,58 @@ class ReceiverDaemon(Daemon):
         self.event("chunk-discarded", "chunk %d discarded: %s" % (seq, why))
         self.save(discarded=int(self.st.get("discarded", 0)) + 1)
 
-    def finish(self, stream: Any, seq: int, raw_total: int, end: Dict[str, Any]) -> None:
+    def finish(self, feeder: "Feeder", end: Dict[str, Any]) -> None:
         assert self.proc is not None and self.proc.stdin is not None
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        rc = self.proc.wait()
-        got = stream.hexdigest()
-        fields = dict(next_seq=seq, raw_bytes=raw_total, stream_hash=got, zfs_exit=rc,
-                      zfs_stderr=self.zfs_stderr())
-        if got != end.get("stream_hash") or raw_total != end.get("raw_bytes"):
+        with self.ending() as span:
+            try:
+                feeder.write(feeder.held)  # the stream's END record, after which zfs receive mounts
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            rc = self.proc.wait()
+        got = feeder.stream.hexdigest()
+        fields = dict(next_seq=feeder.seq, raw_bytes=feeder.raw_total, stream_hash=got, zfs_exit=rc,
+                      zfs_stderr=self.zfs_stderr(), **span)
+        if got != end.get("stream_hash") or feeder.raw_total != end.get("raw_bytes"):
             self.save_final(state="failed", code="stream-checksum",
                             reason="whole-stream checksum mismatch: received %s (%d bytes), sender had %s (%s bytes)"
-                            % (got, raw_total, end.get("stream_hash"), end.get("raw_bytes")), **fields)
+                            % (got, feeder.raw_total, end.get("stream_hash"), end.get("raw_bytes")), **fields)
         elif rc != 0:
             self.save_final(state="failed", reason="zfs receive exited with status %d" % rc, **fields)
         else:
             self.save_final(state="done", **fields)
+
+    @contextlib.contextmanager
+    def ending(self) -> Any:
+        """The end of zfs receive, from the stream's last bytes to its exit, one receive at a time on this
+        host when it mounts (no ``-u``): an exclusive flock on ``.mount.lock`` under the spool base, which
+        every receiving agent of every coordinator shares. Yields the fields that record it (the span, in
+        wall-clock seconds, and the wait before it). A lock not had in ``MOUNT_LOCK_WAIT`` seconds (a
+        receive hung in its mount holds it) is gone without, and said in the log."""
+        if not self.guarded:
+            yield {}
+            return
+        import fcntl
+
+        asked = time.time()
+        fd = open_nofollow(os.path.join(os.path.dirname(self.sess.path), ".mount.lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    if time.time() - asked > MOUNT_LOCK_WAIT:
+                        log("the mount lock was not free for %ds: ending zfs receive without it"
+                            % MOUNT_LOCK_WAIT)
+                        break
+                    time.sleep(0.005)
+            span: Dict[str, Any] = {}
+            start = time.time()
+            yield span
+            span.update(mount_lock_wait=round(start - asked, 6), mount_end=[start, time.time()])
+        finally:
+            os.close(fd)  # and with it the lock
 
     def finish_failed(self, stream: Any, seq: int, raw_total: int, why: str) -> None:
         assert self.proc is not None
@@ -1733,6 +1777,10 @@ class Feeder:
         self.stream = new_hasher(daemon.sess.hash_alg)
         self.seq, self.raw_total = 0, 0
         self.stored_total = 0  # chunk file bytes fed (what crossed the link for them)
+        # The stream's last bytes seen so far, held back from zfs receive while it mounts as it ends
+        # (``ReceiverDaemon.ending``): whatever chunk is the last, its END record is in them.
+        self.tail = HELD_TAIL if daemon.guarded else 0
+        self.held = b""
         self.failed = False
         self.thread = threading.Thread(target=self._run, name="zfs-receive-feeder", daemon=True)
 
@@ -1756,6 +1804,26 @@ class Feeder:
         self.put(None)
         self.thread.join()
 
+    def hold_back(self, piece: bytes) -> Any:
+        """What of ``piece`` may go to zfs receive now: all but the stream's last ``tail`` bytes so far."""
+        if not self.tail:
+            return piece
+        if len(piece) >= self.tail:
+            out = [self.held, memoryview(piece)[:-self.tail]]
+            self.held = piece[-self.tail:]
+            return out
+        joined = self.held + piece
+        self.held = joined[-self.tail:]
+        return [joined[:-self.tail]]
+
+    def write(self, data: Any) -> None:
+        """Bytes (or a list of them) into zfs receive, and into the stream's checksum."""
+        assert self.daemon.proc is not None and self.daemon.proc.stdin is not None
+        for piece in data if isinstance(data, list) else [data]:
+            if piece:
+                self.stream.update(piece)
+                self.daemon.proc.stdin.write(piece)
+
     def _run(self) -> None:
         d = self.daemon
         assert d.proc is not None and d.proc.stdin is not None
@@ -1769,8 +1837,7 @@ class Feeder:
                     size = os.fstat(f.fileno()).st_size
                     f.seek(CHUNK_HEADER_SIZE)
                     for piece in raw_pieces(hdr, f):
-                        d.proc.stdin.write(piece)
-                        self.stream.update(piece)
+                        self.write(self.hold_back(piece))
                     d.proc.stdin.flush()
                 self.seq, self.raw_total, self.stored_total = seq + 1, self.raw_total + hdr.raw_len, \
                     self.stored_total + size
@@ -2439,7 +2506,7 @@ def cmd_sessions(args: List[str]) -> Dict[str, Any]:
     base = args[0]
     out = []
     try:
-        names = sorted(n for n in os.listdir(base) if n != PROGRAM_DIR)
+        names = sorted(n for n in os.listdir(base) if not n.startswith("."))  # the program, the mount lock
     except FileNotFoundError:
         names = []
     for name in names:
