@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 
@@ -28,3 +29,16 @@ async def quietly(step: Awaitable[Any], timeout: float = 5.0) -> None:
         await asyncio.wait_for(step, timeout)
     except (Exception, asyncio.TimeoutError):
         pass
+
+
+def backoff(first: float, most: float, jitter: float = 1.0) -> Callable[[Any], float]:
+    """A tenacity ``wait``: ``first`` x 2^(n-1) seconds before the n-th retry plus up to ``jitter`` at random,
+    at most ``most``. What ``wait_exponential_jitter(initial=first, ...)`` does, whose first argument is
+    ``initial`` in tenacity 8.2 (no ``multiplier``) and deprecated for ``multiplier`` in 9."""
+    def wait(retry_state: Any) -> float:
+        try:
+            exp = first * 2 ** (retry_state.attempt_number - 1)
+        except OverflowError:
+            exp = most
+        return max(0.0, min(exp + random.uniform(0, jitter), most))
+    return wait

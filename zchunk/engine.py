@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from .aio import quietly
+from .aio import backoff, quietly
 from .channels import AgentSide, ChannelSet, close_early, early_key
 from .client import AgentClient, AgentStatus, HostAgent, ReceiverClient, SenderClient
 from .errors import (
@@ -185,7 +185,7 @@ class Transfer:
                       outage=round(time.monotonic() - since, 1), reason=str(exc) if exc else "")
 
         return AsyncRetrying(retry=retry_if_exception_type(LinkDown),
-                             wait=wait_exponential_jitter(initial=0.25, max=self.opts.max_backoff, jitter=1),
+                             wait=backoff(0.25, self.opts.max_backoff),
                              stop=stop, before_sleep=before_sleep, reraise=True)
 
     async def _with_retries(self, host_hint: str, fn: Callable[[], Any]) -> Any:

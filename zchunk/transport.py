@@ -25,8 +25,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
+from .aio import backoff
 from .endpoint import Endpoint
 from .errors import AuthError, CommandHung, HostKeyError, HostUnreachable, UsageError
 
@@ -507,7 +508,7 @@ class SshHost(Host):
         if self.patience <= 0:
             return await self._run_once(argv, stdin, timeout)
         retrying = AsyncRetrying(retry=retry_if_exception_type(LinkDown), reraise=True,
-                                 wait=wait_exponential_jitter(initial=0.25, max=5, jitter=1),
+                                 wait=backoff(0.25, 5),
                                  stop=stop_after_delay(self.patience))
         try:
             async for attempt in retrying:
@@ -699,7 +700,7 @@ async def first_contact(host: Host, patience: float = 0.0, connect_patience: flo
     if not isinstance(host, SshHost):
         return
     retrying = AsyncRetrying(retry=retry_if_exception_type(LinkDown), reraise=True,
-                             wait=wait_exponential_jitter(initial=0.25, max=5, jitter=1),
+                             wait=backoff(0.25, 5),
                              stop=stop_after_delay(max(0.0, min(connect_patience, patience or connect_patience))))
     try:
         async for attempt in retrying:
