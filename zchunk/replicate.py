@@ -497,19 +497,14 @@ async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitte
         emit("note", host=dst.label, detail=f"this zfs has no `receive -u`: {len(later.noauto)} new "
              "replica(s) unmounted and set canmount=noauto, so they stay unchanged between syncs")
 
-    async def source() -> None:
-        if later.src_holds:
-            await said(src, _hold_all(src, tag, later.src_holds, emit))
-
-    async def target() -> None:
-        if later.dst_holds:
-            await said(dst, _hold_all(dst, tag, later.dst_holds, emit))
-
-    async def unmountable() -> None:  # beside the holds: canmount mounts nothing, the replicas are unmounted
-        if later.noauto:
-            await said(dst, noauto())
-
-    await all_of(source(), target(), unmountable())
+    steps = []  # at once: canmount mounts nothing (the replicas are unmounted), holds change no mount
+    if later.src_holds:
+        steps.append(said(src, _hold(src, tag, *later.src_holds, emit=emit)))
+    if later.dst_holds:
+        steps.append(said(dst, _hold(dst, tag, *later.dst_holds, emit=emit)))
+    if later.noauto:
+        steps.append(said(dst, noauto()))
+    await all_of(*steps)
 
 
 def _done(emit: Emitter, outcome: DatasetOutcome, seconds: float, done: int, total: int) -> None:
@@ -688,8 +683,8 @@ async def _seed_tree(src: Side, dst: Side, tree: Tree, run: Run, policy: Policy,
             await src.zfs.destroy(f"{name}@{short}")
     await _check_tree(src, dst, tree, short)
     tag = policy.tag
-    await _both(_hold_all(src, tag, [f"{s}@{short}" for s, _ in tree.members], emit),
-                _hold_all(dst, tag, [f"{t}@{short}" for _, t in tree.members], emit))
+    await _both(_hold(src, tag, *(f"{s}@{short}" for s, _ in tree.members), emit=emit),
+                _hold(dst, tag, *(f"{t}@{short}" for _, t in tree.members), emit=emit))
     await _prompt_for_keys(dst, target)
     return {s: DatasetOutcome(s, t, "sent", [result] if s == root else []) for s, t in tree.members}
 
@@ -705,12 +700,6 @@ async def _check_tree(src: Side, dst: Side, tree: Tree, short: str) -> None:
         if a is None or a != b:
             raise E.IntegrityError(reason=f"{t}@{short} did not arrive with the guid of {s}@{short} "
                                    f"({b} != {a}) after the -R stream")
-
-
-async def _hold_all(side: Side, tag: str, snapshots: list[str], emit: Emitter) -> None:
-    """Hold them all in one command, where this side has holds (the first use asks)."""
-    if await _has_holds(side, snapshots[0], emit):
-        await side.zfs.hold(tag, *snapshots)
 
 
 async def _prompt_for_keys(dst: Side, target: str) -> None:
@@ -815,8 +804,8 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         await _precreate(dst, dst_name, props if not dst.rep.features.receive_props else (), policy.identifier,
                          exists=seeding, emit=emit)
     if plan.common is not None and plan.target_common is not None:
-        await _hold(src, tag, plan.common.name, emit)
-        await _hold(dst, tag, plan.target_common.name, emit)
+        await _hold(src, tag, plan.common.name, emit=emit)
+        await _hold(dst, tag, plan.target_common.name, emit=emit)
     for step in plan.steps:
         force = ("-F",) if precreated and step.base is None else ()  # a full stream into the dataset made for it
         spec = StreamSpec(step, _recv_flags(dst) + force, props if dst.rep.features.receive_props else (),
@@ -1103,20 +1092,16 @@ async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, tag: 
         await dst.zfs.rollback(plan.rollback_to.name, destroy_newer=bool(plan.destroys))
 
 
-async def _has_holds(side: Side, snapshot: str, emit: Emitter) -> bool:
-    """Whether holds work on this side, asked of ``snapshot`` the first time (and said when they do not)."""
+async def _hold(side: Side, tag: str, *snapshots: str, emit: Emitter) -> None:
+    """Hold them in one command, where this side has holds: the first use asks, of the first of them (and
+    says when they do not work)."""
     if side.holds is None:
-        side.holds = await side.zfs.holds_supported(snapshot)
+        side.holds = await side.zfs.holds_supported(snapshots[0])
         if not side.holds:
             emit("note", host=side.label, detail="this zfs has no working holds: the base is not protected "
                  "against `zfs destroy`")
-    return bool(side.holds)
-
-
-async def _hold(side: Side, tag: str, snapshot: str, emit: Emitter) -> bool:
-    if await _has_holds(side, snapshot, emit):
-        await side.zfs.hold(tag, snapshot)
-    return bool(side.holds)
+    if side.holds:
+        await side.zfs.hold(tag, *snapshots)
 
 
 async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, newest: Snapshot,
@@ -1128,7 +1113,7 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
         later.src_holds.append(newest.name)
         later.dst_holds.append(dst_snap)
         return
-    await _both(_hold(src, tag, newest.name, Emitter(None)), _hold(dst, tag, dst_snap, Emitter(None)))
+    await _both(_hold(src, tag, newest.name, emit=Emitter(None)), _hold(dst, tag, dst_snap, emit=Emitter(None)))
     if plan.common is not None and plan.common.guid != newest.guid:
         # the old base, and any other snapshot still holding our tag (a run killed between the hold of
         # the new base and the release of the old one): always exactly one held, the newest common
