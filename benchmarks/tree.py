@@ -1,6 +1,7 @@
 """A whole tree in one run: ``zchunk sync -r`` against ``syncoid -r`` over trees of many small datasets.
 
     .venv/bin/python benchmarks/tree.py [--counts 10,50,200] [--runs 1] [--file 64K] [--jobs N]
+                                        [--zchunk-args '--direct-max 0']
 
 For each count N a tree ``SRC/tN`` of N datasets (the root and N-1 children, a few of them a level deeper,
 each with one file of ``--file`` bytes) is made on run.py's lab source pool (zfs-fuse, the namespaced WAN,
@@ -25,6 +26,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -95,6 +97,8 @@ def syncoid_key(b: bench.Bench) -> Path:
 
 #: The copy of zchunk/ the runs use (``main``), compiled as an installed zchunk is; None: the working tree's.
 CODE: Path | None = None
+#: More options for every zchunk run (``--zchunk-args``), e.g. ``--direct-max 0``: every stream in a session.
+EXTRA: list[str] = []
 
 
 def argv(tool: str, root: str, target: str, b: bench.Bench, work: Path, jobs: int | None) -> list[str]:
@@ -102,7 +106,7 @@ def argv(tool: str, root: str, target: str, b: bench.Bench, work: Path, jobs: in
         cli = [sys.executable, "-m", "zchunk"] if CODE else [str(VENV_BIN / "zchunk")]
         return cli + ["sync", "-r", root, f"dst:{target}", "--ssh-config",
                 str(b.far.ssh_config), "--json", "--identifier", "bench", "--spool-dir", str(work / "spool"),
-                "--state-dir", str(work / "state")] + (["--jobs", str(jobs)] if jobs else [])
+                "--state-dir", str(work / "state")] + (["--jobs", str(jobs)] if jobs else []) + EXTRA
     return ["syncoid", "-r", "--sshkey", str(b.syncoid_key), "--sshport", "22",
             f"--sshoption=UserKnownHostsFile={b.far.known_hosts}", "--sshoption=StrictHostKeyChecking=yes",
             "--sshoption=BatchMode=yes", root, f"root@{b.far.addr}:{target}"]
@@ -204,6 +208,7 @@ def main() -> int:
     ap.add_argument("--file", default="64K", help="bytes written per dataset, and per changed dataset [64K]")
     ap.add_argument("--tools", default="zchunk,syncoid", help="of zchunk, syncoid, pipe [zchunk,syncoid]")
     ap.add_argument("--jobs", type=int, help="zchunk --jobs (default: zchunk's own), pipe's (default 4)")
+    ap.add_argument("--zchunk-args", default="", help="more options for every zchunk run, e.g. '--direct-max 0'")
     ap.add_argument("--out", default=str(HERE / "tree.json"))
     ap.add_argument("--report-only", action="store_true", help="the table and plot again from --out")
     args = ap.parse_args()
@@ -218,11 +223,12 @@ def main() -> int:
     # zchunk runs from a copy of zchunk/ taken now and compiled, as run.py's do: edits made meanwhile do not
     # reach it, and no run compiles the coordinator's modules anew (as one would under PYTHONDONTWRITEBYTECODE
     # or with sources newer than their .pyc: 0.07 s a run here, which an installed zchunk never pays)
-    global CODE
+    global CODE, EXTRA
+    EXTRA = shlex.split(args.zchunk_args)
     code = bench.snapshot_code(b.work / "code")
     CODE = b.work / "code"
     report: dict[str, Any] = {"command": " ".join([".venv/bin/python", "benchmarks/tree.py", *sys.argv[1:]]),
-                              "file": args.file, "zchunk_commit": commit(), "zchunk_code": code,
+                              "file": args.file, "zchunk_args": EXTRA, "zchunk_commit": commit(), "zchunk_code": code,
                               "runs": []}
     failed = 0
     with b.lab():
