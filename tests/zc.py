@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zchunk import agent
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -99,7 +101,7 @@ class Zchunk:
         run, see docs/protocol.md ``program``) and the receives' mount lock (``.mount.lock``)."""
         if not self.spool_dir.exists():
             return []
-        return sorted(p for p in self.spool_dir.iterdir() if p.name not in (".agent", ".mount.lock"))
+        return sorted(p for p in self.spool_dir.iterdir() if p.name not in (agent.PROGRAM_DIR, agent.MOUNT_LOCK))
 
     def agent_state(self, role: str) -> dict[str, Any] | None:
         for d in self.session_dirs():

@@ -847,7 +847,7 @@ class Session:
         return os.path.join(self.path, name)
 
     def sibling(self, name: str) -> str:
-        """Another session directory under the same base (fan-out's group and members)."""
+        """Another name under the same base: a fan-out group or member, the mount lock."""
         return os.path.join(os.path.dirname(self.path), name)
 
     def released_upto(self) -> int:
@@ -1730,7 +1730,7 @@ class ReceiverDaemon(Daemon):
         import fcntl
 
         asked = time.time()
-        fd = open_nofollow(os.path.join(os.path.dirname(self.sess.path), ".mount.lock"), os.O_RDWR | os.O_CREAT)
+        fd = open_nofollow(self.sess.sibling(MOUNT_LOCK), os.O_RDWR | os.O_CREAT)
         try:
             while True:
                 try:
@@ -1804,10 +1804,10 @@ class Feeder:
         self.put(None)
         self.thread.join()
 
-    def hold_back(self, piece: bytes) -> Any:
+    def hold_back(self, piece: bytes) -> List[Any]:
         """What of ``piece`` may go to zfs receive now: all but the stream's last ``tail`` bytes so far."""
         if not self.tail:
-            return piece
+            return [piece]
         if len(piece) >= self.tail:
             out = [self.held, memoryview(piece)[:-self.tail]]
             self.held = piece[-self.tail:]
@@ -1816,10 +1816,10 @@ class Feeder:
         self.held = joined[-self.tail:]
         return [joined[:-self.tail]]
 
-    def write(self, data: Any) -> None:
-        """Bytes (or a list of them) into zfs receive, and into the stream's checksum."""
+    def write(self, *pieces: Any) -> None:
+        """Into zfs receive, and into the stream's checksum."""
         assert self.daemon.proc is not None and self.daemon.proc.stdin is not None
-        for piece in data if isinstance(data, list) else [data]:
+        for piece in pieces:
             if piece:
                 self.stream.update(piece)
                 self.daemon.proc.stdin.write(piece)
@@ -1837,7 +1837,7 @@ class Feeder:
                     size = os.fstat(f.fileno()).st_size
                     f.seek(CHUNK_HEADER_SIZE)
                     for piece in raw_pieces(hdr, f):
-                        self.write(self.hold_back(piece))
+                        self.write(*self.hold_back(piece))
                     d.proc.stdin.flush()
                 self.seq, self.raw_total, self.stored_total = seq + 1, self.raw_total + hdr.raw_len, \
                     self.stored_total + size
@@ -2454,6 +2454,7 @@ def wait_for_install(path: str) -> bool:
 
 
 PROGRAM_DIR = ".agent"  # under the spool base: the agent program, compiled, for every session of a run
+MOUNT_LOCK = ".mount.lock"  # under the spool base: the ends of receives that mount (``ReceiverDaemon.ending``)
 PROGRAM_KEEP = 7 * 86400.0  # other versions' programs go after this long unused
 
 
