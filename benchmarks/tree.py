@@ -99,6 +99,7 @@ def syncoid_key(b: bench.Bench) -> Path:
 CODE: Path | None = None
 #: More options for every zchunk run (``--zchunk-args``), e.g. ``--direct-max 0``: every stream in a session.
 EXTRA: list[str] = []
+TRACE = False  # --trace
 
 
 def argv(tool: str, root: str, target: str, b: bench.Bench, work: Path, jobs: int | None) -> list[str]:
@@ -185,6 +186,8 @@ def commit() -> str:
 def one_run(tool: str, kind: str, count: int, root: str, target: str, b: bench.Bench, work: Path,
             jobs: int | None, names: list[str]) -> dict[str, Any]:
     env = {**os.environ, "PATH": bench.PATH, "LC_ALL": "C", **({"PYTHONPATH": str(CODE)} if CODE else {})}
+    if TRACE and tool == "zchunk":  # trace.py's timeline, into the run's .err file
+        env.update(ZCHUNK_TRACE="1", PYTHONPATH=os.pathsep.join([str(HERE / "tracing"), env.get("PYTHONPATH", "")]))
     work.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     if tool == "pipe":
@@ -209,6 +212,8 @@ def main() -> int:
     ap.add_argument("--tools", default="zchunk,syncoid", help="of zchunk, syncoid, pipe [zchunk,syncoid]")
     ap.add_argument("--jobs", type=int, help="zchunk --jobs (default: zchunk's own), pipe's (default 4)")
     ap.add_argument("--zchunk-args", default="", help="more options for every zchunk run, e.g. '--direct-max 0'")
+    ap.add_argument("--trace", action="store_true",
+                    help="each zchunk run's timeline (benchmarks/tracing) in its .err file under benchmarks/out/tree")
     ap.add_argument("--out", default=str(HERE / "tree.json"))
     ap.add_argument("--report-only", action="store_true", help="the table and plot again from --out")
     args = ap.parse_args()
@@ -223,8 +228,8 @@ def main() -> int:
     # zchunk runs from a copy of zchunk/ taken now and compiled, as run.py's do: edits made meanwhile do not
     # reach it, and no run compiles the coordinator's modules anew (as one would under PYTHONDONTWRITEBYTECODE
     # or with sources newer than their .pyc: 0.07 s a run here, which an installed zchunk never pays)
-    global CODE, EXTRA
-    EXTRA = shlex.split(args.zchunk_args)
+    global CODE, EXTRA, TRACE
+    EXTRA, TRACE = shlex.split(args.zchunk_args), args.trace
     code = bench.snapshot_code(b.work / "code")
     CODE = b.work / "code"
     report: dict[str, Any] = {"command": " ".join([".venv/bin/python", "benchmarks/tree.py", *sys.argv[1:]]),

@@ -355,6 +355,7 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
     dst = f"{dst_pool.name}/tr"
     members = ["", "/a", "/a/deep", "/b"]
     for turn in range(3):
+        had = [child for child in members if own(root + child, "tr")]  # an old base, pruned by this run
         run = zc.run("sync", "-r", root, dst, "--identifier", "tr", "--jobs", "3")
         assert run.returncode == 0, run.explain()
         newest = {child: own(root + child, "tr")[-1] for child in members}
@@ -366,8 +367,10 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
         assert [e["snapshot"] for e in taken] == [f"{root}@{short}"] and taken[0]["datasets"] >= 4
         for child in members:
             assert_replica(root + child, dst + child, short)
-            # held on both sides (a new replica's first hold comes at the run's end, with the others')
+            # held on both sides (every new base's hold comes at the run's end, with the others'), and only it:
+            # the old base let go and pruned there too (keep 1), on both sides
             assert (userrefs(f"{root + child}@{short}"), userrefs(f"{dst + child}@{short}")) == (1, 1), child
+            assert own(root + child, "tr") == own(dst + child, "tr") == [short], child
             if tier == "zfs-fuse":  # no receive -u: kept from mounting (also set at the run's end)
                 assert zfs("get", "-H", "-o", "value", "canmount", dst + child).strip() == "noauto", child
         done = {e["source"]: e["status"] for e in run.of("dataset_done")}
@@ -384,6 +387,9 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
             assert any("no longer on the source" in e["detail"] and f"{dst}/gone" in e["detail"]
                        for e in run.of("note")), run.kinds()
             assert exists(f"{dst}/gone")
+            assert userrefs(f"{root}@s1") == 0, "the hold of ours a killed run left is let go at the run's end"
+            assert len(run.of("pruned")) == 2 * len(had), run.of("pruned")  # each one's old base, on both sides
+        zfs("hold", "zchunk_tr", f"{root}@s1")  # as a run killed between a hold and its release would leave it
         for child, seed in (("", 90), ("/a", 91), ("/a/deep", 92)) if turn == 0 else (("/b", 93), ("/a/deep", 94)):
             lab.write_dataset(mountpoint(root + child) / f"more{turn}", 64 << 10, seed=seed + 10 * turn)
         members = ["", "/a", "/a/deep", "/b", "/c"]

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,15 +334,39 @@ async def _prune_fanout_source(src: Side, dataset: str, identifier: str, keep: R
 
 @dataclass
 class Later:
-    """What a tree run does for all its datasets at once at its end, one command per side instead of one per
-    dataset: the hold of a replica's first base (a first stream: no older hold to move, so nothing is let go
-    before it), and on a zfs without ``receive -u`` a new replica's ``canmount=noauto`` (it is unmounted at
-    once, before its children arrive). A run stopped before the end leaves them to the next run, which holds
-    the common snapshot before its stream."""
+    """What a tree run does for all its datasets at once at its end, a few commands per side instead of
+    several per dataset: the hold of each dataset's new base on both sides, and then (an incremental run)
+    the release of the old ones; the retention's prunes; and on a zfs without ``receive -u`` a new replica's
+    ``canmount=noauto`` (it is unmounted at once, before its children arrive). A run stopped before the end
+    leaves them to the next run, which holds the common snapshot before its stream, lets the other holds of
+    ours go and prunes what its retention does not keep."""
 
     src_holds: list[str] = field(default_factory=list)
     dst_holds: list[str] = field(default_factory=list)
     noauto: list[str] = field(default_factory=list)
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (source, target) new bases, old ones let go
+    src_prunes: list[tuple[Snapshot, Emitter]] = field(default_factory=list)  # each with its dataset's emitter
+    dst_prunes: list[TargetPrunes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TargetPrunes:
+    """A replica's prunes, for the run's end: ``forecast`` as planned, or (``listed``) what its retention
+    says of the snapshots the target really holds then, keeping ``keep`` (the new base's guid)."""
+
+    dataset: str
+    forecast: tuple[Snapshot, ...]
+    listed: bool
+    keep: frozenset[int]
+    identifier: str
+    retention: Retention
+    emit: Emitter
+
+    def prunes(self, tree: dict[str, Dataset]) -> list[Snapshot]:
+        there = tree.get(self.dataset)
+        if not self.listed or there is None:
+            return list(self.forecast)
+        return prune_list(there.snapshots, self.identifier, self.retention, set(self.keep))
 
 
 @dataclass
@@ -479,13 +503,15 @@ async def _in_parallel(src: Side, dst: Side, pairs: list[tuple[str, str]], polic
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     if run.later is not None:
-        await _at_the_end(src, dst, run.later, policy.tag, emit)
+        await _at_the_end(src, dst, run.later, policy.tag, run.jobs, emit)
     return [outcomes[s] for s, _ in pairs]
 
 
-async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitter) -> None:
+async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, jobs: int, emit: Emitter) -> None:
     """The run's ``Later``: every replica is there, so a refusal here fails no dataset; it is said instead
-    (the next run holds its base before its stream, and a replica left mountable may need --rollback)."""
+    (the next run holds its base before its stream, and a replica left mountable may need --rollback). On
+    each side: the new bases held, in one command; only then the old ones let go, in one command, and the
+    prunes destroyed. A side whose holds were refused lets nothing go and prunes nothing."""
     async def said(side: Side, step: Awaitable[None]) -> None:
         try:
             await step
@@ -497,12 +523,40 @@ async def _at_the_end(src: Side, dst: Side, later: Later, tag: str, emit: Emitte
         emit("note", host=dst.label, detail=f"this zfs has no `receive -u`: {len(later.noauto)} new "
              "replica(s) unmounted and set canmount=noauto, so they stay unchanged between syncs")
 
-    steps = []  # at once: canmount mounts nothing (the replicas are unmounted), holds change no mount
-    if later.src_holds:
-        steps.append(said(src, _hold(src, tag, *later.src_holds, emit=emit)))
-    if later.dst_holds:
-        steps.append(said(dst, _hold(dst, tag, *later.dst_holds, emit=emit)))
-    if later.noauto:
+    async def target_prunes() -> list[tuple[Snapshot, Emitter]]:
+        listed = any(p.listed for p in later.dst_prunes)  # what the target really holds now decides
+        tree = await dst.zfs.tree(dst.endpoint.dataset) if listed else {}
+        return [(s, p.emit) for p in later.dst_prunes for s in p.prunes(tree)]
+
+    async def source_prunes() -> list[tuple[Snapshot, Emitter]]:
+        return later.src_prunes
+
+    async def settle(side: Side, holds: list[str], moved: list[str],
+                     prunes: Callable[[], Awaitable[list[tuple[Snapshot, Emitter]]]]) -> None:
+        if holds:
+            await _hold(side, tag, *holds, emit=emit)
+        gone = await prunes()
+        if side.holds and (moved or gone):  # ours let go: the old bases (any left by a killed run too), the prunes
+            keep, moved_from = set(holds), {m.split("@", 1)[0] for m in moved}
+            names = {s.name for s, _ in gone}
+            await side.zfs.release(tag, *(h for h in await side.zfs.held_snapshots(side.endpoint.dataset, tree=True)
+                                          if h not in keep and (h in names or h.split("@", 1)[0] in moved_from)))
+        gate = asyncio.Semaphore(jobs)
+
+        async def destroy(snap: Snapshot, its: Emitter) -> None:
+            async with gate:
+                try:
+                    await side.zfs.destroy(snap.name)
+                except E.ZchunkError as e:
+                    its("note", host=side.label, detail=f"at the end of the run, {snap.name} was not pruned: {e}")
+                    return
+            its("pruned", host=side.label, snapshot=snap.name)
+
+        await all_of(*(destroy(s, its) for s, its in gone))
+
+    steps = [said(src, settle(src, later.src_holds, [s for s, _ in later.moved], source_prunes)),
+             said(dst, settle(dst, later.dst_holds, [d for _, d in later.moved], target_prunes))]
+    if later.noauto:  # at once: canmount mounts nothing (the replicas are unmounted), holds change no mount
         steps.append(said(dst, noauto()))
     await all_of(*steps)
 
@@ -804,8 +858,7 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
         await _precreate(dst, dst_name, props if not dst.rep.features.receive_props else (), policy.identifier,
                          exists=seeding, emit=emit)
     if plan.common is not None and plan.target_common is not None:
-        await _hold(src, tag, plan.common.name, emit=emit)
-        await _hold(dst, tag, plan.target_common.name, emit=emit)
+        await _both(_hold(src, tag, plan.common.name, emit=emit), _hold(dst, tag, plan.target_common.name, emit=emit))
     for step in plan.steps:
         force = ("-F",) if precreated and step.base is None else ()  # a full stream into the dataset made for it
         spec = StreamSpec(step, _recv_flags(dst) + force, props if dst.rep.features.receive_props else (),
@@ -833,16 +886,20 @@ async def _one_attempt(src: Side, dst: Side, src_name: str, dst_name: str, polic
     ours = any(is_own_sync_snapshot(s.short, policy.identifier)
                for s in src_ds.snapshots + (dst_ds.snapshots if dst_ds is not None else ()))
 
-    async def prune_target() -> None:
-        prunes = dst_prunes
-        only = dst_ds is None and len(plan.steps) == 1  # a new replica: one snapshot, the newest, kept
-        if plan.steps and ours and not only:  # what the target really holds now decides, not the forecast
-            after = await dst.zfs.require(dst_name)
-            prunes = prune_list(after.snapshots, policy.identifier, ropts.keep_target,
-                                {newest.guid} if newest is not None else set())
-        await _prune(dst, prunes, tag, emit)
+    only = dst_ds is None and len(plan.steps) == 1  # a new replica: one snapshot, the newest, kept
+    target_prunes = TargetPrunes(dst_name, tuple(dst_prunes), bool(plan.steps) and ours and not only,
+                                 frozenset({newest.guid} if newest is not None else ()), policy.identifier,
+                                 ropts.keep_target, emit)
+    if run.later is not None:  # a tree run: at its end, with every dataset's
+        run.later.src_prunes += [(s, emit) for s in src_prunes]
+        run.later.dst_prunes.append(target_prunes)
+    else:
+        async def prune_target() -> None:
+            # what the target really holds now decides, not the forecast
+            tree = {dst_name: await dst.zfs.require(dst_name)} if target_prunes.listed else {}
+            await _prune(dst, target_prunes.prunes(tree), tag, emit)
 
-    await _both(_prune(src, src_prunes, tag, emit), prune_target())  # the new base is held on both by now
+        await _both(_prune(src, src_prunes, tag, emit), prune_target())  # the new base is held on both by now
     if plan.up_to_date:
         emit("up_to_date", detail=f"{_label(dst, dst_name)} already has "
              f"{newest.short if newest else 'everything'}: nothing to send")
@@ -1082,13 +1139,13 @@ async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, tag: 
     if plan.destroy_target:
         emit("destroying", target=_label(dst, dst_name), reason="--force-delete and no common snapshot")
         if dst.rep.features.holds:
-            await asyncio.gather(*(dst.zfs.release(tag, s) for s in await dst.zfs.held_snapshots(dst_name)))
+            await dst.zfs.release(tag, *await dst.zfs.held_snapshots(dst_name))
         await dst.zfs.destroy(dst_name, "-r")
     elif plan.rollback_to is not None:
         emit("rolling_back", target=_label(dst, dst_name), to=plan.rollback_to.name, destroys=list(plan.destroys))
         if dst.rep.features.holds and plan.destroys:
             held = set(await dst.zfs.held_snapshots(dst_name))
-            await asyncio.gather(*(dst.zfs.release(tag, s) for s in plan.destroys if s in held))
+            await dst.zfs.release(tag, *(s for s in plan.destroys if s in held))
         await dst.zfs.rollback(plan.rollback_to.name, destroy_newer=bool(plan.destroys))
 
 
@@ -1109,9 +1166,11 @@ async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, new
     """Hold the new common snapshot on both sides, then release the old base: always one held. A first base
     of a tree run (no old one) is held at the run's end, with the others'."""
     dst_snap = f"{dst_name}@{newest.short}"
-    if later is not None and plan.common is None:
+    if later is not None:
         later.src_holds.append(newest.name)
         later.dst_holds.append(dst_snap)
+        if plan.common is not None and plan.common.guid != newest.guid:
+            later.moved.append((newest.name, dst_snap))
         return
     await _both(_hold(src, tag, newest.name, emit=Emitter(None)), _hold(dst, tag, dst_snap, emit=Emitter(None)))
     if plan.common is not None and plan.common.guid != newest.guid:
@@ -1131,11 +1190,8 @@ async def _release_seed(src: Side, src_ds: Dataset, dst_ds: Dataset | None) -> N
 
 
 async def _release_others(side: Side, tag: str, keep: str) -> None:
-    if not side.holds:
-        return
-    for snapshot in await side.zfs.held_snapshots(keep.split("@", 1)[0]):
-        if snapshot != keep:
-            await side.zfs.release(tag, snapshot)  # not ours: zfs release says so, and nothing changes
+    if side.holds:  # another's hold is not let go: zfs release says so, and nothing changes
+        await side.zfs.release(tag, *(s for s in await side.zfs.held_snapshots(keep.split("@", 1)[0]) if s != keep))
 
 
 async def _fresh_name(identifier: str, hostname: str, existing: tuple[Snapshot, ...]) -> str:

@@ -478,10 +478,11 @@ class Zfs:
             return refs.isdigit()
         return (await self.run("holds", "-H", snapshot, check=False)).status == 0
 
-    async def held_snapshots(self, dataset: str) -> list[str]:
-        """The snapshots of ``dataset`` that carry any hold (``userrefs`` > 0): where a hold of ours may be
-        left, found without ``zfs holds``."""
-        res = await self.run("list", "-H", "-t", "snapshot", "-d", "1", "-o", "name,userrefs", dataset, check=False)
+    async def held_snapshots(self, dataset: str, tree: bool = False) -> list[str]:
+        """The snapshots of ``dataset`` (with ``tree``: and of every dataset below it) that carry any hold
+        (``userrefs`` > 0): where a hold of ours may be left, found without ``zfs holds``."""
+        res = await self.run("list", "-H", "-t", "snapshot", *(["-r"] if tree else ["-d", "1"]),
+                             "-o", "name,userrefs", dataset, check=False)
         if res.status != 0:
             return []
         rows = [line.split("\t") for line in res.stdout.decode().splitlines()]
@@ -497,8 +498,11 @@ class Zfs:
                 raise CommandFailed(host=self.host.name, command=f"zfs hold {tag} {' '.join(names)}",
                                     status=res.status, stderr="\n".join(refused))
 
-    async def release(self, tag: str, snapshot: str) -> None:
-        await self.run("release", tag, snapshot, check=False)  # no such tag: nothing to release
+    async def release(self, tag: str, *snapshots: str) -> None:
+        """Let ``tag`` go from every one, in as few commands as fit (zfs releases each name on its own: one
+        without the tag, said and ignored, leaves the others released)."""
+        for names in _batches(snapshots):
+            await self.run("release", tag, *names, check=False)  # no such tag: nothing to release
 
     async def destroy(self, name: str, *flags: str, busy_retry: float = 30.0) -> None:
         """``zfs destroy``; zfs-fuse answers "dataset is busy" just after a receive: retry a while."""
@@ -524,7 +528,9 @@ class Zfs:
         deadline = time.monotonic() + busy_retry
         while True:
             res = await self.run("unmount", name, check=False, dataset=name, action="unmount")
-            if res.status == 0 or await self.prop(name, "mounted") != "yes":
+            if res.status == 0 or "not currently mounted" in res.err_text:  # both zfs say so, in these words
+                return
+            if await self.prop(name, "mounted") != "yes":
                 return
             if time.monotonic() > deadline:
                 raise CommandFailed(host=self.host.name, command=f"zfs unmount {name}", status=res.status,
