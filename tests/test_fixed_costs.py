@@ -11,7 +11,8 @@ the slower way did, against the real agent program, real sockets and a real sshd
 - polls come quicker only at the two ends of a stream (tests/test_scheduler.py);
 - the SSH socket acknowledges at once what arrives (TCP_QUICKACK);
 - asyncssh's liboqs lookup at import asks ld.so's cache only, and the lookup is put back;
-- the local agent's one-shot commands import the coordinator's copy of the agent.
+- the local agent's one-shot commands import the coordinator's copy of the agent;
+- the first hold of a run asks nothing first: only a refused one asks whether holds work at all.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from zchunk import errors as E
 from zchunk.client import LOCAL_BOOTSTRAP, HostAgent
 from zchunk.events import Emitter
 from zchunk.protocol import InProcessChannel
+from zchunk.replicate import Side, _hold
 from zchunk.session import SessionRecord
 from zchunk.stream import SyncOptions, _remove_dirs
 from zchunk.transport import CommandResult, Host, LocalHost, _acking_promptly, _in_ld_cache
+from zchunk.zfs import Zfs
 
 AGENT_SOURCE = Path(agent.__file__).read_bytes()
 MiB = 1 << 20
@@ -354,3 +357,61 @@ def test_the_local_bootstrap_imports_the_coordinators_agent_from_anywhere(tmp_pa
     assert p.returncode == 0, p.stderr.decode()
     path = Path(json.loads(p.stdout.decode().splitlines()[-1])["path"])
     assert (path / "agent.py").read_bytes() == AGENT_SOURCE, "install writes the source it was given"
+
+
+# -- holds: no question before the first ---------------------------------------------------------
+
+
+class ScriptedZfs(Host):
+    """A host whose zfs answers ``hold`` with ``hold``, ``get userrefs`` with ``userrefs`` and refuses
+    ``holds`` (pure logic: what is asked, and in what order)."""
+
+    name = "far"
+
+    def __init__(self, hold: CommandResult, userrefs: str) -> None:
+        self.asked: list[list[str]] = []
+        self.hold, self.userrefs = hold, userrefs
+
+    async def run(self, argv: list[str], stdin: bytes | None = None,
+                  timeout: float | None = 120.0) -> CommandResult:
+        self.asked.append(argv)
+        if argv[1] == "hold":
+            return self.hold
+        if argv[1] == "holds":
+            return CommandResult(1, b"", b"unrecognized command 'holds'")
+        return CommandResult(0, f"{self.userrefs}\n".encode(), b"")
+
+
+def holding(host: ScriptedZfs, times: int) -> tuple[Side, list[Any], BaseException | None]:
+    side = Side(None, host, None, Zfs(host))  # type: ignore[arg-type]
+    events: list[Any] = []
+    emit = Emitter(lambda kind, fields: events.append((kind, fields)))
+    try:
+        for _ in range(times):
+            asyncio.run(_hold(side, "zchunk_t", "p/a@s", "p/b@s", emit=emit))
+    except E.CommandFailed as e:
+        return side, events, e
+    return side, events, None
+
+
+def test_the_first_hold_asks_nothing_before_where_holds_work() -> None:
+    host = ScriptedZfs(CommandResult(0, b"", b""), "0")
+    side, events, failed = holding(host, 2)
+    assert failed is None and side.holds is True and not events
+    assert host.asked == [["zfs", "hold", "zchunk_t", "p/a@s", "p/b@s"]] * 2
+
+
+def test_a_zfs_whose_holds_do_not_work_is_asked_once_said_once_and_never_held_again() -> None:
+    host = ScriptedZfs(CommandResult(1, b"", b"cannot hold snapshot 'p/a@s': pool must be upgraded"), "-")
+    side, events, failed = holding(host, 3)
+    assert failed is None and side.holds is False
+    assert [argv[1] for argv in host.asked] == ["hold", "get", "holds"], host.asked
+    assert [f["detail"] for k, f in events if k == "note"] == [
+        "this zfs has no working holds: the base is not protected against `zfs destroy`"], events
+
+
+def test_a_refused_hold_where_holds_work_is_a_failure() -> None:
+    host = ScriptedZfs(CommandResult(1, b"", b"cannot hold snapshot 'p/b@s': dataset does not exist"), "0")
+    side, events, failed = holding(host, 1)
+    assert isinstance(failed, E.CommandFailed) and "does not exist" in str(failed)
+    assert side.holds is None and not events

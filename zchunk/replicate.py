@@ -1150,15 +1150,21 @@ async def _prepare_target(dst: Side, dst_name: str, plan: ReplicationPlan, tag: 
 
 
 async def _hold(side: Side, tag: str, *snapshots: str, emit: Emitter) -> None:
-    """Hold them in one command, where this side has holds: the first use asks, of the first of them (and
-    says when they do not work)."""
-    if side.holds is None:
-        side.holds = await side.zfs.holds_supported(snapshots[0])
-        if not side.holds:
+    """Hold them in one command, where this side has holds. Until the first hold worked, a refused one asks
+    whether holds work here at all, of the first of them (and says when they do not): no extra round trip
+    where they do."""
+    if side.holds is False:
+        return
+    try:
+        await side.zfs.hold(tag, *snapshots)
+    except E.CommandFailed:
+        if side.holds is None and not await side.zfs.holds_supported(snapshots[0]):
+            side.holds = False
             emit("note", host=side.label, detail="this zfs has no working holds: the base is not protected "
                  "against `zfs destroy`")
-    if side.holds:
-        await side.zfs.hold(tag, *snapshots)
+            return
+        raise
+    side.holds = True
 
 
 async def _move_holds(src: Side, dst: Side, tag: str, plan: ReplicationPlan, newest: Snapshot,
