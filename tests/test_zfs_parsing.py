@@ -14,6 +14,7 @@ from zchunk.zfs import (
     Features,
     _batches,
     dataset_from_props,
+    datasets_from_props,
     parse_commands,
     parse_get_output,
     parse_usage_flags,
@@ -182,6 +183,17 @@ def test_dataset_from_props_orders_snapshots_by_createtxg() -> None:
     assert ds.newest is not None and ds.newest.name == "tank/data@a-late"
     assert ds.by_guid()[2**64 - 1].short == "my snap"
     assert ds.snapshots[1].referenced == 0  # "-" reads as 0, not a crash
+
+
+def test_written_comes_with_the_listing_where_it_is_asked() -> None:
+    """OpenZFS lists ``written`` with the tree (no ``zfs get written`` per dataset before its plan); where it
+    is not listed (zfs-fuse has no such property) the dataset says None, and the probe decides."""
+    assert dataset_from_props("tank/data", parse_get_output(GET_OUTPUT)).written is None  # type: ignore[union-attr]
+    listed = GET_OUTPUT + "tank/data\twritten\t12288\ntank/data@a-late\twritten\t4096\ntank/data/child\twritten\t0\n"
+    props = parse_get_output(listed)
+    assert dataset_from_props("tank/data", props).written == 12288  # type: ignore[union-attr]
+    tree = datasets_from_props(props)
+    assert (tree["tank/data"].written, tree["tank/data/child"].written) == (12288, 0)
 
 
 def test_dataset_from_props_volume_and_missing() -> None:

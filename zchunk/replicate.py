@@ -600,7 +600,7 @@ async def _side(ep: Endpoint, opts: SyncOptions) -> Side:
         await host.close()
         raise
     zfs = Zfs(host)
-    zfs.user = rep.user
+    zfs.user, zfs.written = rep.user, rep.features.openzfs
     return Side(ep, host, rep, zfs)
 
 
@@ -1013,6 +1013,8 @@ async def _target_changed(dst: Side, dst_ds: Dataset | None, dry_run: bool) -> b
     """Was the target written after its newest snapshot? None: no target, or this zfs cannot tell."""
     if dst_ds is None or dst_ds.newest is None:
         return None
+    if dst_ds.written is not None:  # listed with it
+        return dst_ds.written > 0
     return await dst.zfs.changed_since(dst_ds.name, dst_ds.newest.name, probe=not dry_run,
                                        written=dst.rep.features.openzfs)  # else one command fewer per dataset
 

@@ -48,6 +48,7 @@ class Dataset:
     referenced: int
     snapshots: tuple[Snapshot, ...] = ()  # oldest first (createtxg)
     locked: str = ""  # LOCK_PROPERTY (set here or inherited): who locked it against replication, when, why
+    written: int | None = None  # bytes written since its newest snapshot; None: not listed (``Zfs.written``)
 
     @property
     def newest(self) -> Snapshot | None:
@@ -208,7 +209,7 @@ def dataset_from_props(name: str, props: dict[str, dict[str, str]]) -> Dataset |
     ]
     snaps.sort(key=lambda s: s.createtxg)
     return Dataset(name, mine.get("type", "filesystem"), _int(mine.get("guid")),
-                   _int(mine.get("referenced")), tuple(snaps), _lock(mine))
+                   _int(mine.get("referenced")), tuple(snaps), _lock(mine), _written(mine))
 
 
 def datasets_from_props(props: dict[str, dict[str, str]]) -> dict[str, Dataset]:
@@ -218,8 +219,13 @@ def datasets_from_props(props: dict[str, dict[str, str]]) -> dict[str, Dataset]:
         if "@" in n:
             snaps.setdefault(n.split("@", 1)[0], []).append(_snapshot(n, p))
     return {n: Dataset(n, p.get("type", "filesystem"), _int(p.get("guid")), _int(p.get("referenced")),
-                       tuple(sorted(snaps.get(n, ()), key=lambda s: s.createtxg)), _lock(p))
+                       tuple(sorted(snaps.get(n, ()), key=lambda s: s.createtxg)), _lock(p), _written(p))
             for n, p in props.items() if "@" not in n and "#" not in n}
+
+
+def _written(props: dict[str, str]) -> int | None:
+    value = props.get("written")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _snapshot(name: str, p: dict[str, str]) -> Snapshot:
@@ -293,6 +299,11 @@ class Zfs:
     def __init__(self, host: Host, command: str = "zfs") -> None:
         self.host, self.command = host, command
         self.user = "USER"  # the remote login, for error hints; set once the host was probed
+        self.written = False  # a listing also reads ``written`` (OpenZFS; zfs-fuse refuses the whole list)
+
+    @property
+    def listed(self) -> str:
+        return f"{LISTED},written" if self.written else LISTED
 
     async def run(self, *args: str, check: bool = True, dataset: str = "", action: str = "") -> CommandResult:
         argv = [self.command, *args]
@@ -311,7 +322,7 @@ class Zfs:
     async def dataset(self, name: str) -> Dataset | None:
         """The dataset and its snapshots, or None when it does not exist."""
         res = await self.run("get", "-H", "-p", "-o", "name,property,value", "-d", "1",
-                             LISTED, name, check=False, dataset=name)
+                             self.listed, name, check=False, dataset=name)
         if res.status != 0:
             if "does not exist" in res.err_text or "no such" in res.err_text.lower():
                 return None
@@ -323,7 +334,7 @@ class Zfs:
         """``root`` and every dataset below it, with their snapshots, by name: one command for a whole tree.
         Empty when ``root`` does not exist."""
         res = await self.run("get", "-H", "-p", "-r", "-o", "name,property,value",
-                             LISTED, root, check=False, dataset=root)
+                             self.listed, root, check=False, dataset=root)
         if res.status != 0:
             if "does not exist" in res.err_text or "no such" in res.err_text.lower():
                 return {}
