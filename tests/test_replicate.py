@@ -389,6 +389,7 @@ def test_recursive_runs_repeat_over_a_three_level_tree(zc: Zchunk, pools: Any, t
             assert exists(f"{dst}/gone")
             assert userrefs(f"{root}@s1") == 0, "the hold of ours a killed run left is let go at the run's end"
             assert len(run.of("pruned")) == 2 * len(had), run.of("pruned")  # each one's old base, on both sides
+            assert all(e["dataset"] in {root + c for c in had} for e in run.of("pruned")), run.of("pruned")
         zfs("hold", "zchunk_tr", f"{root}@s1")  # as a run killed between a hold and its release would leave it
         for child, seed in (("", 90), ("/a", 91), ("/a/deep", 92)) if turn == 0 else (("/b", 93), ("/a/deep", 94)):
             lab.write_dataset(mountpoint(root + child) / f"more{turn}", 64 << 10, seed=seed + 10 * turn)

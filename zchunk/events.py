@@ -89,7 +89,9 @@ EVENTS = _kinds(
         "target": "target dataset", "snapshot": "the snapshot the token resumes"}),
     EventKind("resume_token_stale", "A resume token whose snapshot is gone: the partial receive is aborted.", {
         "target": "target dataset", "reason": "what zfs send -t said"}),
-    EventKind("pruned", "One of zchunk's own sync snapshots was destroyed.", {
+    EventKind("pruned", "One of zchunk's own sync snapshots was destroyed. With -r, every dataset's prunes come at "
+              "the end of the run, after all `dataset_done` events, and carry `dataset`; a prune that fails there "
+              "is a `note`.", {
         "host": _HOST, "snapshot": "its full name"}),
     EventKind("bookmark", "--create-bookmark: the newest common snapshot was bookmarked.", {
         "bookmark": "its full name"}),
