@@ -12,7 +12,8 @@ the slower way did, against the real agent program, real sockets and a real sshd
 - the SSH socket acknowledges at once what arrives (TCP_QUICKACK);
 - asyncssh's liboqs lookup at import asks ld.so's cache only, and the lookup is put back;
 - the local agent's one-shot commands import the coordinator's copy of the agent;
-- the first hold of a run asks nothing first: only a refused one asks whether holds work at all.
+- the first hold of a run asks nothing first: only a refused one asks whether holds work at all;
+- a tree run's end lets go of no old base on a side whose new bases were not held.
 """
 
 from __future__ import annotations
@@ -368,9 +369,9 @@ class ScriptedZfs(Host):
 
     name = "far"
 
-    def __init__(self, hold: CommandResult, userrefs: str) -> None:
+    def __init__(self, hold: CommandResult, userrefs: str, listing: str = "") -> None:
         self.asked: list[list[str]] = []
-        self.hold, self.userrefs = hold, userrefs
+        self.hold, self.userrefs, self.listing = hold, userrefs, listing
 
     async def run(self, argv: list[str], stdin: bytes | None = None,
                   timeout: float | None = 120.0) -> CommandResult:
@@ -379,6 +380,10 @@ class ScriptedZfs(Host):
             return self.hold
         if argv[1] == "holds":
             return CommandResult(1, b"", b"unrecognized command 'holds'")
+        if argv[1] == "list":  # zfs list -t snapshot -o name,userrefs
+            return CommandResult(0, self.listing.encode(), b"")
+        if argv[1] in ("release", "destroy"):
+            return CommandResult(0, b"", b"")
         return CommandResult(0, f"{self.userrefs}\n".encode(), b"")
 
 
@@ -415,3 +420,31 @@ def test_a_refused_hold_where_holds_work_is_a_failure() -> None:
     side, events, failed = holding(host, 1)
     assert isinstance(failed, E.CommandFailed) and "does not exist" in str(failed)
     assert side.holds is None and not events
+
+
+def test_a_tree_runs_end_lets_nothing_go_and_prunes_nothing_where_the_new_bases_were_not_held() -> None:
+    """Always one base held: on the side whose hold of the new bases is refused, the old ones keep ours and
+    nothing is pruned (said as a note); the other side holds, lets go (its leftover too) and prunes."""
+    from types import SimpleNamespace
+
+    from zchunk.replicate import Later, _at_the_end
+    from zchunk.zfs import Snapshot
+
+    src = ScriptedZfs(CommandResult(1, b"", b"cannot hold snapshot 'p/a@new': dataset is busy"), "0")
+    dst = ScriptedZfs(CommandResult(0, b"", b""), "0", listing="q/a@old\t1\nq/a@new\t1\nq/a@older\t1\n"
+                                                              "q/b@other\t1\n")
+    sides = [Side(SimpleNamespace(dataset=root), host, None, Zfs(host))  # type: ignore[arg-type]
+             for root, host in (("p", src), ("q", dst))]
+    events: list[Any] = []
+    emit = Emitter(lambda kind, fields: events.append((kind, fields)))
+    later = Later(src_holds=["p/a@new"], dst_holds=["q/a@new"], moved=[("p/a@new", "q/a@new")],
+                  src_prunes=[(Snapshot("p/a@old", 1, 1), emit)])
+    asyncio.run(_at_the_end(sides[0], sides[1], later, "zchunk_t", 2, emit))
+    assert [argv[1] for argv in src.asked] == ["hold", "get"], src.asked  # refused, holds work: nothing more
+    assert any(k == "note" and "at the end of the run" in f["detail"] and "busy" in f["detail"]
+               for k, f in events), events
+    assert [argv[1:] for argv in dst.asked] == [
+        ["hold", "zchunk_t", "q/a@new"],
+        ["list", "-H", "-t", "snapshot", "-r", "-o", "name,userrefs", "q"],
+        ["release", "zchunk_t", "q/a@old", "q/a@older"]], dst.asked  # not q/b's: its base did not move
+    assert not [f for k, f in events if k == "pruned"], events
