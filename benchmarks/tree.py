@@ -97,6 +97,9 @@ def syncoid_key(b: bench.Bench) -> Path:
 
 #: The copy of zchunk/ the runs use (``main``), compiled as an installed zchunk is; None: the working tree's.
 CODE: Path | None = None
+# Every zchunk run's spool directory is the lab's one (``work.parent``), as a host keeps its /var/tmp/zchunk
+# from run to run: the agent program the first run put there is imported by the later runs' probes.
+
 #: More options for every zchunk run (``--zchunk-args``), e.g. ``--direct-max 0``: every stream in a session.
 EXTRA: list[str] = []
 TRACE = False  # --trace
@@ -106,7 +109,7 @@ def argv(tool: str, root: str, target: str, b: bench.Bench, work: Path, jobs: in
     if tool == "zchunk":
         cli = [sys.executable, "-m", "zchunk"] if CODE else [str(VENV_BIN / "zchunk")]
         return cli + ["sync", "-r", root, f"dst:{target}", "--ssh-config",
-                str(b.far.ssh_config), "--json", "--identifier", "bench", "--spool-dir", str(work / "spool"),
+                str(b.far.ssh_config), "--json", "--identifier", "bench", "--spool-dir", str(work.parent / "spool"),
                 "--state-dir", str(work / "state")] + (["--jobs", str(jobs)] if jobs else []) + EXTRA
     return ["syncoid", "-r", "--sshkey", str(b.syncoid_key), "--sshport", "22",
             f"--sshoption=UserKnownHostsFile={b.far.known_hosts}", "--sshoption=StrictHostKeyChecking=yes",

@@ -465,3 +465,39 @@ def test_program_is_put_once_imported_by_later_commands_and_refused_in_an_open_p
     before = tree(elsewhere)
     refused(*bootstrap("program", str(open_base)), "writable by group or others")
     assert tree(elsewhere) == before
+
+
+def test_a_probe_imports_the_program_a_run_before_put_and_only_this_agents_in_a_private_place(base: Path) -> None:
+    """``PROGRAM_BOOTSTRAP``: a run's probe imports the program (nothing sent, nothing compiled) only when
+    it is this very agent (its module name is its source's hash) in a directory and file only this user can
+    write; otherwise it exits 3 having printed nothing, and the coordinator sends the source instead."""
+    from zchunk.client import PROGRAM_MODULE
+
+    def probe() -> tuple[int, bytes]:
+        p = subprocess.run([sys.executable, "-c", agent.PROGRAM_BOOTSTRAP, str(base), PROGRAM_MODULE, "probe",
+                            str(base)], capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        return p.returncode, p.stdout
+
+    assert probe() == (3, b""), "nothing there yet"
+    rc, out = bootstrap("program", str(base))
+    assert rc == 0 and out["module"] == PROGRAM_MODULE, out
+    where = base / agent.PROGRAM_DIR
+    rc, stdout = probe()
+    reply = json.loads(stdout.decode().splitlines()[-1])
+    assert rc == 0 and reply["program"] == [str(where), PROGRAM_MODULE] and "capabilities" in reply, reply
+    rc, plain = bootstrap("probe", str(base))
+    assert rc == 0 and "program" not in plain, "a probe sent the source says it imported nothing"
+
+    mine = where / f"{PROGRAM_MODULE}.py"
+    os.chmod(where, 0o770)
+    assert probe() == (3, b""), "a directory others may write"
+    os.chmod(where, 0o700)
+    os.chmod(mine, 0o620)
+    assert probe() == (3, b""), "a file others may write"
+    os.chmod(mine, 0o600)
+    mine.write_bytes(AGENT_SOURCE + b"\nraise SystemExit(9)\n")
+    assert probe() == (3, b""), "not this agent's source"
+    mine.unlink()
+    (where / "real.py").write_bytes(AGENT_SOURCE)
+    mine.symlink_to(where / "real.py")
+    assert probe() == (3, b""), "a symlink in its place"

@@ -2203,12 +2203,24 @@ def cmd_probe(args: List[str]) -> Dict[str, Any]:
         except OSError:  # an unreadable base: left to `sessions`, asked for when needed, to report
             pass
     here = {"python": list(sys.version_info[:3]), "zstd": ZSTD_VIA == "module", "xxhash": xxhash is not None}
+    prog = _program()
     return {"python": here["python"], "capabilities": capabilities(), "zstd": here["zstd"],
             "zstd_via": ZSTD_VIA, "xxhash": here["xxhash"],
             "agent_version": AGENT_VERSION, "protocol": PROTOCOL_VERSION,
             "zfs": shutil.which("zfs"), "uid": os.geteuid(), "user": user, "groups": groups,
             "host": socket.gethostname(), "executable": sys.executable,
-            "interpreters": other_interpreters() if not (here["zstd"] and here["xxhash"]) else [], **listing}
+            "interpreters": other_interpreters() if not (here["zstd"] and here["xxhash"]) else [],
+            **({"program": list(prog)} if prog else {}), **listing}
+
+
+def _program() -> Optional[Tuple[str, str]]:
+    """(directory, module) of the agent program this process runs (imported from ``BASE/.agent``, as
+    ``PROGRAM_BOOTSTRAP`` and ``IMPORT_BOOTSTRAP`` do), or None (the source was sent and compiled)."""
+    path = globals().get("__file__")
+    if not path or os.path.basename(os.path.dirname(path)) != PROGRAM_DIR:
+        return None
+    name = os.path.splitext(os.path.basename(path))[0]
+    return (os.path.dirname(os.path.abspath(path)), name) if name.startswith("zchunk_agent_") else None
 
 
 #: Where a host keeps the python3 that has its distribution's packages (Debian's python3-zstandard and
@@ -2301,6 +2313,12 @@ def cmd_install(args: List[str]) -> Dict[str, Any]:
     if not sid or "/" in sid or sid.startswith("."):
         raise AgentError("bad-request", "bad session id %r" % sid)
     ensure_base(base)
+    prog = _program()
+    if prog is not None:  # found by a run's probe, not put again: its mtime says a run used it (cmd_program)
+        try:
+            os.utime(os.path.join(prog[0], prog[1] + ".py"))
+        except OSError:
+            pass
     # absolute: the daemon is recognised by this path in its command line (pid_is_ours), so the
     # coordinator must name it exactly so, also for a relative --spool-dir (relative to the SSH login dir)
     path = os.path.abspath(os.path.join(base, sid))
@@ -2574,6 +2592,25 @@ SERVE_BOOTSTRAP = (
     "import sys;f=sys.stdin.buffer;s=f.read(int(f.readline()));g={'__name__':'zchunk_agent'};"
     "exec(compile(s,'zchunk_agent','exec'),g);g['AGENT_SOURCE']=s;"
     "sys.exit(g['main'](sys.argv[1:]))"
+)
+
+# A run's probe of a host an earlier run put this agent's program on:  python3 -c PROGRAM_BOOTSTRAP BASE MODULE
+# CMD ARGS...  imports ``BASE/.agent/MODULE.py`` (compiled there once) instead of receiving and compiling the
+# source, when it is this agent (MODULE names its source's hash) in a directory only this user can write:
+# ``check_private_dir``'s rules, and the file's. Else it exits 3, having done nothing, and the coordinator
+# sends the source (BOOTSTRAP).
+PROGRAM_BOOTSTRAP = (
+    "import sys,os,stat,hashlib\n"
+    "d=os.path.join(sys.argv[1],'.agent');m=sys.argv[2];p=os.path.join(d,m+'.py')\n"
+    "try:\n"
+    " s=[os.lstat(d),os.lstat(p)];b=open(p,'rb').read()\n"
+    "except OSError:\n"
+    " sys.exit(3)\n"
+    "if (not stat.S_ISDIR(s[0].st_mode) or not stat.S_ISREG(s[1].st_mode)"
+    " or any(x.st_uid!=os.geteuid() or x.st_mode&0o022 for x in s)"
+    " or 'zchunk_agent_'+hashlib.sha256(b).hexdigest()[:16]!=m):\n"
+    " sys.exit(3)\n"
+    "sys.path.insert(0,d);g=__import__(m);g.AGENT_SOURCE=b;sys.exit(g.main(sys.argv[3:]))"
 )
 
 # Once ``program`` has put the agent on the host:  python3 -c IMPORT_BOOTSTRAP DIR MODULE CMD ARGS...  imports

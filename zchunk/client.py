@@ -18,6 +18,7 @@ that the clients' calls and the agent's allowlists are the same sets.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import posixpath
 import sys
@@ -30,9 +31,11 @@ from typing import Any, ClassVar, TypeVar
 from . import agent
 from . import errors as E
 from .protocol import AgentChannel, InProcessChannel, ProtocolError, as_remote
-from .transport import Host, LocalHost
+from .transport import Host, LinkDown, LocalHost
 
 AGENT_SOURCE = Path(agent.__file__).read_bytes()
+#: The module name ``program`` gives this agent on a host: its source's hash (``cmd_program``).
+PROGRAM_MODULE = "zchunk_agent_" + hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
 # This interpreter as the local agent imports the agent module from the coordinator's own copy (its
 # compiled cache: ~35 ms less per command than compiling the source from stdin); the source still comes
 # on stdin, which is what install writes into the session directory.
@@ -109,11 +112,38 @@ class HostAgent:
             _PROGRAMS[self.host.machine] = (str(reply["program"]), str(reply["module"]))
             return reply
 
+    async def program_if_idle(self, spool_dir: str) -> dict[str, Any] | None:
+        """``program`` unless it is there or being put (nobody waits for another's), its failure not the
+        caller's: a direct stream, which needs no agent, puts it for the probes and sessions of later runs."""
+        lock = _PROGRAM_LOCKS.get(self.host.machine)
+        if self.installed is not None or (lock is not None and lock.locked()):
+            return None
+        try:
+            return await self.program(spool_dir)
+        except (E.ZchunkError, LinkDown):  # a session's own put says what is wrong, should one be needed
+            return None
+
     @agent_call("probe")
     async def probe(self, spool_dir: str) -> dict[str, Any]:
         """What this host's python3 can do (version, capabilities, user, the sessions under ``spool_dir``);
-        nothing is written. A missing or too old python3 is said as such."""
-        res = await self.host.run(self.bootstrap("probe", spool_dir), stdin=AGENT_SOURCE)
+        nothing is written. A missing or too old python3 is said as such.
+
+        Where an earlier run put this agent's program under ``spool_dir`` (``program``), the probe imports it
+        (``PROGRAM_BOOTSTRAP``): the source is neither sent nor compiled, and the run's sessions import it
+        without putting it there again. Else, or when that fails in any way, the source goes on stdin."""
+        if self.installed is None and self.bootstrap()[2] is not LOCAL_BOOTSTRAP:
+            res = await self.host.run([self.host.python, "-c", agent.PROGRAM_BOOTSTRAP, spool_dir, PROGRAM_MODULE,
+                                       "probe", spool_dir])
+            try:
+                reply = dict(json.loads(res.stdout.decode().strip().splitlines()[-1])) if res.status == 0 else {}
+            except (ValueError, IndexError):
+                reply = {}
+            found = reply.get("program")
+            if isinstance(found, list) and len(found) == 2 and found[1] == PROGRAM_MODULE:
+                _PROGRAMS[self.host.machine] = (str(found[0]), PROGRAM_MODULE)
+                return reply
+        argv, stdin = self.command("probe", spool_dir)  # the program, found or put by now, else the source
+        res = await self.host.run(argv, stdin=stdin)
         if res.status == 127:
             raise E.MissingPython(host=self.name)
         try:

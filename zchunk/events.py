@@ -56,7 +56,8 @@ EVENTS = _kinds(
     # -- replication (zchunk sync) --------------------------------------------------------------
     EventKind("preflight", "Both hosts were reached and probed; with -v the text output shows them.", {
         "source": "the source host: host, python (version), interpreter (its path), why (how it was chosen), "
-        "capabilities (agent), zfs (features), uid",
+        "capabilities (agent), zfs (features), uid, program (the agent program a run before put there, which "
+        "the probe imported instead of being sent the agent's source; empty: none)",
         "target": "the target host, as source",
         "identifier": "names this replication's sync snapshots and holds"}),
     EventKind("dataset_skipped", "With -r: a child dataset left out.", {
@@ -105,8 +106,9 @@ EVENTS = _kinds(
         "source": "source dataset", "target": "target dataset", "status": "sent, up-to-date, planned or failed",
         "raw_bytes": "stream bytes sent for it", "seconds": "how long it took, waiting for its parent excluded",
         "done": "datasets finished so far", "total": "datasets in the run"}),
-    EventKind("agent_program", "The agent program was put on a host: once per host per run; every stream's "
-              "agents after that import it.", {
+    EventKind("agent_program", "The agent program was put on a host, once per host and version of the agent: "
+              "by its first run that streams, when its probe did not find it there; every stream's agents after "
+              "that, and later runs' probes, import it.", {
         "host": _HOST, "path": "where it is (under the spool directory)",
         "fresh": "it was not there before (false: a run before left this very version)"}),
     EventKind("restart", "An agent died (killed, host rebooted): the stream starts again, said how.", {

@@ -35,11 +35,13 @@ class HostReport:
     sessions: list[dict[str, Any]] | None = None  # ``sessions --spool-dir`` as the probe saw it
     interpreter: str = ""  # the python the agent runs with there
     why: str = ""  # how that one was chosen
+    program: str = ""  # the agent program an earlier run put there, which the probe imported ("": none)
 
     def summary(self) -> dict[str, Any]:
         """For the ``preflight`` event."""
         return {"host": self.name, "python": ".".join(map(str, self.python)), "capabilities": self.capabilities,
-                "zfs": self.features.summary(), "uid": self.uid, "interpreter": self.interpreter, "why": self.why}
+                "zfs": self.features.summary(), "uid": self.uid, "interpreter": self.interpreter, "why": self.why,
+                "program": self.program}
 
 
 async def probe_host(host: Host, spool_dir: str, choose_python: bool = True) -> HostReport:
@@ -75,7 +77,8 @@ async def probe_host(host: Host, spool_dir: str, choose_python: bool = True) -> 
     return HostReport(host.name, py, list(info.get("capabilities", [])), features, int(info.get("uid", -1)),
                       str(info.get("user", "")), tuple(info.get("groups", [])), str(info.get("host", "host")),
                       session_listing(info.get("sessions")) if "sessions" in info else None,
-                      str(info.get("executable") or host.python), why)
+                      str(info.get("executable") or host.python), why,
+                      "/".join(map(str, info["program"])) + ".py" if isinstance(info.get("program"), list) else "")
 
 
 def _speedups(info: dict[str, Any]) -> tuple[bool, bool]:

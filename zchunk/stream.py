@@ -179,9 +179,12 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
     if _goes_direct(spec, estimate, opts, fanout):
         emit("plan", plan=spec.describe(), send_kind=plan.kind, snapshot=plan.snapshot.name,
              base=plan.base.name if plan.base else None, estimate=estimate, codec=None, checksum=None, direct=True)
-        sent = await run_direct(src_host, dst_host, plan.snapshot.name, plan.snapshot.guid, plan.target_snapshot,
-                                _fields(spec, "send"), _fields(spec, "receive", direct=True), estimate, opts.direct_max,
-                                opts.bwlimit, opts.timezone, opts.stall_timeout, pacer, emit)
+        sent, put = await all_of(
+            run_direct(src_host, dst_host, plan.snapshot.name, plan.snapshot.guid, plan.target_snapshot,
+                       _fields(spec, "send"), _fields(spec, "receive", direct=True), estimate, opts.direct_max,
+                       opts.bwlimit, opts.timezone, opts.stall_timeout, pacer, emit),
+            all_of(*(HostAgent(h).program_if_idle(opts.spool_dir) for h in (src_host, dst_host))))
+        _said_programs((src_host, dst_host), put, emit)
         if sent is not None:
             return SyncResult(None, f"{plan.snapshot.name} -> {plan.target}", transfer=sent[0],
                               target_snapshot=plan.target_snapshot, guid=sent[1])
@@ -229,8 +232,12 @@ async def run_stream(src_host: Host, dst_host: Host, src_rep: HostReport, dst_re
 async def _put_programs(src_host: Host, dst_host: Host, opts: SyncOptions, emit: Emitter) -> None:
     """The agent program on each host, once per host of a run: the sessions after the first start by
     importing it instead of receiving and compiling its source again (a recursive run has hundreds)."""
-    for host, reply in zip((src_host, dst_host), await all_of(HostAgent(src_host).program(opts.spool_dir),
-                                                              HostAgent(dst_host).program(opts.spool_dir))):
+    hosts = (src_host, dst_host)
+    _said_programs(hosts, await all_of(*(HostAgent(h).program(opts.spool_dir) for h in hosts)), emit)
+
+
+def _said_programs(hosts: tuple[Host, Host], replies: list[dict[str, Any] | None], emit: Emitter) -> None:
+    for host, reply in zip(hosts, replies):
         if reply is not None:
             emit("agent_program", host=host.name, path=f"{reply['program']}/{reply['module']}.py",
                  fresh=bool(reply.get("fresh")))
