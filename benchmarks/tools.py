@@ -41,7 +41,7 @@ class Job:
     snapshot: str  # short name, e.g. "s1"
     base: str | None  # short name of the incremental base, or None for a full stream
     target: str  # target dataset
-    workdir: Path  # fresh per run: spool and state directories live here
+    workdir: Path  # fresh per run: its state directory lives here (the spool is the lab's: Zchunk.spool)
 
 
 class Tool:
@@ -73,7 +73,10 @@ class Zchunk(Tool):
         return {"PYTHONPATH": str(self.code)} if self.code else {}
 
     def spool(self, job: Job) -> Path:
-        return job.workdir / "spool"
+        """The lab's one spool directory (beside the runs' own directories), as a host keeps its
+        /var/tmp/zchunk from run to run: the agent program the first run put there is imported by the
+        later runs' probes. Session directories in it are the run's own and go with it."""
+        return job.workdir.parent / "spool"
 
     def needles(self, job: Job, far: Target) -> list[str]:
         return [str(self.spool(job))]

@@ -25,6 +25,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,37 @@ def test_in_process_status_and_release_answer_as_a_serve_process_does(base: Path
     assert ours == theirs[2] and ours["chunks"] == [0, 1, 2], (ours, theirs)
     assert asyncio.run(ch.request("release", upto=2)) == {"released": 2}
     assert sorted(p.name for p in (path / "chunks").iterdir()) == [agent.chunk_name(2) + ".chunk"]
+
+
+def test_a_senders_status_with_wait_answers_once_its_daemon_spools_a_new_chunk(base: Path) -> None:
+    """While the link has nothing to move, the poller asks the sender's status with ``wait``: the answer
+    comes when the daemon has spooled a chunk past ``known``, so the chunk moves then, not at the next poll.
+    A receiver's status ignores ``wait``."""
+    path = installed(base, "send")
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(path)])  # "ours"
+    try:
+        def spooled(chunks: int) -> None:
+            part = path / "sender.json.tmp"
+            part.write_text(json.dumps({"pid": daemon.pid, "state": "running", "chunks": chunks, "eof": False}))
+            os.replace(part, path / "sender.json")
+
+        spooled(2)
+        ch = InProcessChannel(str(path), "localhost")
+        assert asyncio.run(ch.request("status"))["daemon"]["state"] == "running"
+        later = threading.Timer(0.3, spooled, args=(3,))
+        later.start()
+        try:
+            reply = asyncio.run(ch.request("status", wait=1.0, known=2))
+        finally:
+            later.join()
+        assert reply["daemon"]["chunks"] == 3, "answered before the daemon spooled its next chunk"
+        reply = asyncio.run(ch.request("status", wait=0.05, known=3))  # nothing new: what there is
+        assert reply["daemon"]["chunks"] == 3 and reply["role"] == "send"
+        assert asyncio.run(InProcessChannel(str(installed(base, "receive")), "localhost")
+                           .request("status", wait=1.0, known=0))["role"] == "receive"
+    finally:
+        daemon.kill()
+        daemon.wait()
 
 
 def test_in_process_errors_are_the_agents(base: Path) -> None:

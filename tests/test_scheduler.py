@@ -89,9 +89,9 @@ def test_polls_are_quick_during_the_ramp_and_the_tail_only() -> None:
     normal, quick = 0.1, 0.1 / 5
 
     def delay(src: AgentStatus, *, in_flight: bool = False, finish_sent: bool = False,
-              running_for: float = 1.0) -> float:
+              running_for: float = 1.0, fresh: bool = False) -> float:
         return poll_delay(Reports(src, receiver()), normal, in_flight=in_flight, finish_sent=finish_sent,
-                          running_for=running_for)
+                          running_for=running_for, fresh=fresh)
 
     assert delay(sender(set())) == quick, "the first chunks: zfs receive waits for each"
     assert delay(sender(set(), chunks=RAMP_CHUNKS)) == normal, "past the ramp an idle link waits for the source"
@@ -103,6 +103,12 @@ def test_polls_are_quick_during_the_ramp_and_the_tail_only() -> None:
     assert delay(late, in_flight=True, finish_sent=True) == normal, \
         "a chunk in flight: its move wakes the workers, not the poll"
     assert delay(late, finish_sent=True) == quick, "the tail: everything moved, the receiver finishing"
+    busy = sender(set(), chunks=RAMP_CHUNKS + 3)
+    assert delay(busy, in_flight=True, fresh=True) == quick, \
+        "a source that made a chunk since the poll before: the next one is seen soon, moves in flight or not"
+    assert delay(busy, in_flight=True) == normal and delay(busy) == normal, "a source that made none: normal"
+    assert delay(sender(set(), chunks=RAMP_CHUNKS + 3, eof=True), in_flight=True, fresh=True) == normal, \
+        "zfs send has ended: no chunk comes after its last"
 
 
 def test_what_is_on_the_target_counts_half_moved_chunks() -> None:

@@ -951,6 +951,10 @@ NEVER_STARTED_AFTER = 60.0
 #: How long ``serve DIR wait`` waits for install to make DIR, and how often it looks.
 INSTALL_WAIT = 60.0
 INSTALL_POLL = 0.005
+#: A sender's ``status`` with ``wait`` (seconds, at most this) answers once a new chunk is spooled (``until_spooled``),
+#: looking every STATUS_WAIT_STEP seconds.
+STATUS_WAIT_MAX = 1.0
+STATUS_WAIT_STEP = 0.003
 
 
 def pid_is_ours(pid: int, session_path: str) -> bool:
@@ -1944,6 +1948,9 @@ class Server:
     # -- common -------------------------------------------------------------
 
     def status(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
+        wait = min(float(msg.get("wait") or 0), STATUS_WAIT_MAX)
+        if wait > 0 and self.sess.role == "send":
+            self.until_spooled(int(msg.get("known") or 0), wait)
         # The state file and the spool as of one moment: a chunk fed while the spool is listed would be
         # counted twice or not at all (the receiver saves its progress, then deletes the chunk).
         # A chunk renamed from .part to .chunk while the directory is read may be listed under neither name
@@ -1959,6 +1966,28 @@ class Server:
         return {"role": self.sess.role, "daemon": st, "chunks": sorted(done),
                 "parts": {str(k): v for k, v in parts.items()}, "spool_bytes": used,
                 "spool_max": self.sess.spool_max}
+
+    def until_spooled(self, known: int, wait: float) -> None:
+        """(Sender) Until the daemon has spooled more than ``known`` chunks, or has ended, paused or stopped, or
+        ``wait`` seconds have passed. The coordinator asks so when its link has nothing to move: a chunk is
+        moved once a status has shown it, and a link faster than the source would otherwise wait for the
+        next poll, not for the source. The state file is read again only when its mtime changed."""
+        deadline = time.monotonic() + wait
+        seen = None
+        while True:
+            try:
+                mtime = os.stat(self.sess.state_path).st_mtime_ns
+            except OSError:
+                return
+            if mtime != seen:
+                seen = mtime
+                st = self.sess.state()
+                if (int(st.get("chunks") or 0) > known or st.get("eof") or st.get("paused")
+                        or st.get("state") != "running"):
+                    return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(STATUS_WAIT_STEP)
 
     def stop_daemon(self) -> None:
         if self.sess.member_of:

@@ -130,8 +130,14 @@ class HostAgent:
 
         Where an earlier run put this agent's program under ``spool_dir`` (``program``), the probe imports it
         (``PROGRAM_BOOTSTRAP``): the source is neither sent nor compiled, and the run's sessions import it
-        without putting it there again. Else, or when that fails in any way, the source goes on stdin."""
-        if self.installed is None and self.bootstrap()[2] is not LOCAL_BOOTSTRAP:
+        without putting it there again. Else, or when that fails in any way, the source goes on stdin.
+
+        On this machine, for the coordinator's own interpreter, the agent's own code answers in this process:
+        the same answer without an interpreter start (whose CPU the run's start-up, the SSH handshake on the
+        same cores among it, waits for)."""
+        if self.bootstrap()[2] is LOCAL_BOOTSTRAP:
+            return await asyncio.to_thread(self._here, ["probe", spool_dir])
+        if self.installed is None:
             res = await self.host.run([self.host.python, "-c", agent.PROGRAM_BOOTSTRAP, spool_dir, PROGRAM_MODULE,
                                        "probe", spool_dir])
             try:
@@ -279,8 +285,12 @@ class AgentClient:
         return self.channel.host
 
     @agent_call("status")
-    async def status(self) -> AgentStatus:
-        return AgentStatus.from_reply(await self.channel.request("status"))
+    async def status(self, wait: float = 0.0, known: int = 0) -> AgentStatus:
+        """The agent's status. ``wait`` (a sender): answered once it has spooled more than ``known`` chunks,
+        has ended, paused or stopped, or ``wait`` seconds have passed; an agent from before ``wait`` answers
+        at once."""
+        fields = {"wait": wait, "known": known} if wait > 0 else {}
+        return AgentStatus.from_reply(await self.channel.request("status", **fields))
 
     @agent_call("cleanup")
     async def cleanup(self, keep: bool = False) -> bool:

@@ -259,21 +259,21 @@ class Transfer:
 
         chans = ChannelSet([self.src, self.dst], opener)
 
-        async def poll_side(side: AgentSide) -> AgentStatus:
+        async def poll_side(side: AgentSide, wait: float = 0.0, known: int = 0) -> AgentStatus:
             try:
-                st = await (await chans.get(side)).status()
+                st = await (await chans.get(side)).status(wait, known)
             except LinkDown:
                 await chans.reset(failed_host=side.name, roles=[side.role])
                 raise
             self._link_ok(side.name)
             return st
 
-        async def once() -> None:
+        async def once(wait: float, known: int) -> None:
             # Both at once (each may first have to start its agent server); both finish before a failure
             # is raised, so no request is left pending on a channel that the retry then uses again.
             src_st: AgentStatus | BaseException
             dst_st: AgentStatus | BaseException
-            src_st, dst_st = await asyncio.gather(poll_side(self.src), poll_side(self.dst),
+            src_st, dst_st = await asyncio.gather(poll_side(self.src, wait, known), poll_side(self.dst),
                                                   return_exceptions=True)
             for st in (src_st, dst_st):
                 if isinstance(st, BaseException):
@@ -299,8 +299,12 @@ class Transfer:
                           sender_cpu=end.get("cpu"), sender=end.get("daemon_dir"))
 
         try:
+            wait = 0.0  # the next poll's delay, spent by the sender's agent waiting for a new chunk (_wait_at_source)
             while not self.done.is_set():
-                await self._with_retries(self.dst.name, once)
+                spooled, asked = int(self.reports.sender.get("chunks", 0)), time.monotonic()
+                await self._with_retries(self.dst.name, functools.partial(once, wait, spooled))
+                if wait and int(self.reports.sender.get("chunks", 0)) <= spooled:  # an agent without it, or ended
+                    await asyncio.sleep(max(0.0, wait - (time.monotonic() - asked)))
                 try:
                     self._check_daemons()
                 except ZfsReceiveFailed as e:
@@ -316,9 +320,12 @@ class Transfer:
                     raise PatienceExhausted(waited=_fmt_duration(time.monotonic() - self.last_progress),
                                             patience=_fmt_duration(self.opts.patience),
                                             reason="the agents report no progress", session=self.sid)
-                await asyncio.sleep(poll_delay(self.reports, self.opts.poll_interval,
-                                               in_flight=bool(self.in_flight), finish_sent=self.finish_sent,
-                                               running_for=time.monotonic() - self.started))
+                delay = poll_delay(self.reports, self.opts.poll_interval, in_flight=bool(self.in_flight),
+                                   finish_sent=self.finish_sent, running_for=time.monotonic() - self.started,
+                                   fresh=int(self.reports.sender.get("chunks", 0)) > spooled)
+                wait = delay if self._wait_at_source() else 0.0
+                if not wait:
+                    await asyncio.sleep(delay)
         finally:
             if self.error is None and self.done.is_set():  # kept for the clean-up: no process to start for it
                 self.receiver = chans.take(self.dst.role)
@@ -504,6 +511,14 @@ class Transfer:
                   chunks_moved=received + len(self.reports.stored), chunks_received=received,
                   total_chunks=sender.get("total_chunks"), paused=sender.get("paused"),
                   link_down=sorted(self.outage.since), limit=self.pacer.rate, user_paused=self.paused)
+
+    def _wait_at_source(self) -> bool:
+        """The next poll lets the sender's agent answer when it spools a new chunk (within the poll's delay):
+        zfs send goes on and the link has nothing left to move but what is in flight, so it waits for the
+        source, and a chunk seen only at the next poll is time the transfer takes longer."""
+        sender = self.reports.sender
+        return (sender.get("state") == "running" and not sender.get("eof") and not sender.get("paused")
+                and not self.paused and self._pick() is None)
 
     # -- workers -------------------------------------------------------------
 

@@ -122,12 +122,20 @@ def turn_wait(seq: int, moving: Mapping[int, float], now: float, overtake_idle: 
 
 
 def poll_delay(reports: Reports, poll_interval: float, *, in_flight: bool, finish_sent: bool,
-               running_for: float) -> float:
-    """Until the next status poll: ``poll_interval``, or a fifth of it while nothing is in flight at the two
-    ends of a stream, where a late poll is time the whole transfer takes longer: the first chunks (they
-    double from 1 MiB: zfs receive waits for each) and the tail (everything moved, the receiver
-    finishing). In between an idle link waits for the source, and a chunk seen 0.1 s later costs nothing
-    at the end."""
+               running_for: float, fresh: bool = False) -> float:
+    """Until the next status poll: ``poll_interval``, or a fifth of it where a late poll is time the whole
+    transfer takes longer:
+
+    - ``fresh``: the last poll saw the source spool a chunk the one before had not, and zfs send goes on. A
+      chunk is only moved once a poll has seen it, and while one source makes them quickly (a fast link
+      moves each in less than the interval) the link would wait for the poll, not for the source;
+    - with nothing in flight, at the two ends of a stream: the first chunks (they double from 1 MiB: zfs
+      receive waits for each) and the tail (everything moved, the receiver finishing).
+
+    In between, a slow source (a poll that sees nothing new) is asked at the normal interval: a chunk it
+    makes is seen at most that much later, and that costs nothing at the end."""
+    if fresh and not reports.sender.get("eof"):
+        return poll_interval / 5
     if in_flight:
         return poll_interval
     src = reports.sender
