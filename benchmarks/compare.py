@@ -1,6 +1,6 @@
 """Before/after: zchunk variants (another checkout, other options) against syncoid, on one lab.
 
-    .venv/bin/python benchmarks/compare.py [--size 1G] [--runs 5] [--rate MBIT] VARIANT...
+    .venv/bin/python benchmarks/compare.py [--size 1G] [--runs 5] [--rate MBIT] [--kind KIND] VARIANT...
 
 A VARIANT is ``syncoid``, or zchunk given as extra ``zchunk sync`` arguments,
 optionally starting with ``code=DIR`` to run zchunk from another checkout
@@ -32,8 +32,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+import datakinds  # noqa: E402
 import run as bench  # noqa: E402
 from tools import PATH, TOOLS, Job, Target, Tool  # noqa: E402
+
+from zchunk import lab  # noqa: E402
 
 
 def command(variant: str, job: Job, far: Target) -> tuple[list[str], dict[str, str], Tool]:
@@ -53,6 +56,8 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rate", type=float, default=None, help="tbf limit in Mbit/s (default: none)")
+    ap.add_argument("--kind", help="the dataset as benchmarks/datakinds.py writes this kind (default: run.py's, "
+                    "half text, half random)")
     ap.add_argument("variants", nargs="+")
     args = ap.parse_args()
     # every variant's modules compiled once, as an installed zchunk's are (else each run compiles them)
@@ -66,7 +71,14 @@ def main() -> int:
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     failed = 0
     with b.lab():
-        ds = b.make_source()
+        if args.kind:
+            ds = f"{b.src.name}/{args.kind}"
+            bench.zfs("create", ds)
+            datakinds.write(bench.mountpoint(ds), args.kind, b.size)
+            bench.zfs("snapshot", f"{ds}@s1")
+            b.digests["s1"] = lab.snapshot_digest(f"{ds}@s1")
+        else:
+            ds = b.make_source()
         b.wan.rate("dst", args.rate)
         for r in range(args.runs):
             for i, variant in enumerate(args.variants):
