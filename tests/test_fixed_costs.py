@@ -95,8 +95,15 @@ def test_a_senders_status_with_wait_answers_once_its_daemon_spools_a_new_chunk(b
         finally:
             later.join()
         assert reply["daemon"]["chunks"] == 3, "answered before the daemon spooled its next chunk"
-        reply = asyncio.run(ch.request("status", wait=0.05, known=3))  # nothing new: what there is
-        assert reply["daemon"]["chunks"] == 3 and reply["role"] == "send"
+        later = threading.Timer(0.3, spooled, args=(4,))  # the same in a serve process (a remote sender)
+        later.start()
+        try:
+            (answer,) = conversation(path, request(1, "status", wait=1.0, known=3))
+        finally:
+            later.join()
+        assert answer[0] == agent.FRAME_REPLY and answer[2]["daemon"]["chunks"] == 4, answer
+        reply = asyncio.run(ch.request("status", wait=0.05, known=4))  # nothing new: what there is
+        assert reply["daemon"]["chunks"] == 4 and reply["role"] == "send"
         assert asyncio.run(InProcessChannel(str(installed(base, "receive")), "localhost")
                            .request("status", wait=1.0, known=0))["role"] == "receive"
     finally:

@@ -1973,21 +1973,25 @@ class Server:
         moved once a status has shown it, and a link faster than the source would otherwise wait for the
         next poll, not for the source. The state file is read again only when its mtime changed."""
         deadline = time.monotonic() + wait
-        seen = None
+        seen: Optional[int] = None
         while True:
-            try:
-                mtime = os.stat(self.sess.state_path).st_mtime_ns
-            except OSError:
-                return
-            if mtime != seen:
-                seen = mtime
-                st = self.sess.state()
-                if (int(st.get("chunks") or 0) > known or st.get("eof") or st.get("paused")
-                        or st.get("state") != "running"):
-                    return
-            if time.monotonic() >= deadline:
+            over, seen = self.spooled_past(known, seen)
+            if over or time.monotonic() >= deadline:
                 return
             time.sleep(STATUS_WAIT_STEP)
+
+    def spooled_past(self, known: int, seen: Optional[int]) -> Tuple[bool, Optional[int]]:
+        """One look for ``until_spooled``: whether its wait is over, and the state file's mtime looked at
+        (``seen``: the one looked at before; the file is read only when it changed)."""
+        try:
+            mtime = os.stat(self.sess.state_path).st_mtime_ns
+        except OSError:
+            return True, None
+        if mtime == seen:
+            return False, seen
+        st = self.sess.state()
+        return (int(st.get("chunks") or 0) > known or bool(st.get("eof")) or bool(st.get("paused"))
+                or st.get("state") != "running"), mtime
 
     def stop_daemon(self) -> None:
         if self.sess.member_of:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -168,23 +169,43 @@ class InProcessChannel:
         self._server: agent.Server | None = None
         self._ids = itertools.count(1)
 
-    def _answer(self, op: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    def _serving(self) -> agent.Server:
         if self._server is None:
             self._server = agent.Server(agent.Session(self.session_dir), None, None)  # type: ignore[arg-type]
-        role = self._server.sess.role
+        return self._server
+
+    def _answer(self, op: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        role = self._serving().sess.role
+        assert self._server is not None
         if op not in agent.OPS.get(role, ()) or op not in NO_DATA_OPS:
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not answered in process "
                                 f"for a {role} agent")
         return self._server.answer(next(self._ids), dict(fields, op=op))
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        wait, known = float(fields.pop("wait", 0) or 0), int(fields.pop("known", 0) or 0)
         with as_remote(self.host, op):  # the session directory itself (Session's checks)
+            if op == "status" and wait > 0:
+                await self._until_spooled(known, min(wait, agent.STATUS_WAIT_MAX))
             out = await asyncio.to_thread(self._answer, op, fields)
         assert out is not None
         ftype, msg = out
         if ftype == agent.FRAME_ERROR:
             raise from_remote(self.host, msg)
         return msg
+
+    async def _until_spooled(self, known: int, wait: float) -> None:
+        """The agent's ``until_spooled``, waited for here on the event loop: a thread of the loop's executor
+        held for the whole wait would hold up the local chunk reads that are queued behind it (relay.py)."""
+        server = await asyncio.to_thread(self._serving)
+        if server.sess.role != "send":
+            return
+        deadline, seen = time.monotonic() + wait, None
+        while True:
+            over, seen = server.spooled_past(known, seen)
+            if over or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(agent.STATUS_WAIT_STEP)
 
     def drop_connection(self) -> None:
         return None
