@@ -301,9 +301,9 @@ class Transfer:
         try:
             wait = 0.0  # the next poll's delay, spent by the sender's agent waiting for a new chunk (_wait_at_source)
             while not self.done.is_set():
-                spooled, asked = int(self.reports.sender.get("chunks", 0)), time.monotonic()
+                spooled, asked = self.reports.spooled, time.monotonic()
                 await self._with_retries(self.dst.name, functools.partial(once, wait, spooled))
-                if wait and int(self.reports.sender.get("chunks", 0)) <= spooled:  # an agent without it, or ended
+                if wait and self.reports.spooled <= spooled:  # an agent without the wait, or zfs send ended
                     await asyncio.sleep(max(0.0, wait - (time.monotonic() - asked)))
                 try:
                     self._check_daemons()
@@ -322,7 +322,7 @@ class Transfer:
                                             reason="the agents report no progress", session=self.sid)
                 delay = poll_delay(self.reports, self.opts.poll_interval, in_flight=bool(self.in_flight),
                                    finish_sent=self.finish_sent, running_for=time.monotonic() - self.started,
-                                   fresh=int(self.reports.sender.get("chunks", 0)) > spooled)
+                                   fresh=self.reports.spooled > spooled)
                 wait = delay if self._wait_at_source() else 0.0
                 if not wait:
                     await asyncio.sleep(delay)
@@ -507,7 +507,7 @@ class Transfer:
         self.emit("progress", raw_bytes=raw, estimate=est, exact=exact, wire_bytes=self.wire_bytes,
                   on_target=done, expected=total, percent=round(percent_of(done, total, exact), 1), rate=round(rate),
                   eta=eta, eta_seconds=eta,
-                  chunks_spooled=int(sender.get("chunks", 0)),
+                  chunks_spooled=self.reports.spooled,
                   chunks_moved=received + len(self.reports.stored), chunks_received=received,
                   total_chunks=sender.get("total_chunks"), paused=sender.get("paused"),
                   link_down=sorted(self.outage.since), limit=self.pacer.rate, user_paused=self.paused)

@@ -175,12 +175,12 @@ class InProcessChannel:
         return self._server
 
     def _answer(self, op: str, fields: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-        role = self._serving().sess.role
-        assert self._server is not None
+        server = self._serving()
+        role = server.sess.role
         if op not in agent.OPS.get(role, ()) or op not in NO_DATA_OPS:
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not answered in process "
                                 f"for a {role} agent")
-        return self._server.answer(next(self._ids), dict(fields, op=op))
+        return server.answer(next(self._ids), dict(fields, op=op))
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         wait, known = float(fields.pop("wait", 0) or 0), int(fields.pop("known", 0) or 0)

@@ -53,9 +53,14 @@ class Reports:
     def with_stored(self, seq: int) -> Reports:
         return Reports(self.src, self.dst, self.stored_since | {seq})
 
+    @property
+    def spooled(self) -> int:
+        """Chunks the sender's daemon has spooled so far (its state file's count)."""
+        return int(self.src.daemon.get("chunks", 0))
+
     def progress_mark(self) -> tuple[int, int, int]:
         """Changes whenever the stream moved: chunks spooled, held in the source spool, received."""
-        return len(self.src.chunks), self.received, int(self.src.daemon.get("chunks", 0))
+        return len(self.src.chunks), self.received, self.spooled
 
     def on_target(self) -> int:
         """Chunk file bytes that have crossed the link: those fed to zfs receive, and those in the target
@@ -139,6 +144,6 @@ def poll_delay(reports: Reports, poll_interval: float, *, in_flight: bool, finis
     if in_flight:
         return poll_interval
     src = reports.sender
-    ramp = (int(src.get("chunks", 0)) < RAMP_CHUNKS and not src.get("eof") and not src.get("paused")
+    ramp = (reports.spooled < RAMP_CHUNKS and not src.get("eof") and not src.get("paused")
             and running_for < RAMP_SECONDS)  # a slow source: no quick polls for long
     return poll_interval / 5 if ramp or finish_sent else poll_interval
