@@ -269,9 +269,10 @@ def test_every_request_the_agent_answers_has_exactly_one_client_method(role: str
 
 
 def test_every_agent_command_has_exactly_one_host_agent_method() -> None:
-    """The one-shot commands (and ``serve``, the channel) of the agent program, each made by one method."""
+    """The one-shot commands (and ``serve``, the channel, with its ``attach``) of the agent program, each made
+    by one method."""
     made = [c for name in dir(HostAgent) for c in getattr(getattr(HostAgent, name), "agent_calls", ())]
-    assert sorted(made) == sorted(wire.COMMANDS)
+    assert sorted(made) == sorted([*wire.COMMANDS, *wire.CHANNEL_OPS])
 
 
 @pytest.mark.parametrize("role,fields", [
@@ -409,6 +410,37 @@ def test_cleanup_removes_the_session_and_ends_the_channel(any_session: Path) -> 
     frames = serve(any_session, request(1, "cleanup"), request(2, "status"))
     assert frames[1:] == [(FRAME_REPLY, 1, {"removed": True})]
     assert not any_session.exists()
+
+
+def test_cleanup_with_stay_keeps_the_server_for_another_session_it_attaches_to(tmp_path: Path) -> None:
+    """A run's next stream on a host takes the channel its last one used: ``cleanup`` with ``stay`` answers
+    and goes on serving; ``attach`` binds the server to another session directory, of another role too,
+    and its requests are that role's from then on."""
+    first, second = make_session(tmp_path, "send"), make_session(tmp_path, "receive")
+    frames = serve(first, request(1, "cleanup", stay=True), request(2, "attach", dir=str(second)),
+                   request(3, "put_chunk", seq=0, offset=0, length=0, total=0), request(4, "get_chunk", seq=0),
+                   request(5, "cleanup"), request(6, "status"))
+    assert frames[1] == (FRAME_REPLY, 1, {"removed": True, "stays": True}) and not first.exists()
+    ftype, rid, attached = frames[2]
+    assert (ftype, rid, attached["role"], attached["session"]) == (FRAME_REPLY, 2, "receive", SESSION_ID)
+    assert "chunk-v1" in attached["capabilities"]
+    assert frames[3][:2] == (FRAME_ERROR, 3) and frames[3][2]["code"] != "bad-request"  # a receiver's request now
+    assert frames[4][:2] == (FRAME_ERROR, 4) and frames[4][2]["code"] == "bad-request"  # a sender's is not
+    assert frames[5] == (FRAME_REPLY, 5, {"removed": True}) and len(frames) == 6, "no stay: the server ended"
+    assert not second.exists()
+
+
+@pytest.mark.parametrize("target,code", [("missing", "session-dir"), ("open", "session-dir"), (None, "bad-request")])
+def test_attach_to_what_is_not_a_session_directory_is_refused_and_the_old_one_kept(
+        tmp_path: Path, target: str | None, code: str) -> None:
+    first = make_session(tmp_path, "send")
+    wide = tmp_path / "open"
+    wide.mkdir(mode=0o777)
+    wide.chmod(0o777)
+    fields = {} if target is None else {"dir": str(tmp_path / target)}
+    frames = serve(first, request(1, "attach", **fields), request(2, "status"))
+    assert frames[1][:2] == (FRAME_ERROR, 1) and frames[1][2]["code"] == code, frames[1]
+    assert frames[2][:2] == (FRAME_REPLY, 2) and frames[2][2]["role"] == "send"
 
 
 def test_cleanup_keep(any_session: Path) -> None:

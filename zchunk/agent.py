@@ -1876,6 +1876,9 @@ OPS = {
     "send": ("status", "get_chunk", "release", "cleanup", "abort"),
     "receive": ("status", "put_chunk", "finish", "cleanup", "abort"),
 }
+#: What a coordinator may ask of a ``serve`` process of either role about the channel itself: ``attach``
+#: (``Server.attach``) binds it to another session. ``HostAgent.serve`` makes it; never in process.
+CHANNEL_OPS = ("attach",)
 
 
 class Server:
@@ -1913,13 +1916,35 @@ class Server:
                 raise AgentError("protocol", "unexpected frame type %d outside a request" % ftype)
             msg = decode_message(payload)
             try:
-                out = self.answer(req_id, msg)
+                out = self.attach(msg) if msg.get("op") == "attach" else self.answer(req_id, msg)
             except EOFError:  # the channel closed in the middle of a request (e.g. put_chunk's data)
                 return
             if out is not None:
                 self.send(out[0], req_id, out[1])
-            if msg.get("op") in ("cleanup", "abort"):
+            if msg.get("op") == "abort" or (msg.get("op") == "cleanup" and not msg.get("stay")):
                 return
+
+    def attach(self, msg: Dict[str, Any]) -> Optional[Tuple[int, Dict[str, Any]]]:
+        """``attach``: from now on this server answers for the session directory ``dir`` (``Session``'s
+        checks, as ``serve DIR``'s): a run's next stream on this host takes a channel its last one used,
+        with no process to start. With ``wait``, first wait for install to make ``dir`` (as ``serve DIR
+        wait``). The new session's role and id, and the capabilities, as a hello says them."""
+        try:
+            path = str(msg["dir"])
+            if msg.get("wait") and not wait_for_install(path, self.rfile.fileno()):
+                raise EOFError
+            sess = Session(path)
+            sess.touch_heartbeat()
+        except AgentError as e:
+            return FRAME_ERROR, e.to_dict()
+        except OSError as e:
+            return FRAME_ERROR, AgentError("os-error", "attach %s: %s" % (msg.get("dir"), e), errno=e.errno).to_dict()
+        except (KeyError, ValueError, TypeError) as e:
+            return FRAME_ERROR, AgentError("bad-request", "malformed attach request: %s: %s"
+                                           % (type(e).__name__, e)).to_dict()
+        self.sess = sess
+        self.handlers = {op: getattr(self, op) for op in OPS.get(sess.role, ())}
+        return FRAME_REPLY, {"role": sess.role, "session": sess.cfg.get("id"), "capabilities": capabilities()}
 
     def answer(self, req_id: int, msg: Dict[str, Any]) -> Optional[Tuple[int, Dict[str, Any]]]:
         """One request: the frame to answer with (REPLY or ERROR and its payload), or None when the
@@ -2016,7 +2041,9 @@ class Server:
             remove_session_dir(self.sess.path)
             if self.sess.member_of:
                 remove_group_if_done(self.sess.sibling(self.sess.member_of))
-        return {"removed": not msg.get("keep")}
+        # ``stay``: the server answers on, for the session a later ``attach`` names (the caller keeps the
+        # channel for the run's next stream on this host); else it exits after this reply
+        return {"removed": not msg.get("keep"), **({"stays": True} if msg.get("stay") else {})}
 
     def abort(self, req_id: int, msg: Dict[str, Any]) -> Dict[str, Any]:
         return self.cleanup(req_id, msg)
@@ -2488,9 +2515,10 @@ def cmd_serve(args: List[str]) -> None:
         pass  # the channel died with the link: nothing to report, the coordinator reconnects
 
 
-def wait_for_install(path: str) -> bool:
+def wait_for_install(path: str, fd: int = 0) -> bool:
     """Until install has made the session directory ``path`` (its last file, ``heartbeat``, is there):
-    True; False when the coordinator closed the channel first (its install failed: nothing to serve)."""
+    True; False when the coordinator closed the channel (``fd``, its requests) first (its install failed:
+    nothing to serve)."""
     import select
 
     heartbeat = os.path.join(path, "heartbeat")
@@ -2499,7 +2527,7 @@ def wait_for_install(path: str) -> bool:
         if time.monotonic() > deadline:
             raise AgentError("session-dir", "%s was not installed within %d s" % (path, INSTALL_WAIT))
         # the coordinator sends nothing before this server's hello: stdin readable means closed
-        if select.select([sys.stdin.fileno()], [], [], INSTALL_POLL)[0]:
+        if select.select([fd], [], [], INSTALL_POLL)[0]:
             return False
     return True
 

@@ -99,6 +99,14 @@ class ChannelSet:
     async def close(self) -> None:
         await self.reset()
 
+    async def park(self) -> None:
+        """The end of a stream that went well: each channel between requests is kept for the run's next
+        stream on its host (``AgentClient.park``), the others closed."""
+        for role in list(self.clients):
+            client = self.take(role)
+            if client is not None:
+                await quietly(client.park())
+
 
 def early_key(role: str, control: bool) -> str:
     """Where the channels opened during install wait for their user: the workers' under the role, the

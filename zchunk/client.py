@@ -18,6 +18,7 @@ that the clients' calls and the agent's allowlists are the same sets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import posixpath
@@ -49,6 +50,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Hosts the agent program was put on in this process (``HostAgent.program``): (directory, module) each.
 _PROGRAMS: weakref.WeakKeyDictionary[Host, tuple[str, str]] = weakref.WeakKeyDictionary()
 _PROGRAM_LOCKS: weakref.WeakKeyDictionary[Host, asyncio.Lock] = weakref.WeakKeyDictionary()
+#: Serve channels a finished stream left between requests, by the host (connection) each runs over: the
+#: run's next stream there attaches to one (``HostAgent.serve``) instead of starting a serve process. They
+#: are closed with their host (``Host.close``).
+_IDLE: weakref.WeakKeyDictionary[Host, list[AgentChannel]] = weakref.WeakKeyDictionary()
+#: Per machine (``Host.machine``): [serve processes started, channels a stream took over ``attach``].
+_SERVED: weakref.WeakKeyDictionary[Host, list[int]] = weakref.WeakKeyDictionary()
 
 
 def agent_call(*names: str) -> Callable[[F], F]:
@@ -200,13 +207,36 @@ class HostAgent:
         res = await self.host.run(argv)
         return self._reply(res.stdout, res.err_text)
 
-    @agent_call("serve")
+    @agent_call("serve", "attach")
     async def serve(self, session_dir: str, needs: list[str], stall_timeout: float,
                     source: bytes | None = None) -> AgentChannel:
         """A ``serve`` process's channel to a session's agent, after the handshake. With ``source`` (the
         agent's), one started before install has made the session directory: the source travels first on
         the channel (there is no ``agent.py`` yet) and the server answers once install is done, so the
-        channel is ready when install is."""
+        channel is ready when install is.
+
+        A channel an earlier stream of this run left on this host (``park``) is taken first: its server
+        attaches to ``session_dir`` (waiting for install likewise), which starts no process. One whose link
+        failed meanwhile is closed and the next tried; a session directory the agent refuses is refused
+        for a new process as well, so that error is raised and the channel kept."""
+        idle = _IDLE.get(self.host) or []
+        while idle:
+            ch = idle.pop()
+            try:
+                await ch.attach(session_dir, needs, wait=source is not None)
+                _SERVED.setdefault(self.host.machine, [0, 0])[1] += 1
+                return ch
+            except LinkDown:
+                await ch.close()
+            except E.ZchunkError:
+                if ch.between:
+                    park(ch)
+                else:
+                    await ch.close()
+                raise
+            except BaseException:
+                await ch.close()
+                raise
         prog = self.installed
         if prog is not None:  # the installed program: nothing to send first, nothing to compile
             argv = [self.host.python, "-c", agent.IMPORT_BOOTSTRAP, *prog, "serve", session_dir]
@@ -217,7 +247,9 @@ class HostAgent:
         else:
             argv = [self.host.python, "-c", agent.SERVE_BOOTSTRAP, "serve", session_dir, "wait"]
         pipe = await self.host.open_pipe(argv)
+        _SERVED.setdefault(self.host.machine, [0, 0])[0] += 1
         ch = AgentChannel(pipe, self.name, stall_timeout)
+        ch.origin = self.host
         try:
             if source is not None:
                 pipe.write(b"%d\n" % len(source))
@@ -241,6 +273,29 @@ class HostAgent:
         if "error" in reply:
             raise E.from_remote(self.name, reply["error"])
         return dict(reply)
+
+
+def park(channel: AgentChannel) -> None:
+    """``channel``, between requests, kept for the next stream on the host it was opened on (``serve``)."""
+    host = channel.origin
+    assert isinstance(host, Host)
+    idle = _IDLE.get(host)
+    if idle is None:
+        idle = _IDLE[host] = []
+        host.on_close(functools.partial(_close_idle, idle))
+    idle.append(channel)
+
+
+async def _close_idle(idle: list[AgentChannel]) -> None:
+    channels = list(idle)
+    idle.clear()
+    await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+
+
+def served(host: Host) -> tuple[int, int]:
+    """(serve processes started, channels taken over ``attach``) on ``host``'s machine in this process."""
+    started, attached = _SERVED.get(host.machine) or (0, 0)
+    return started, attached
 
 
 def session_listing(listing: Any) -> list[dict[str, Any]]:
@@ -294,8 +349,22 @@ class AgentClient:
 
     @agent_call("cleanup")
     async def cleanup(self, keep: bool = False) -> bool:
-        """Stop the daemon and remove the session directory (``keep``: only stop it); the server exits after."""
-        return bool((await self.channel.request("cleanup", keep=keep)).get("removed"))
+        """Stop the daemon and remove the session directory (``keep``: only stop it). A ``serve`` process
+        stays for another session (``stay``: the caller ``park``s its channel); one from before ``stay``
+        exits, and its channel is not between requests any more."""
+        reply = await self.channel.request("cleanup", keep=keep, stay=True)
+        if isinstance(self.channel, AgentChannel) and not reply.get("stays"):
+            self.channel.between = False
+        return bool(reply.get("removed"))
+
+    async def park(self) -> None:
+        """Keep this client's channel for the run's next stream on its host when it is a serve channel
+        between requests (``park``); else close it."""
+        ch = self.channel
+        if isinstance(ch, AgentChannel) and ch.between and ch.origin is not None:
+            park(ch)
+        else:
+            await ch.close()
 
     @agent_call("abort")
     async def abort(self) -> bool:
@@ -324,6 +393,7 @@ class SenderClient(AgentClient):
         req_id = ch.begin("get_chunk", seq=seq, offset=offset)
         await ch.drain()
         head = await ch.reply(req_id)
+        ch.owe(int(head["length"]))
         return req_id, int(head["length"]), int(head["total"])
 
     async def read_data(self, req_id: int) -> bytes:

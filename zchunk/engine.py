@@ -329,7 +329,9 @@ class Transfer:
         finally:
             if self.error is None and self.done.is_set():  # kept for the clean-up: no process to start for it
                 self.receiver = chans.take(self.dst.role)
-            await chans.close()
+                await chans.park()  # for the run's next stream on these hosts
+            else:
+                await chans.close()
 
     async def _link_loop(self) -> None:
         """The user's limit and pause, followed on their own clock: also while an outage holds the poller."""
@@ -360,10 +362,11 @@ class Transfer:
             self.progressed()  # paused time is not a stall: --patience counts from the resume
 
     async def close(self) -> None:
-        """Close the receiver's channel that a finished transfer kept open (``receiver``)."""
+        """The receiver's channel that a finished transfer kept open (``receiver``): kept for the run's next
+        stream on its host when its server stayed after the clean-up, else closed."""
         client, self.receiver = self.receiver, None
         if client is not None:
-            await quietly(client.close())
+            await quietly(client.park())
 
     def _absorb(self, src_st: AgentStatus, dst_st: AgentStatus) -> None:
         before = self.reports.progress_mark()
@@ -606,7 +609,10 @@ class Transfer:
                     self.in_flight.discard(seq)
                     self.changed.set()
         finally:
-            await chans.close()
+            if self.error is None and self.done.is_set():
+                await chans.park()  # for the run's next stream on these hosts
+            else:
+                await chans.close()
 
     async def _pace(self, n: int) -> None:
         """Before a piece of ``n`` bytes goes on the link: its turn under the bandwidth limit, and not while

@@ -132,6 +132,10 @@ EVENTS = _kinds(
         "target_dir": "session directory on the target", "resumed": "present and true when reattached",
         "fanout": "with several TARGETs: the name of the group whose one zfs send feeds this stream (absent when "
         "it runs alone)"}),
+    EventKind("channels", "A run's agent channels on one host, as the run ends: each serve process serves one "
+              "stream after another.", {
+        "host": _HOST, "started": "serve processes the run started there",
+        "attached": "times a stream took a channel an earlier stream of the run left (no process started)"}),
     EventKind("progress", "At most once a second while a stream moves.", {
         "raw_bytes": "stream bytes fed to zfs receive", "estimate": "expected stream bytes",
         "exact": "the estimate is the stream's real size (zfs send ended)",

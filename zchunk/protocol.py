@@ -49,8 +49,15 @@ class AgentChannel:
         self.pipe, self.host, self.stall = pipe, host, stall_timeout
         self._ids = itertools.count(1)
         self.hello: Hello | None = None
+        # Whether the server waits for a request with nothing owed either way: the channel may then serve
+        # another session (``attach``). False from a request's start to its last reply, or for good once
+        # anything failed on it or the server said it will exit.
+        self.between = False
+        self._owed = 0  # data bytes of a get_chunk still to read
+        self.origin: object = None  # the Host it was opened on, where it may wait for the next stream
 
     async def _read(self) -> tuple[int, int, bytes]:
+        self.between = False  # till what is read is known to end a request (``reply``, ``read_data``)
         try:
             hdr = await asyncio.wait_for(self.pipe.readexactly(agent.FRAME_HEADER.size), self.stall)
             try:
@@ -85,6 +92,24 @@ class AgentChannel:
         self.pipe.write(agent.encode_message(agent.FRAME_HELLO, 0, {
             "protocol": agent.PROTOCOL_VERSION, "capabilities": COORDINATOR_CAPS}))
         await self.pipe.drain()
+        self.between = True
+        return self.hello
+
+    async def attach(self, session_dir: str, need: list[str], wait: bool = False) -> Hello:
+        """This channel's server answers for ``session_dir`` from now on (``wait``: once install has made
+        it); checked as a handshake is. Only on a channel ``between`` requests."""
+        assert self.hello is not None and self.between
+        self.between = False
+        req_id = next(self._ids)
+        self.pipe.write(agent.encode_message(agent.FRAME_REQUEST, req_id,
+                                             {"op": "attach", "dir": session_dir, "wait": wait}))
+        await self.pipe.drain()
+        msg = await self.reply(req_id)
+        theirs = [str(c) for c in msg.get("capabilities", [])]
+        missing = [c for c in need if c not in theirs]
+        if missing:
+            raise CapabilityMismatch(what=", ".join(missing), ours=need, theirs=theirs, host=self.host)
+        self.hello = Hello(self.hello.protocol, theirs, str(msg.get("role")), msg.get("session"), self.hello.host)
         return self.hello
 
     def begin(self, op: str, **fields: Any) -> int:
@@ -93,6 +118,7 @@ class AgentChannel:
         if op not in agent.OPS.get(role, ()):
             raise ProtocolError(host=self.host, reason=f"operation {op!r} is not allowed for a {role} agent")
         req_id = next(self._ids)
+        self.between = False
         self.pipe.write(agent.encode_message(agent.FRAME_REQUEST, req_id, dict(fields, op=op)))
         return req_id
 
@@ -102,12 +128,18 @@ class AgentChannel:
         if rid != req_id or ftype not in (agent.FRAME_REPLY, agent.FRAME_ERROR):
             raise ProtocolError(host=self.host, reason=f"expected reply to {req_id}, got type {ftype} id {rid}")
         msg = self._message(payload)
+        self.between = True  # an answer, an error among them, ends the request: the server waits for the next
         if ftype == agent.FRAME_ERROR:
             raise from_remote(self.host, msg)
         unknown = set(msg) - _KNOWN_FIELDS
         if unknown:
             log.debug("%s: ignoring unknown reply fields %s", self.host, sorted(unknown))
         return msg
+
+    def owe(self, length: int) -> None:
+        """``length`` data bytes (a get_chunk's) follow the reply just read: not between requests till read."""
+        self._owed = length
+        self.between = length <= 0
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         req_id = self.begin(op, **fields)
@@ -123,6 +155,8 @@ class AgentChannel:
         ftype, rid, payload = await self._read()
         if ftype != agent.FRAME_DATA or rid != req_id:
             raise ProtocolError(host=self.host, reason=f"expected chunk data, got type {ftype} id {rid}")
+        self._owed -= len(payload)
+        self.between = self._owed <= 0
         return payload
 
     async def write_data(self, req_id: int, payload: bytes) -> None:
@@ -137,9 +171,11 @@ class AgentChannel:
 
     def drop_connection(self) -> None:
         """The link under this channel failed: its connection is not used again (by any channel)."""
+        self.between = False
         self.pipe.drop_connection()
 
     async def close(self) -> None:
+        self.between = False
         await self.pipe.close()
 
 
@@ -215,4 +251,5 @@ class InProcessChannel:
 
 
 _KNOWN_FIELDS = {"role", "daemon", "chunks", "parts", "spool_bytes", "spool_max", "seq", "offset",
-                 "length", "total", "stored", "have", "released", "removed", "ok"}
+                 "length", "total", "stored", "have", "released", "removed", "ok", "stays", "session",
+                 "capabilities"}

@@ -22,7 +22,7 @@ from typing import Any
 from . import agent, compat
 from . import errors as E
 from .aio import all_of
-from .client import HostAgent
+from .client import HostAgent, served
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
 from .fanout import DETACH_AFTER, Fanout, Slot
@@ -421,6 +421,10 @@ async def _replicate(source: Endpoint, target: Endpoint, policy: Policy, exclude
             run = await _tree_run(src, dst, root_ds, pairs, left_out, policy, ropts, opts, emit)
             return ReplicationResult(await _in_parallel(src, dst, pairs, policy, ropts, run, store, emit))
         finally:
+            for side in (src, dst):
+                started, attached = served(side.host)
+                if started or attached:
+                    emit("channels", host=side.host.name, started=started, attached=attached)
             await dst.host.close()
     finally:
         await src.host.close()

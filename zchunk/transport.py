@@ -12,6 +12,7 @@ and authentication failures are final.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes.util
 import os
 import shlex
@@ -252,8 +253,18 @@ class Host:
         What is put on the machine (the agent program, ``HostAgent.program``) is known under this."""
         return self
 
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """``closer`` runs first when this host is closed: what a run keeps open there (idle channels)."""
+        self.__dict__.setdefault("_closers", []).append(closer)
+
+    async def _run_closers(self) -> None:
+        closers, self.__dict__["_closers"] = self.__dict__.get("_closers", []), []
+        for closer in closers:
+            with contextlib.suppress(Exception):
+                await closer()
+
     async def close(self) -> None:
-        return None
+        await self._run_closers()
 
 
 class LocalHost(Host):
@@ -589,6 +600,7 @@ class SshHost(Host):
         return await _stop_pid(kill, patience)
 
     async def close(self) -> None:
+        await self._run_closers()
         if self._control is not None:
             await self._control.close()
         if self._conn is not None:
