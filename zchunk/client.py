@@ -280,15 +280,14 @@ def park(channel: AgentChannel) -> None:
     host = channel.origin
     assert isinstance(host, Host)
     idle = _IDLE.get(host)
-    if idle is None:
+    if idle is None:  # the first since the host was opened or last closed
         idle = _IDLE[host] = []
-        host.on_close(functools.partial(_close_idle, idle))
+        host.on_close(functools.partial(_close_idle, host))
     idle.append(channel)
 
 
-async def _close_idle(idle: list[AgentChannel]) -> None:
-    channels = list(idle)
-    idle.clear()
+async def _close_idle(host: Host) -> None:
+    channels = _IDLE.pop(host, [])
     await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 
 
