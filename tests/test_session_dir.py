@@ -501,3 +501,58 @@ def test_a_probe_imports_the_program_a_run_before_put_and_only_this_agents_in_a_
     (where / "real.py").write_bytes(AGENT_SOURCE)
     mine.symlink_to(where / "real.py")
     assert probe() == (3, b""), "a symlink in its place"
+
+
+def test_a_run_keeps_a_streams_channels_for_the_next_and_closes_them_with_the_host(base: Path) -> None:
+    """The coordinator's side of ``attach`` against real ``serve`` processes on this machine: a channel
+    between requests is parked and the next session on the host attaches to it (no process started); a
+    refused attach raises the agent's error and keeps the channel; a parked channel whose process died is
+    closed and replaced; closing the host ends the parked ones' processes."""
+    import asyncio
+
+    from zchunk import client
+    from zchunk.errors import SessionDirError
+    from zchunk.transport import LocalHost
+
+    first, second, third = (installed(base, role) if i == 0 else Path(install(base, role, f"{SID}-{i}")[1]["path"])
+                            for i, role in enumerate(("send", "receive", "send")))
+    needs = ["chunk-v1"]
+
+    async def main() -> None:
+        host = LocalHost()
+        agent_ = client.HostAgent(host)
+        ch = await agent_.serve(str(first), needs, 30)
+        assert (await client.SenderClient(ch).status()).role == "send"
+        await client.SenderClient(ch).park()
+        assert client.served(host) == (1, 0)
+        again = await agent_.serve(str(second), needs, 30)
+        assert again is ch and client.served(host) == (1, 1), "attached to the parked channel"
+        assert (await client.ReceiverClient(again).status()).role == "receive" and again.hello.role == "receive"
+        # cleanup with stay: the server goes on, the channel is parked again
+        assert await client.ReceiverClient(again).cleanup() and not second.exists()
+        await client.ReceiverClient(again).park()
+        with pytest.raises(SessionDirError):
+            await agent_.serve(str(base / "no-such-session"), needs, 30)
+        assert client.served(host) == (1, 1)
+        # the refused attach kept it; its process now dies: the next serve starts a new one
+        (kept,) = client._IDLE[host]
+        proc = kept.pipe
+        assert proc is ch.pipe
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"serve {first}"], capture_output=True,
+                                                text=True).stdout.split()]
+        assert len(pids) == 1, pids
+        os.kill(pids[0], 9)
+        await asyncio.sleep(0.2)
+        fresh = await agent_.serve(str(third), needs, 30)
+        assert fresh is not ch and client.served(host) == (2, 1)
+        await client.SenderClient(fresh).park()
+        await host.close()  # the parked channel's process gets EOF and ends
+        for _ in range(100):
+            if not subprocess.run(["pgrep", "-f", f"serve {third}"], capture_output=True).stdout:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the parked channel's serve process outlived its host's close")
+        assert host not in client._IDLE
+
+    asyncio.run(main())
