@@ -545,14 +545,22 @@ def test_a_run_keeps_a_streams_channels_for_the_next_and_closes_them_with_the_ho
         await asyncio.sleep(0.2)
         fresh = await agent_.serve(str(third), needs, 30)
         assert fresh is not ch and client.served(host) == (2, 1)
+
+        async def ended(path: Path, how: str) -> None:
+            for _ in range(100):
+                if not subprocess.run(["pgrep", "-f", f"serve {path}"], capture_output=True).stdout:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"the parked channel's serve process outlived {how}")
+
         await client.SenderClient(fresh).park()
-        await host.close()  # the parked channel's process gets EOF and ends
-        for _ in range(100):
-            if not subprocess.run(["pgrep", "-f", f"serve {third}"], capture_output=True).stdout:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the parked channel's serve process outlived its host's close")
+        await client.close_idle(host)  # the run starts no more streams: its process gets EOF and ends
+        await ended(third, "close_idle")
+        assert host not in client._IDLE
+        last = await agent_.serve(str(first), needs, 30)
+        await client.SenderClient(last).park()
+        await host.close()  # and so with the host
+        await ended(first, "its host's close")
         assert host not in client._IDLE
 
     asyncio.run(main())

@@ -291,6 +291,13 @@ async def _close_idle(host: Host) -> None:
     await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
 
 
+async def close_idle(host: Host) -> None:
+    """Close the channels kept on ``host``'s machine (either connection) once the run starts no more
+    streams: an SSH server counts each against its sessions per connection (sshd's MaxSessions, 10 by
+    default), and the run's last commands need theirs."""
+    await asyncio.gather(*(_close_idle(h) for h in list(_IDLE) if h.machine is host.machine))
+
+
 def served(host: Host) -> tuple[int, int]:
     """(serve processes started, channels taken over ``attach``) on ``host``'s machine in this process."""
     started, attached = _SERVED.get(host.machine) or (0, 0)

@@ -22,7 +22,7 @@ from typing import Any
 from . import agent, compat
 from . import errors as E
 from .aio import all_of
-from .client import HostAgent, served
+from .client import HostAgent, close_idle, served
 from .endpoint import Endpoint, check_dataset_name, parse_endpoint
 from .events import Emitter, Sink
 from .fanout import DETACH_AFTER, Fanout, Slot
@@ -506,6 +506,7 @@ async def _in_parallel(src: Side, dst: Side, pairs: list[tuple[str, str]], polic
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    await all_of(close_idle(src.host), close_idle(dst.host))  # no stream is left to take them
     if run.later is not None:
         await _at_the_end(src, dst, run.later, policy.tag, run.jobs, emit)
     return [outcomes[s] for s, _ in pairs]
