@@ -374,8 +374,11 @@ class AgentClient:
 
     @agent_call("abort")
     async def abort(self) -> bool:
-        """As ``cleanup``: the partial zfs receive is aborted with the daemon."""
-        return bool((await self.channel.request("abort")).get("removed"))
+        """As ``cleanup``: the partial zfs receive is aborted with the daemon. The server exits after."""
+        reply = await self.channel.request("abort")
+        if isinstance(self.channel, AgentChannel):
+            self.channel.between = False
+        return bool(reply.get("removed"))
 
     def drop_connection(self) -> None:
         self.channel.drop_connection()
