@@ -71,7 +71,6 @@ def test_fifty_datasets_four_at_a_time_and_one_whose_receive_fails(zc: Zchunk, p
     # the target's serve processes each served one stream after another: the 50 streams took a channel
     # an earlier one left far more often than they started one
     (channels,) = run.of("channels")
-    print("channels", channels)
     assert channels["host"] == "local" and channels["attached"] >= 50 and channels["started"] <= 20, channels
     # zfs-fuse has no receive -u: the 50 new replicas' canmount=noauto is one command at the run's end
     noauto = [e["detail"] for e in run.of("note") if "receive -u" in e["detail"]]
