@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import need_ssh
 from tests.zc import REPO, Zchunk, kill_matching
 from tests.zfsutil import assert_replica, exists, make_source
 from zchunk import errors as E
 from zchunk import lab
 from zchunk.endpoint import parse_endpoint
-from zchunk.transport import SshHost, SshOptions, first_contact, make_host
+from zchunk.transport import LinkDown, SshHost, SshOptions, first_contact, make_host
 
 pytestmark = [pytest.mark.zfs]
 
@@ -158,3 +159,47 @@ def test_a_command_hung_on_a_host_that_answers_is_said_and_the_connection_stays(
         str(err)
     assert err.exit_code == 14 and "docs/reliability.md" in err.hint
     assert out == b"still\n" and same, "the connection was dropped"
+
+
+def test_a_session_sshd_refuses_past_maxsessions_waits_for_one_and_keeps_the_connection(tmp_path: Path) -> None:
+    """sshd allows MaxSessions channels per connection (10 by default); a run with --jobs and --parallel can
+    want more. A channel sshd refuses is no link failure: the connection, and every stream's channel on it,
+    stays, and a command waits (within --patience) until a channel is free. Before, the refusal dropped the
+    connection under the other channels."""
+    need_ssh()
+    marker = "7.4375"  # this test's sleeps, found and killed at the end
+
+    async def go() -> None:
+        with lab.Sshd(tmp_path / "sshd", port=lab.free_port(), alias="local", extra_config="MaxSessions 2\n") as sshd:
+            host = make_host(parse_endpoint("local:pool/x"), SshOptions(config=sshd.ssh_config))
+            try:
+                await first_contact(host, patience=60)
+                assert isinstance(host, SshHost)
+                before = await host.connection()
+                pipe = await host.open_pipe(["cat"])
+                sleeper = await host.start(["sleep", marker])
+                with pytest.raises(LinkDown, match="refused"):  # the third channel
+                    await host.open_pipe(["cat"])
+                assert await host.connection() is before, "the connection was dropped"
+                pipe.writer.write(b"still\n")  # the channels open before go on
+                assert await asyncio.wait_for(pipe.reader.readline(), 10) == b"still\n"
+
+                async def free_one() -> None:
+                    await asyncio.sleep(1.0)
+                    await pipe.close()  # cat ends, and with it its session
+
+                started = time.monotonic()
+                freed = asyncio.ensure_future(free_one())
+                res = await host.run(["echo", "ran"])  # refused until cat's session has ended
+                await freed
+                assert res.stdout == b"ran\n" and time.monotonic() - started >= 0.9
+                assert await host.connection() is before, "the connection was dropped"
+                with pytest.raises(asyncio.TimeoutError):  # the other stream's command runs on
+                    await asyncio.wait_for(asyncio.shield(sleeper.wait()), 0.5)
+            finally:
+                await host.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        kill_matching(f"sleep {marker}")

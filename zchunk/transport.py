@@ -529,6 +529,18 @@ class SshHost(Host):
             raise HostUnreachable(host=self.name, reason=f"link down for longer than --patience ({e.reason})") from e
         raise AssertionError("unreachable")
 
+    def _failed(self, conn: asyncssh.SSHClientConnection, e: BaseException) -> LinkDown:
+        """A channel that failed to open or to run: the link's failure (the connection is dropped, and the next
+        use reconnects), or sshd refusing another session on a connection that works: past its MaxSessions
+        (10 by default) when a run's jobs want more channels at once. That one stays, with every other
+        stream's channel on it, and the channel is asked for again as after an outage, once one is free."""
+        ssh = sys.modules.get("asyncssh")
+        if ssh is not None and isinstance(e, ssh.ChannelOpenError):
+            return LinkDown(self.name, f"sshd refused another session on this connection ({e.reason}): more "
+                            "channels at once than its MaxSessions (INSTALL.md)")
+        self.drop(conn)
+        return LinkDown(self.name, _describe(e))
+
     async def _run_once(self, argv: list[str], stdin: bytes | None, timeout: float | None) -> CommandResult:
         conn = await self.connection()
         try:
@@ -542,8 +554,7 @@ class SshHost(Host):
             self.drop(conn)
             raise LinkDown(self.name, _describe(e)) from e
         except _transient() as e:
-            self.drop(conn)
-            raise LinkDown(self.name, _describe(e)) from e
+            raise self._failed(conn, e) from e
         if res.exit_status is None and res.exit_signal is None:
             self.drop(conn)  # the channel closed without an exit status: the link died under it
             raise LinkDown(self.name, "the command's channel closed before it finished")
@@ -556,8 +567,7 @@ class SshHost(Host):
             proc = await conn.create_process(shlex.join(argv), encoding=None, window=8 << 20,
                                              max_pktsize=256 << 10, stderr=_asyncssh().DEVNULL)
         except _transient() as e:
-            self.drop(conn)
-            raise LinkDown(self.name, _describe(e)) from e
+            raise self._failed(conn, e) from e
 
         async def closer() -> None:
             proc.stdin.write_eof() if not proc.stdin.is_closing() else None
@@ -578,8 +588,7 @@ class SshHost(Host):
                                              encoding=None, window=8 << 20, max_pktsize=256 << 10)
             line = await proc.stdout.readline()
         except _transient() as e:
-            self.drop(conn)
-            raise LinkDown(self.name, _describe(e)) from e
+            raise self._failed(conn, e) from e
         if not line.strip().isdigit():
             proc.close()
             raise LinkDown(self.name, "the command's channel closed before it started")
