@@ -167,7 +167,7 @@ def test_a_session_sshd_refuses_past_maxsessions_waits_for_one_and_keeps_the_con
     stays, and a command waits (within --patience) until a channel is free. Before, the refusal dropped the
     connection under the other channels."""
     need_ssh()
-    marker = "7.4375"  # this test's sleeps, found and killed at the end
+    marker = "7.4375"  # this test's sleep, found and killed at the end
 
     async def go() -> None:
         with lab.Sshd(tmp_path / "sshd", port=lab.free_port(), alias="local", extra_config="MaxSessions 2\n") as sshd:
