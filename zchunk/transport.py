@@ -534,8 +534,7 @@ class SshHost(Host):
         use reconnects), or sshd refusing another session on a connection that works: past its MaxSessions
         (10 by default) when a run's jobs want more channels at once. That one stays, with every other
         stream's channel on it, and the channel is asked for again as after an outage, once one is free."""
-        ssh = sys.modules.get("asyncssh")
-        if ssh is not None and isinstance(e, ssh.ChannelOpenError):
+        if isinstance(e, _asyncssh().ChannelOpenError):
             return LinkDown(self.name, f"sshd refused another session on this connection ({e.reason}): more "
                             "channels at once than its MaxSessions (INSTALL.md)")
         self.drop(conn)
@@ -551,8 +550,7 @@ class SshHost(Host):
             # such, and the connection (every other stream's) stays; run again, it would hang again
             if await _answers(conn):
                 raise CommandHung(host=self.name, command=shlex.join(argv)[:200], seconds=f"{timeout or 0:.0f}") from e
-            self.drop(conn)
-            raise LinkDown(self.name, _describe(e)) from e
+            raise self._failed(conn, e) from e
         except _transient() as e:
             raise self._failed(conn, e) from e
         if res.exit_status is None and res.exit_signal is None:
