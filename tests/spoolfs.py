@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,8 @@ class Tmpfs:
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=60)
 
-    def fill(self, leave: int = 0) -> Path:
-        return fill(self.path, leave)
+    def fill(self, leave: int = 0, name: str = "filler") -> Path:
+        return fill(self.path, leave, name)
 
 
 class PrivateMounts:
@@ -96,9 +97,9 @@ class PrivateMounts:
             self.holder = None
 
 
-def fill(directory: Path, leave: int = 0) -> Path:
+def fill(directory: Path, leave: int = 0, name: str = "filler") -> Path:
     """A file that takes all the room in ``directory``'s filesystem but ``leave`` bytes; returns its path."""
-    filler = directory / "filler"
+    filler = directory / name
     st = os.statvfs(directory)
     room = st.f_bavail * st.f_frsize - leave
     with open(filler, "wb") as f:
@@ -110,6 +111,39 @@ def fill(directory: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+class Hog:
+    """Keeps a filesystem full while it runs: whatever room appears is taken again within 50 ms
+    (a disk other programs keep filling), except for the spool's own files' churn in between."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "hog"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Hog:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        with open(self.path, "ab", buffering=0) as f:
+            block = b"\x5a" * (64 << 10)
+            while not self.stop.is_set():
+                try:
+                    while True:
+                        f.write(block)
+                except OSError:
+                    pass
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class NsZchunk(Zchunk):

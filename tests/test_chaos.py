@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import need_root
-from tests.spoolfs import NsZchunk, PrivateMounts, Tmpfs, split_spools
+from tests.spoolfs import Hog, NsZchunk, PrivateMounts, Tmpfs, split_spools
 from tests.zc import Background, Run, kill_matching
 from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool, wait_until, zfs
 from zchunk import lab
@@ -205,35 +204,6 @@ class Lab:
 def hold(fn: Callable[[], Any], seconds: float) -> None:
     with fn():
         time.sleep(seconds)
-
-
-class Hog:
-    """A filesystem kept full: whatever room appears is taken again within 50 ms."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "hog"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Hog:
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        with open(self.path, "ab", buffering=0) as f:
-            block = b"\x5a" * (64 << 10)
-            while not self.stop.is_set():
-                try:
-                    while True:
-                        f.write(block)
-                except OSError:
-                    pass
-                time.sleep(0.05)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.path.unlink(missing_ok=True)
 
 
 def inject(lab_: Lab, fault: Fault, args: list[str]) -> None:

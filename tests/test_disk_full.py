@@ -21,7 +21,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import need_root
-from tests.spoolfs import NsZchunk, PrivateMounts, Tmpfs, split_spools
+from tests.spoolfs import Hog, NsZchunk, PrivateMounts, Tmpfs, split_spools
 from tests.zc import Run, Zchunk, kill_matching
 from tests.zfsutil import assert_replica, exists, make_source, quiet_target_pool, zfs
 from zchunk import lab
@@ -54,39 +53,6 @@ def zc(tmp_path: Path, spools: tuple[PrivateMounts, Tmpfs], pool_factory: Any) -
     z.spool_dir = tmp_path / "spoolfs" / "zchunk"
     yield z
     kill_matching(str(z.spool_dir))
-
-
-class Hog:
-    """Keeps a filesystem full while it runs: whatever room appears is taken again within 50 ms
-    (a disk other programs keep filling), except for the spool's own files' churn in between."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "hog"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Hog:
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        with open(self.path, "ab", buffering=0) as f:
-            block = b"\x5a" * (64 << 10)
-            while not self.stop.is_set():
-                try:
-                    while True:
-                        f.write(block)
-                except OSError:
-                    pass
-                time.sleep(0.05)
-
-    def release(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.path.unlink(missing_ok=True)
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def events_of(run: Run, kind: str, words: str) -> list[dict[str, Any]]:
@@ -204,22 +170,31 @@ def test_target_pool_full_is_one_clear_error_and_a_rerun_completes(plain_zc: Zch
     shutil.rmtree(zc.spool_dir, ignore_errors=True)
 
 
+def install_sender(spool: Path, tmp_path: Path) -> Path:
+    """A sender session directory under ``spool``, made by the agent's ``install`` (with its ballast), whose
+    ``zfs send`` never ends (the daemon must be up, not done)."""
+    from zchunk import agent
+
+    fake_zfs = tmp_path / "fake-zfs"
+    fake_zfs.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake_zfs.chmod(0o755)
+    cfg = {"id": "20250101T000000Z-full", "role": "send", "codec": "zlib", "level": None,
+           "checksum": "blake2b-128", "chunk_size": MiB, "spool_max": MiB, "zfs": str(fake_zfs),
+           "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []}}
+    p = subprocess.run([sys.executable, "-c", agent.BOOTSTRAP, "install", str(spool), "s-send", json.dumps(cfg)],
+                       input=Path(agent.__file__).read_bytes(), capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return Path(json.loads(p.stdout)["path"])
+
+
 def test_a_daemon_started_on_a_full_spool_still_reports_itself(tmp_path: Path) -> None:
     """The spool filesystem fills up between install and start: the daemon still writes its state (from
     the ballast install left), so the coordinator sees it running and paused rather than forever "starting"."""
     need_root("mount")
     from zchunk import agent
 
-    fake_zfs = tmp_path / "fake-zfs"  # a `zfs send` that never ends: the daemon must be up, not done
-    fake_zfs.write_text("#!/bin/sh\nexec sleep 60\n")
-    fake_zfs.chmod(0o755)
     with Tmpfs(tmp_path / "small", 2 * MiB) as fs:
-        cfg = {"id": "20250101T000000Z-full", "role": "send", "codec": "zlib", "level": None,
-               "checksum": "blake2b-128", "chunk_size": MiB, "spool_max": MiB, "zfs": str(fake_zfs),
-               "send": {"snapshot": "pool/ds@s1", "base": None, "flags": []}}
-        p = subprocess.run([sys.executable, "-c", agent.BOOTSTRAP, "install", str(fs.path / "spool"), "s-send",
-                            json.dumps(cfg)], input=Path(agent.__file__).read_bytes(), capture_output=True, timeout=60)
-        session = Path(json.loads(p.stdout)["path"])
+        session = install_sender(fs.path / "spool", tmp_path)
         filler = fs.fill()
         started = subprocess.run([sys.executable, str(session / "agent.py"), "start", str(session)],
                                  capture_output=True, timeout=60)
@@ -230,9 +205,45 @@ def test_a_daemon_started_on_a_full_spool_still_reports_itself(tmp_path: Path) -
                 time.sleep(0.05)
             state = json.loads((session / "sender.json").read_text())
             assert state["pid"] == pid and state["state"] == "running", state
-            assert not (session / "reserve").exists(), "the ballast was given up for the state file"
+            assert (session / "reserve").stat().st_size == agent.RESERVE_BYTES - agent.RESERVE_SLICE, \
+                "a slice of the ballast was given up for the state file"
         finally:
             filler.unlink()
             subprocess.run([sys.executable, str(session / "agent.py"), "remove", str(session)], capture_output=True,
                            timeout=60)
         assert not session.exists()
+
+
+def test_every_pause_on_a_full_spool_is_still_reported(tmp_path: Path) -> None:
+    """Another program takes whatever room appears (as ``Hog`` does): the first pause a daemon saves on
+    the full filesystem must leave ballast for the next. Each state write that the coordinator acts on (a new
+    pause, a new state) gives up one slice of the ballast; a mere progress count waits for room instead. So
+    the "no-space" pause the coordinator warns about is written after a "spool-full" one, and the ballast
+    grows back once there is room. (CI saw the warning never come: the "spool-full" write had taken it all.)"""
+    need_root("mount")
+    import signal
+
+    from zchunk import agent
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}  # the Daemon sets its own
+    with Tmpfs(tmp_path / "small", 2 * MiB) as fs:
+        session = install_sender(fs.path / "spool", tmp_path)
+        try:
+            daemon = agent.Daemon(agent.Session(str(session)))
+            state = lambda: json.loads((session / "sender.json").read_text())  # noqa: E731
+            fs.fill(name="filler-1")
+            assert daemon.save(paused="spool-full") and state()["paused"] == "spool-full"
+            fs.fill(name="filler-2")  # the room the write left over is taken at once
+            assert not daemon.save(chunks=3), "a progress count is not worth the ballast"
+            assert daemon.save(paused="no-space"), "the pause the coordinator warns about was not written"
+            assert state()["paused"] == "no-space" and state()["chunks"] == 3, state()
+            fs.fill(name="filler-3")
+            assert daemon.save(paused=None) and state()["paused"] is None
+            assert 0 < (session / "reserve").stat().st_size < agent.RESERVE_BYTES, "a slice is left"
+            for f in fs.path.glob("filler-*"):
+                f.unlink()
+            daemon.make_reserve()
+            assert (session / "reserve").stat().st_size == agent.RESERVE_BYTES, "the ballast grows back"
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)

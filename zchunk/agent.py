@@ -26,7 +26,7 @@ Session directory layout (the spool; docs/chunk-format.md has the bytes)::
         heartbeat                 mtime = last coordinator contact
         daemon.log                the detached daemon's log (its pid is in the state file)
         zfs.stderr                stderr of zfs send / zfs receive
-        reserve                   ballast the daemon frees to save its state on a full filesystem
+        reserve                   ballast the daemon frees, a slice at a time, to save its state on a full filesystem
         chunks/00000000000000000042.chunk   a complete chunk (header + payload)
         chunks/...42.part         a chunk being received (target only)
         chunks/...42.chunk.<pid>.tmp  a chunk being written (source only)
@@ -1032,6 +1032,9 @@ def valid_property_name(name: Any) -> bool:
 
 
 RESERVE_BYTES = 256 * 1024
+#: What one state write on a full filesystem gives up of the ballast (a state file is a few KiB): the rest
+#: stays for the next, however fast other programs take the room each write leaves over.
+RESERVE_SLICE = 64 * 1024
 # A chunk this many seconds in the source spool is waiting for the link: compress harder (adaptive level).
 SLOW_LINK_AGE = 2.0
 #: Fan-out: how long the spool may be full while one target's chunks do not move before it is detached.
@@ -1092,7 +1095,8 @@ class Daemon:
     The state file must stay writable when the spool filesystem is full (that
     is when the coordinator most needs to read ``paused: "no-space"``, and a
     final ``done`` must never be lost): the daemon keeps ``reserve``, a small
-    ballast file, and gives it up when a state write fails for lack of space.
+    ballast file, and gives up a slice of it when a state write that matters
+    fails for lack of space (see ``_save``).
     """
 
     def __init__(self, sess: Session) -> None:
@@ -1101,16 +1105,20 @@ class Daemon:
         self.st: Dict[str, Any] = {"pid": os.getpid(), "state": "running", "started": time.time(),
                                    "events": []}
         self.stopping = False
+        self.saved = False  # the state file written once
         self.lock = threading.RLock()  # the receiver saves state from two threads (see Feeder)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.make_reserve()
 
     def make_reserve(self) -> None:
-        """(Re)create the ballast when there is room; random bytes, so no compression makes it free."""
+        """Fill the ballast up again when there is room; random bytes, so no compression makes it free."""
         path = self.sess.file("reserve")
-        if os.path.lexists(path):
-            return
+        try:
+            if os.lstat(path).st_size >= RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
         try:
             write_atomic(path, os.urandom(RESERVE_BYTES), durable=False)
         except OSError as e:
@@ -1161,22 +1169,41 @@ class Daemon:
             return self._save(changes)
 
     def _save(self, changes: Dict[str, Any]) -> bool:
+        # Worth the ballast: what the coordinator acts on (a new state, a new pause) and the first state file.
+        # A progress count that finds no room waits for the next write, and leaves the ballast to those.
+        worth = "state" in changes or "paused" in changes and changes["paused"] != self.st.get("paused") \
+            or not self.saved
         self.st.update(changes)
         self.st["updated"] = time.time()
         for attempt in (1, 2):
             try:
                 write_json(self.sess.state_path, self.st)
+                self.saved = True
                 return True
             except OSError as e:
                 if e.errno not in NO_SPACE:
                     raise
-                if attempt == 1:
-                    try:
-                        os.unlink(self.sess.file("reserve"))
-                    except FileNotFoundError:
-                        pass
+                if attempt == 1 and not (worth and self.give_up_slice()):
+                    break
         log("spool filesystem full: state not saved yet")
         return False
+
+    def give_up_slice(self) -> bool:
+        """Free one ``RESERVE_SLICE`` of the ballast (the last one removes it); False when none is left."""
+        path = self.sess.file("reserve")
+        try:
+            fd = open_nofollow(path, os.O_WRONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            if size > RESERVE_SLICE:
+                os.ftruncate(fd, size - RESERVE_SLICE)
+                return True
+        finally:
+            os.close(fd)
+        os.unlink(path)
+        return True
 
     def save_final(self, **changes: Any) -> None:
         """A terminal state is never lost to a full filesystem: wait for room."""
