@@ -216,10 +216,10 @@ def test_a_daemon_started_on_a_full_spool_still_reports_itself(tmp_path: Path) -
 
 def test_every_pause_on_a_full_spool_is_still_reported(tmp_path: Path) -> None:
     """Another program takes whatever room appears (as ``Hog`` does): the first pause a daemon saves on
-    the full filesystem must leave ballast for the next. Each state write that the coordinator acts on (a new
-    pause, a new state) gives up one slice of the ballast; a mere progress count waits for room instead. So
-    the "no-space" pause the coordinator warns about is written after a "spool-full" one, and the ballast
-    grows back once there is room. (CI saw the warning never come: the "spool-full" write had taken it all.)"""
+    the full filesystem must leave ballast for the next. A state write the coordinator acts on (a new pause
+    or state, until the file says it) gives up one slice of the ballast; a mere progress count waits for
+    room. So the "no-space" pause the coordinator warns about is written after a "spool-full" one, and the
+    ballast grows back once there is room. (CI saw that warning never come: "spool-full" had taken it all.)"""
     need_root("mount")
     import signal
 
@@ -239,11 +239,17 @@ def test_every_pause_on_a_full_spool_is_still_reported(tmp_path: Path) -> None:
             assert state()["paused"] == "no-space" and state()["chunks"] == 3, state()
             fs.fill(name="filler-3")
             assert daemon.save(paused=None) and state()["paused"] is None
-            assert 0 < (session / "reserve").stat().st_size < agent.RESERVE_BYTES, "a slice is left"
-            for f in fs.path.glob("filler-*"):
-                f.unlink()
+            assert (session / "reserve").stat().st_size == agent.RESERVE_SLICE, "one slice is left"
+            fs.fill(name="filler-4")
+            assert daemon.save(paused="spool-full") and not (session / "reserve").exists()
+            fs.fill(name="filler-5")
+            assert not daemon.save(paused="no-space"), "no ballast is left"
+            (fs.path / "filler-1").unlink()
             daemon.make_reserve()
             assert (session / "reserve").stat().st_size == agent.RESERVE_BYTES, "the ballast grows back"
+            fs.fill(name="filler-6")
+            assert daemon.save(chunks=4), "a pause the file does not show yet is worth the ballast"
+            assert state()["paused"] == "no-space" and state()["chunks"] == 4, state()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)

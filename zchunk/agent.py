@@ -1105,7 +1105,7 @@ class Daemon:
         self.st: Dict[str, Any] = {"pid": os.getpid(), "state": "running", "started": time.time(),
                                    "events": []}
         self.stopping = False
-        self.saved = False  # the state file written once
+        self.shown: Optional[Tuple[Any, Any]] = None  # (state, paused) as the state file last said them
         self.lock = threading.RLock()  # the receiver saves state from two threads (see Feeder)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -1169,21 +1169,20 @@ class Daemon:
             return self._save(changes)
 
     def _save(self, changes: Dict[str, Any]) -> bool:
-        # Worth the ballast: what the coordinator acts on (a new state, a new pause) and the first state file.
-        # A progress count that finds no room waits for the next write, and leaves the ballast to those.
-        worth = "state" in changes or "paused" in changes and changes["paused"] != self.st.get("paused") \
-            or not self.saved
         self.st.update(changes)
         self.st["updated"] = time.time()
+        # Worth the ballast: what the coordinator acts on (the state, a pause) when the file does not say it yet,
+        # and the first state file. A progress count that finds no room waits for the next write.
+        shown = (self.st.get("state"), self.st.get("paused"))
         for attempt in (1, 2):
             try:
                 write_json(self.sess.state_path, self.st)
-                self.saved = True
+                self.shown = shown
                 return True
             except OSError as e:
                 if e.errno not in NO_SPACE:
                     raise
-                if attempt == 1 and not (worth and self.give_up_slice()):
+                if attempt == 1 and not (shown != self.shown and self.give_up_slice()):
                     break
         log("spool filesystem full: state not saved yet")
         return False
