@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,11 @@ def _asyncssh() -> ModuleType:
     if hasattr(ctypes.util, "_findSoname_ldconfig"):
         ctypes.util.find_library = _in_ld_cache
     try:
-        import asyncssh
+        with warnings.catch_warnings():
+            # cryptography 51 deprecates DSA, which asyncssh (2.24) names as it imports: ten lines of warning
+            # on every command's stderr, about asyncssh's code, not the user's keys
+            warnings.filterwarnings("ignore", message="DSA is deprecated", category=UserWarning)
+            import asyncssh
     finally:
         ctypes.util.find_library = find_library
     return asyncssh
